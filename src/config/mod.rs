@@ -1,0 +1,273 @@
+//! The configuration: the YAML file validated into runtime types.
+//!
+//! Two layers, as in river: `file` mirrors the YAML with serde, and
+//! [`Config::parse`] validates it into [`Config`], where invalid states cannot
+//! be written (non-zero limits, real `Duration`s, routes that name an existing
+//! upstream). Validation collects every error with its YAML path and line
+//! rather than stopping at the first, and never panics.
+
+mod file;
+mod locate;
+mod validate;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use indexmap::IndexMap;
+
+use crate::calendar::Interval;
+
+/// A fully validated configuration. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: Listen,
+    pub store_path: PathBuf,
+    pub root_key_env: String,
+    pub upstreams: IndexMap<String, Upstream>,
+    pub tiers: IndexMap<String, Tier>,
+    pub routes: Vec<Route>,
+    pub reporting: Option<Reporting>,
+    pub usage_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub tls: bool,
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// `Host` header sent upstream; the URL's authority unless overridden.
+    pub host_header: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credits {
+    Unlimited,
+    Limited(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refill {
+    pub interval: Interval,
+    pub amount: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overage {
+    Block,
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub limit: NonZeroU64,
+    pub window: Duration,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolWindow {
+    /// A trailing window of this length.
+    Rolling(Duration),
+    /// Resets to zero at each calendar boundary.
+    Calendar(Interval),
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub limit: NonZeroU64,
+    pub window: PoolWindow,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub id: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub credits: Credits,
+    pub refill: Option<Refill>,
+    pub rate_limits: IndexMap<String, RateLimit>,
+    pub pools: IndexMap<String, Pool>,
+    pub features: Vec<String>,
+    pub overage: Overage,
+    pub upgrade_url: Option<String>,
+}
+
+impl Tier {
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
+/// An amount charged by a route: fixed, or read from a request header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Amount {
+    Fixed(u64),
+    Header(HeaderName),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    /// `/api/ai/*`: stored as `/api/ai`; matches it and everything below it.
+    Prefix(String),
+}
+
+impl PathPattern {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => p == path,
+            PathPattern::Prefix(p) => match path.strip_prefix(p.as_str()) {
+                Some(rest) => rest.is_empty() || rest.starts_with('/') || p.ends_with('/'),
+                None => false,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Upper-case methods; `None` matches any.
+    pub methods: Option<Vec<http::Method>>,
+    pub path: PathPattern,
+    pub upstream: String,
+    pub feature: Option<String>,
+    pub cost: Amount,
+    pub pools: Vec<(String, Amount)>,
+    /// Pools charged after the response, from an upstream response header.
+    pub meter: Vec<(String, HeaderName)>,
+    pub refund_on_5xx: bool,
+    pub auth: bool,
+    pub forward_key: bool,
+    pub allow_encoded_slashes: bool,
+}
+
+impl Route {
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+            && self.path.matches(path)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Reporting {
+    pub webhook: Option<Webhook>,
+    pub stripe: Option<Stripe>,
+    pub thresholds: Vec<f64>,
+    pub flush_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stripe {
+    pub api_key_env: String,
+    pub base_url: String,
+    pub event_name: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Validates config text.
+    pub fn parse(text: &str) -> Result<Loaded, ConfigErrors> {
+        validate::parse(text)
+    }
+
+    pub fn tier(&self, id: &str) -> Option<&Tier> {
+        self.tiers.get(id)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.get(name)
+    }
+
+    /// The first route, in file order, that matches.
+    pub fn route_for(&self, method: &http::Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
+    /// Every feature some tier grants.
+    pub fn all_features(&self) -> HashSet<&str> {
+        self.tiers
+            .values()
+            .flat_map(|t| t.features.iter().map(String::as_str))
+            .collect()
+    }
+}
+
+/// A valid config and the warnings found on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<ConfigError>,
+}
+
+/// One problem in the file, located by its YAML path and, where known, line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.path.is_empty(), self.line) {
+            (true, Some(line)) => write!(f, "line {line}: {}", self.message),
+            (true, None) => f.write_str(&self.message),
+            (false, Some(line)) => write!(f, "{} (line {line}): {}", self.path, self.message),
+            (false, None) => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every error found in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} error{} in configuration:", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,361 @@
+//! The decision core: given the config, a key's record and usage, what a
+//! request asks for, and `now`, decide and charge.
+//!
+//! No sockets and no Pingora types: the proxy, the admin `verify` call and
+//! the benchmarks all call [`admit`]. Checks run in SPEC §3's order (enabled,
+//! expiry, tier, feature, amounts, rate limits, pools, credits) and every
+//! check runs before anything is charged, so a rejected request charges
+//! nothing. The caller holds the key's lock across `admit`, which is what
+//! makes concurrent requests on one key exact.
+
+use http::HeaderMap;
+use jiff::Timestamp;
+
+use crate::config::{Amount, Config, Credits, Overage, PoolWindow, Route, Tier};
+use crate::ledger::{millis, KeyRecord, Usage};
+use crate::reject::Rejection;
+
+/// What a request asks of a key.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub feature: Option<String>,
+    /// Credits and pool units, or why they could not be read.
+    pub amounts: Result<Amounts, Rejection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub cost: u64,
+    pub pools: Vec<(String, u64)>,
+}
+
+impl Demand {
+    /// What `route` charges, reading header amounts from `headers`.
+    pub fn for_route(route: &Route, headers: &HeaderMap) -> Demand {
+        let amounts = (|| {
+            let cost = resolve(&route.cost, headers)?;
+            let pools = route
+                .pools
+                .iter()
+                .map(|(pool, amount)| Ok((pool.clone(), resolve(amount, headers)?)))
+                .collect::<Result<_, Rejection>>()?;
+            Ok(Amounts { cost, pools })
+        })();
+        Demand {
+            feature: route.feature.clone(),
+            amounts,
+        }
+    }
+}
+
+/// Largest amount a header may carry: 2^63 - 1.
+const MAX_AMOUNT: u64 = i64::MAX as u64;
+
+fn resolve(amount: &Amount, headers: &HeaderMap) -> Result<u64, Rejection> {
+    match amount {
+        Amount::Fixed(n) => Ok(*n),
+        Amount::Header(name) => {
+            let mut values = headers.get_all(name).iter();
+            let (Some(value), None) = (values.next(), values.next()) else {
+                return Err(Rejection::bad_request(format!(
+                    "header '{name}' must be sent exactly once"
+                )));
+            };
+            parse_amount(value.as_bytes()).ok_or_else(|| {
+                Rejection::bad_request(format!(
+                    "header '{name}' must be a decimal integer from 0 to {MAX_AMOUNT}"
+                ))
+            })
+        }
+    }
+}
+
+/// A plain decimal integer in 0..=2^63-1: no sign, no spaces, no wrapping.
+pub fn parse_amount(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(bytes)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_AMOUNT)
+}
+
+/// What was charged, kept so it can be given back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub credits: u64,
+    pub overage: u64,
+    /// The credit period charged; a refund into a later period is dropped.
+    pub period: Option<Timestamp>,
+    pub pools: Vec<PoolCharge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCharge {
+    pub pool: String,
+    pub units: u64,
+    pub slot: Slot,
+}
+
+/// Where pool units were counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// A rolling window's bucket.
+    Bucket(i64),
+    /// A calendar period.
+    Period(Option<Timestamp>),
+    /// A pool the tier does not define: counted in its total only.
+    Total,
+}
+
+/// The state of one rate limit after a request, for response headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateStatus {
+    pub name: String,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the count next drops.
+    pub reset: u64,
+    pub window_secs: u64,
+}
+
+/// An allowed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub tier: String,
+    pub charge: Charge,
+    /// Credits left after the charge; `None` when unlimited.
+    pub remaining: Option<u64>,
+    /// The rate limit with the least room left.
+    pub tightest: Option<RateStatus>,
+    /// Every rate limit after the request, in tier order.
+    pub rates: Vec<RateStatus>,
+    /// Shadow limits or pools that would have refused this request.
+    pub shadowed: Vec<String>,
+}
+
+/// Decides a request for a known key and charges it if allowed.
+pub fn admit(
+    config: &Config,
+    record: &KeyRecord,
+    usage: &mut Usage,
+    demand: &Demand,
+    now: Timestamp,
+) -> Result<Admission, Rejection> {
+    if !record.enabled {
+        return Err(Rejection::Disabled);
+    }
+    if let Some(expired_at) = record.expires_at.filter(|at| *at <= now) {
+        return Err(Rejection::Expired { expired_at });
+    }
+    let tier = config
+        .tier(&record.tier)
+        .ok_or_else(|| Rejection::TierNotFound {
+            tier: record.tier.clone(),
+        })?;
+    if let Some(feature) = demand.feature.as_deref().filter(|f| !tier.has_feature(f)) {
+        return Err(Rejection::FeatureNotAvailable {
+            required: feature.to_string(),
+            current_tier: tier.id.clone(),
+            upgrade_url: tier.upgrade_url.clone(),
+        });
+    }
+    let amounts = demand.amounts.as_ref().map_err(Clone::clone)?;
+    usage.settle(tier, record.refill_day, now);
+    let now_ms = millis(now);
+    let mut shadowed = Vec::new();
+
+    // Check everything first; nothing below mutates a balance until all pass.
+    for (name, rl) in &tier.rate_limits {
+        let window_ms = duration_ms(rl.window);
+        let window = usage.rate.entry(name.clone()).or_default();
+        window.used(window_ms, now_ms);
+        let wait = window.wait_ms(1, rl.limit.get(), window_ms, now_ms);
+        if wait != Some(0) {
+            if rl.shadow {
+                shadowed.push(name.clone());
+            } else {
+                return Err(Rejection::RateLimited {
+                    limit: name.clone(),
+                    retry_after: secs_ceil(wait.unwrap_or(window_ms)).max(1),
+                });
+            }
+        }
+    }
+    for (name, units) in &amounts.pools {
+        let Some(pool) = tier.pools.get(name) else {
+            continue;
+        };
+        let state = usage.pools.entry(name.clone()).or_default();
+        let limit = pool.limit.get();
+        let (used, resets_at) = match pool.window {
+            PoolWindow::Rolling(window) => {
+                let window_ms = duration_ms(window);
+                let used = state.window.used(window_ms, now_ms);
+                let wait = state.window.wait_ms(*units, limit, window_ms, now_ms);
+                let free_at = match wait {
+                    Some(w) => Some(now_ms + w),
+                    None => state.window.oldest_expiry_ms(window_ms),
+                };
+                (used, free_at.and_then(|ms| Timestamp::from_millisecond(ms).ok()))
+            }
+            PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
+        };
+        if used.saturating_add(*units) > limit {
+            if pool.shadow {
+                shadowed.push(name.clone());
+            } else {
+                return Err(Rejection::QuotaExceeded {
+                    pool: name.clone(),
+                    remaining: limit.saturating_sub(used),
+                    resets_at,
+                });
+            }
+        }
+    }
+    let (credits, overage) = match tier.credits {
+        Credits::Unlimited => (amounts.cost, 0),
+        Credits::Limited(_) => {
+            let remaining = usage.remaining.unwrap_or(0);
+            if amounts.cost <= remaining {
+                (amounts.cost, 0)
+            } else if tier.overage == Overage::Allow {
+                (remaining, amounts.cost - remaining)
+            } else {
+                return Err(Rejection::UsageExceeded {
+                    remaining,
+                    resets_at: Usage::next_refill(tier, record.refill_day, now),
+                    upgrade_url: tier.upgrade_url.clone(),
+                });
+            }
+        }
+    };
+
+    // Everything passed: charge it all.
+    let mut rates = Vec::with_capacity(tier.rate_limits.len());
+    for (name, rl) in &tier.rate_limits {
+        let window_ms = duration_ms(rl.window);
+        let window = usage.rate.entry(name.clone()).or_default();
+        window.add(1, window_ms, now_ms);
+        let used = window.used(window_ms, now_ms);
+        let reset_ms = window
+            .oldest_expiry_ms(window_ms)
+            .map_or(0, |at| (at - now_ms).max(0));
+        rates.push(RateStatus {
+            name: name.clone(),
+            limit: rl.limit.get(),
+            remaining: rl.limit.get().saturating_sub(used),
+            reset: secs_ceil(reset_ms),
+            window_secs: rl.window.as_secs(),
+        });
+    }
+    let mut pools = Vec::with_capacity(amounts.pools.len());
+    for (name, units) in &amounts.pools {
+        let state = usage.pools.entry(name.clone()).or_default();
+        state.total = state.total.saturating_add(*units);
+        let slot = match tier.pools.get(name).map(|p| p.window) {
+            Some(PoolWindow::Rolling(window)) => {
+                Slot::Bucket(state.window.add(*units, duration_ms(window), now_ms))
+            }
+            Some(PoolWindow::Calendar(_)) => {
+                state.used = state.used.saturating_add(*units);
+                Slot::Period(state.period_start)
+            }
+            None => Slot::Total,
+        };
+        pools.push(PoolCharge {
+            pool: name.clone(),
+            units: *units,
+            slot,
+        });
+    }
+    if let Some(remaining) = usage.remaining.as_mut().filter(|_| tier.credits != Credits::Unlimited) {
+        *remaining -= credits;
+    }
+    usage.used = usage.used.saturating_add(credits);
+    usage.overage = usage.overage.saturating_add(overage);
+
+    let tightest = rates
+        .iter()
+        .min_by_key(|r| (r.remaining, std::cmp::Reverse(r.reset)))
+        .cloned();
+    Ok(Admission {
+        tier: tier.id.clone(),
+        charge: Charge {
+            credits,
+            overage,
+            period: usage.period_start,
+            pools,
+        },
+        remaining: match tier.credits {
+            Credits::Unlimited => None,
+            Credits::Limited(_) => usage.remaining,
+        },
+        tightest,
+        rates,
+        shadowed,
+    })
+}
+
+/// Gives back what [`admit`] charged (an upstream failure). Rate limits stay
+/// counted: the request did reach the gateway. Credits charged in a period
+/// that has since ended are not given back into the new one.
+pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
+    if usage.period_start == charge.period {
+        if let Some(remaining) = usage.remaining.as_mut() {
+            if tier.is_some_and(|t| t.credits != Credits::Unlimited) {
+                *remaining = remaining.saturating_add(charge.credits);
+            }
+        }
+        usage.used = usage.used.saturating_sub(charge.credits);
+        usage.overage = usage.overage.saturating_sub(charge.overage);
+    }
+    for pc in &charge.pools {
+        let Some(state) = usage.pools.get_mut(&pc.pool) else {
+            continue;
+        };
+        state.total = state.total.saturating_sub(pc.units);
+        match pc.slot {
+            Slot::Bucket(idx) => state.window.refund(pc.units, idx),
+            Slot::Period(period) if period == state.period_start => {
+                state.used = state.used.saturating_sub(pc.units);
+            }
+            Slot::Period(_) | Slot::Total => {}
+        }
+    }
+}
+
+/// Charges pool units reported by the upstream after the response. The work
+/// is done, so this never refuses; it may take a pool past its limit.
+pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now: Timestamp) {
+    let state = usage.pools.entry(pool.to_string()).or_default();
+    state.total = state.total.saturating_add(units);
+    match tier.and_then(|t| t.pools.get(pool)).map(|p| p.window) {
+        Some(PoolWindow::Rolling(window)) => {
+            state.window.add(units, duration_ms(window), millis(now));
+        }
+        Some(PoolWindow::Calendar(interval)) => {
+            let boundary = interval.period_start(now);
+            if state.period_start < boundary {
+                state.used = 0;
+                state.period_start = boundary;
+            }
+            state.used = state.used.saturating_add(units);
+        }
+        None => {}
+    }
+}
+
+/// Whole seconds, rounded up, in a span of milliseconds.
+fn secs_ceil(ms: i64) -> u64 {
+    u64::try_from(ms).unwrap_or(0).div_ceil(1000)
+}
+
+pub fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! API key format: `<tier prefix>_<22 base58 chars><6 base58 chars checksum>`.
+//!
+//! The 22 random characters carry 128.9 bits of randomness. The checksum is
+//! the first 32 bits of SHA-256 over everything before it, so a mistyped or
+//! invented key is refused before the store is read, and secret scanners can
+//! recognise a leaked key by its shape and checksum. At rest only the
+//! SHA-256 of the whole key is kept ([`KeyHash`]).
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+/// Bitcoin's base58 alphabet: no `0`, `O`, `I`, `l`.
+const ALPHABET: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+const RANDOM_LEN: usize = 22;
+const CHECKSUM_LEN: usize = 6;
+/// Characters of the random part shown in a key record's `start`.
+const START_LEN: usize = 4;
+const ID_LEN: usize = 16;
+
+/// SHA-256 of a key: the only form in which a key is stored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl std::fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not secret, but there is no reason to print it whole.
+        write!(f, "KeyHash({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+impl KeyHash {
+    pub fn of(key: &str) -> KeyHash {
+        KeyHash(Sha256::digest(key.as_bytes()).into())
+    }
+}
+
+/// A freshly minted key. The secret leaves the process once, in the answer
+/// to the create call, and is never stored.
+pub struct NewKey {
+    pub secret: String,
+    pub hash: KeyHash,
+    /// Prefix plus the first random characters: safe to show and log.
+    pub start: String,
+}
+
+/// Mints a key for a tier's prefix.
+pub fn generate(prefix: &str) -> NewKey {
+    let mut rng = rand::rng();
+    let random: String = (0..RANDOM_LEN)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let body = format!("{prefix}_{random}");
+    let secret = format!("{body}{}", checksum(&body));
+    NewKey {
+        hash: KeyHash::of(&secret),
+        start: format!("{prefix}_{}", &random[..START_LEN]),
+        secret,
+    }
+}
+
+/// A public key id, `key_` plus 16 base58 characters.
+pub fn generate_id() -> String {
+    let mut rng = rand::rng();
+    let id: String = (0..ID_LEN)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("key_{id}")
+}
+
+/// Whether `key` has the shape and checksum of a tollgate key. Cheap; run
+/// before any store read.
+pub fn well_formed(key: &str) -> bool {
+    let Some((prefix, tail)) = key.rsplit_once('_') else {
+        return false;
+    };
+    if prefix.is_empty()
+        || tail.len() != RANDOM_LEN + CHECKSUM_LEN
+        || !tail.bytes().all(|b| ALPHABET.contains(&b))
+    {
+        return false;
+    }
+    let (body, sum) = key.split_at(key.len() - CHECKSUM_LEN);
+    checksum(body) == sum
+}
+
+/// The first 32 bits of SHA-256 as 6 base58 digits (58^6 > 2^32).
+fn checksum(body: &str) -> String {
+    let digest = Sha256::digest(body.as_bytes());
+    let mut n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    let mut out = [b'1'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(n % 58) as usize];
+        n /= 58;
+    }
+    out.iter().map(|&b| b as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let a = generate("sk_pro");
+        let b = generate("sk_pro");
+        assert!(a.secret.starts_with("sk_pro_"));
+        assert_eq!(a.secret.len(), "sk_pro_".len() + RANDOM_LEN + CHECKSUM_LEN);
+        assert!(well_formed(&a.secret));
+        assert_ne!(a.secret, b.secret);
+        assert_ne!(a.hash, b.hash);
+        assert!(a.secret.starts_with(&a.start));
+        assert_eq!(a.hash, KeyHash::of(&a.secret));
+    }
+
+    #[test]
+    fn a_single_changed_character_fails_the_checksum() {
+        let key = generate("sk_free").secret;
+        let mut failures = 0;
+        let positions = "sk_free_".len()..key.len();
+        let count = positions.len();
+        for i in positions {
+            let mut bytes = key.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+            let typo = String::from_utf8(bytes).expect("ascii");
+            if !well_formed(&typo) {
+                failures += 1;
+            }
+        }
+        assert_eq!(failures, count);
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        for bad in ["", "sk_free", "_", "nounderscore", "sk_free_0000000000000000000000000000"] {
+            assert!(!well_formed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_have_their_prefix() {
+        let id = generate_id();
+        assert!(id.starts_with("key_") && id.len() == 4 + ID_LEN);
+    }
+}

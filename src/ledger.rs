@@ -1,0 +1,138 @@
+//! What the gateway keeps per key: the [`KeyRecord`] an operator writes
+//! through the admin API, and the [`Usage`] that requests charge.
+//!
+//! The two are stored apart because they have different durability: a record
+//! is flushed to disk before an admin write is acknowledged, usage is written
+//! behind (SPEC §7). Both are plain data with serde; `Usage::settle` applies
+//! lazy, calendar-aligned refills.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::{Credits, PoolWindow, Tier};
+use crate::window::Window;
+
+/// A key as the operator sees it. Never holds the key itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    /// Hex SHA-256 of the key.
+    pub hash: String,
+    /// Prefix plus the first random characters, to recognise a key.
+    pub start: String,
+    pub tier: String,
+    pub external_id: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+    pub enabled: bool,
+    pub expires_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    /// Aligns a monthly credit refill to this day (a customer's billing date).
+    pub refill_day: Option<u8>,
+}
+
+/// A key's balances and counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Credits left; `None` while the key has never been on a limited tier.
+    pub remaining: Option<u64>,
+    /// Start of the current credit period (the last refill boundary).
+    pub period_start: Option<Timestamp>,
+    /// Credits charged this period.
+    pub used: u64,
+    /// Units served past 0 credits this period (`overage: allow`).
+    pub overage: u64,
+    #[serde(default)]
+    pub rate: BTreeMap<String, Window>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolUsage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolUsage {
+    /// Rolling pools count here.
+    #[serde(default)]
+    pub window: Window,
+    /// Calendar pools count here, per period.
+    #[serde(default)]
+    pub used: u64,
+    pub period_start: Option<Timestamp>,
+    /// Everything ever charged: shown for pools a tier does not define.
+    #[serde(default)]
+    pub total: u64,
+}
+
+impl Usage {
+    /// Fresh usage for a new key: `credits` overrides the tier's allowance.
+    pub fn new(tier: &Tier, credits: Option<u64>, refill_day: Option<u8>, now: Timestamp) -> Usage {
+        let mut usage = Usage::default();
+        if let Credits::Limited(initial) = tier.credits {
+            usage.remaining = Some(credits.unwrap_or(initial));
+        }
+        usage.period_start = credit_period_start(tier, refill_day, now);
+        usage
+    }
+
+    /// Applies every refill and pool reset due at `now`. Idempotent.
+    pub fn settle(&mut self, tier: &Tier, refill_day: Option<u8>, now: Timestamp) {
+        // Limits the tier no longer has (a plan change, a reload) are forgotten.
+        self.rate.retain(|name, _| tier.rate_limits.contains_key(name));
+        if let Credits::Limited(initial) = tier.credits {
+            if self.remaining.is_none() {
+                // First time on a limited tier: start with its allowance,
+                // in the current period.
+                self.remaining = Some(initial);
+                self.period_start = credit_period_start(tier, refill_day, now);
+            }
+        }
+        if let Some(refill) = tier.refill {
+            let boundary = refill.interval.with_day(refill_day).period_start(now);
+            if boundary.is_some() && self.period_start < boundary {
+                self.remaining = Some(refill.amount);
+                self.used = 0;
+                self.overage = 0;
+                self.period_start = boundary;
+            }
+        }
+        for (name, pool) in &tier.pools {
+            if let PoolWindow::Calendar(interval) = pool.window {
+                let boundary = interval.period_start(now);
+                let state = self.pools.entry(name.clone()).or_default();
+                if boundary.is_some() && state.period_start < boundary {
+                    state.used = 0;
+                    state.period_start = boundary;
+                }
+            }
+        }
+    }
+
+    /// When credits next refill, if they ever do.
+    pub fn next_refill(tier: &Tier, refill_day: Option<u8>, now: Timestamp) -> Option<Timestamp> {
+        tier.refill
+            .and_then(|r| r.interval.with_day(refill_day).next_start(now))
+    }
+}
+
+fn credit_period_start(tier: &Tier, refill_day: Option<u8>, now: Timestamp) -> Option<Timestamp> {
+    tier.refill
+        .and_then(|r| r.interval.with_day(refill_day).period_start(now))
+}
+
+/// A tier's nominal credit allowance per period: the refill amount, or the
+/// one-off credits when it never refills. `None` when unlimited.
+pub fn credit_limit(tier: &Tier) -> Option<u64> {
+    match (tier.credits, tier.refill) {
+        (Credits::Unlimited, _) => None,
+        (Credits::Limited(_), Some(r)) => Some(r.amount),
+        (Credits::Limited(n), None) => Some(n),
+    }
+}
+
+/// Milliseconds since the epoch, the unit windows count in.
+pub fn millis(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}

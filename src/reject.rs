@@ -1,0 +1,189 @@
+//! Why a request was not forwarded, and the one mapping from that to a
+//! status code, a JSON body and headers (SPEC §3).
+
+use jiff::Timestamp;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    MissingKey,
+    InvalidKey,
+    Expired {
+        expired_at: Timestamp,
+    },
+    Disabled,
+    TierNotFound {
+        tier: String,
+    },
+    FeatureNotAvailable {
+        required: String,
+        current_tier: String,
+        upgrade_url: Option<String>,
+    },
+    RateLimited {
+        limit: String,
+        retry_after: u64,
+    },
+    QuotaExceeded {
+        pool: String,
+        remaining: u64,
+        resets_at: Option<Timestamp>,
+    },
+    UsageExceeded {
+        remaining: u64,
+        resets_at: Option<Timestamp>,
+        upgrade_url: Option<String>,
+    },
+    BadRequest {
+        message: String,
+    },
+    RouteNotFound,
+    UpstreamUnavailable,
+    StoreUnavailable,
+}
+
+impl Rejection {
+    pub fn bad_request(message: impl Into<String>) -> Rejection {
+        Rejection::BadRequest {
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::MissingKey | Rejection::InvalidKey | Rejection::Expired { .. } => 401,
+            Rejection::Disabled
+            | Rejection::TierNotFound { .. }
+            | Rejection::FeatureNotAvailable { .. } => 403,
+            Rejection::RateLimited { .. } => 429,
+            Rejection::QuotaExceeded { .. } | Rejection::UsageExceeded { .. } => 402,
+            Rejection::BadRequest { .. } => 400,
+            Rejection::RouteNotFound => 404,
+            Rejection::UpstreamUnavailable => 502,
+            Rejection::StoreUnavailable => 503,
+        }
+    }
+
+    /// The `code` field, also the `code` label of request metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::MissingKey => "MISSING_KEY",
+            Rejection::InvalidKey => "INVALID_KEY",
+            Rejection::Expired { .. } => "EXPIRED",
+            Rejection::Disabled => "DISABLED",
+            Rejection::TierNotFound { .. } => "TIER_NOT_FOUND",
+            Rejection::FeatureNotAvailable { .. } => "FEATURE_NOT_AVAILABLE",
+            Rejection::RateLimited { .. } => "RATE_LIMITED",
+            Rejection::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Rejection::UsageExceeded { .. } => "USAGE_EXCEEDED",
+            Rejection::BadRequest { .. } => "BAD_REQUEST",
+            Rejection::RouteNotFound => "ROUTE_NOT_FOUND",
+            Rejection::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            Rejection::StoreUnavailable => "STORE_UNAVAILABLE",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Rejection::MissingKey => {
+                "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'".into()
+            }
+            Rejection::InvalidKey => "the API key is not valid".into(),
+            Rejection::Expired { .. } => "the API key has expired".into(),
+            Rejection::Disabled => "the API key is disabled".into(),
+            Rejection::TierNotFound { tier } => {
+                format!("the key's plan '{tier}' no longer exists")
+            }
+            Rejection::FeatureNotAvailable { required, .. } => {
+                format!("this endpoint needs the '{required}' feature, which your plan lacks")
+            }
+            Rejection::RateLimited { limit, .. } => {
+                format!("rate limit '{limit}' exceeded; retry later")
+            }
+            Rejection::QuotaExceeded { pool, .. } => format!("the '{pool}' quota is used up"),
+            Rejection::UsageExceeded { .. } => "the key's credits are used up".into(),
+            Rejection::BadRequest { message } => message.clone(),
+            Rejection::RouteNotFound => "no route matches this request".into(),
+            Rejection::UpstreamUnavailable => {
+                "the upstream service did not answer; nothing was charged".into()
+            }
+            Rejection::StoreUnavailable => {
+                "the gateway cannot record usage right now; retry later".into()
+            }
+        }
+    }
+
+    /// The JSON body: `code`, `message` and the context fields of SPEC §3.
+    pub fn body(&self) -> Value {
+        let mut body = json!({ "code": self.code(), "message": self.message() });
+        let context = match self {
+            Rejection::Expired { expired_at } => json!({ "expired_at": expired_at }),
+            Rejection::TierNotFound { tier } => json!({ "tier": tier }),
+            Rejection::FeatureNotAvailable {
+                required,
+                current_tier,
+                upgrade_url,
+            } => json!({
+                "required": required,
+                "current_tier": current_tier,
+                "upgrade_url": upgrade_url,
+            }),
+            Rejection::RateLimited { limit, retry_after } => {
+                json!({ "limit": limit, "retry_after": retry_after })
+            }
+            Rejection::QuotaExceeded {
+                pool,
+                remaining,
+                resets_at,
+            } => json!({ "pool": pool, "remaining": remaining, "resets_at": resets_at }),
+            Rejection::UsageExceeded {
+                remaining,
+                resets_at,
+                upgrade_url,
+            } => json!({
+                "remaining": remaining,
+                "resets_at": resets_at,
+                "upgrade_url": upgrade_url,
+            }),
+            _ => Value::Null,
+        };
+        if let (Value::Object(body), Value::Object(context)) = (&mut body, context) {
+            body.extend(context);
+        }
+        body
+    }
+
+    /// Extra response headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Rejection::MissingKey => vec![("WWW-Authenticate", "Bearer".into())],
+            Rejection::InvalidKey | Rejection::Expired { .. } => vec![(
+                "WWW-Authenticate",
+                "Bearer error=\"invalid_token\"".into(),
+            )],
+            Rejection::RateLimited { retry_after, .. } => {
+                vec![("Retry-After", retry_after.to_string())]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_carries_code_message_and_context() {
+        let r = Rejection::RateLimited {
+            limit: "requests".into(),
+            retry_after: 7,
+        };
+        assert_eq!(r.status(), 429);
+        let body = r.body();
+        assert_eq!(body["code"], "RATE_LIMITED");
+        assert_eq!(body["limit"], "requests");
+        assert_eq!(body["retry_after"], 7);
+        assert_eq!(r.headers(), vec![("Retry-After", "7".to_string())]);
+    }
+}
