@@ -1,1 +1,117 @@
-fn main() {}
+//! The `tollgate` command: parse arguments, set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use tollgate::clock::SystemClock;
+use tollgate::config::Config;
+use tollgate::server::{self, Options};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "API keys, plans, credits and rate limits in front of any HTTP API")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: proxy, admin API and background tasks.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Proxy worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Validate a config file: exit 0, or print every error and exit 1.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads a config, printing warnings; errors go back to the caller.
+fn load(path: &std::path::Path) -> Result<Config, tollgate::config::ConfigErrors> {
+    let loaded = Config::load(path)?;
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(loaded.config)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprint!("{}: {errors}", config.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Serve { config: path, threads } => {
+            let config = match load(&path) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{}: {errors}", path.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            init_logging(cli.log_format);
+            let root_key = std::env::var(&config.root_key_env).ok().filter(|k| !k.is_empty());
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            });
+            let running = server::start(
+                config,
+                Options {
+                    clock: Arc::new(SystemClock),
+                    root_key,
+                    threads,
+                    config_path: Some(path),
+                    handle_signals: true,
+                },
+            )
+            .context("cannot start tollgate")?;
+            running.wait();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -49,8 +49,8 @@ pub struct Upstream {
     /// Host name or IP literal, without brackets.
     pub host: String,
     pub port: u16,
-    /// `Host` header sent upstream; the URL's authority unless overridden.
-    pub host_header: String,
+    /// `Host` header sent upstream; `None` forwards the client's unchanged.
+    pub host_header: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
 }

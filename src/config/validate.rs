@@ -275,11 +275,7 @@ impl Check<'_> {
                 self.error(&format!("{path}.host"), "must be a host name");
                 return None;
             }
-            Some(h) => h.clone(),
-            None => uri
-                .authority()
-                .map(|a| a.as_str().to_string())
-                .unwrap_or_default(),
+            other => other.clone(),
         };
         Some(Upstream {
             name: name.to_string(),

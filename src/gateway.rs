@@ -1,0 +1,116 @@
+//! The state every listener shares: the live config, the store and the
+//! clock; and the key lookup both the proxy and the admin API use.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::keys::{self, KeyHash};
+use crate::reject::Rejection;
+use crate::store::{Entry, Store};
+
+pub struct Gateway {
+    /// Swapped whole on reload; a request keeps the snapshot it started with.
+    pub config: ArcSwap<Config>,
+    pub store: Arc<Store>,
+    pub clock: SharedClock,
+    /// The admin API's bearer secret; `None` refuses every admin call.
+    pub root_key: Option<String>,
+}
+
+/// Which header carried the key, so exactly that one is stripped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Authorization,
+    ApiKey,
+}
+
+impl KeySource {
+    pub fn header(self) -> &'static str {
+        match self {
+            KeySource::Authorization => "authorization",
+            KeySource::ApiKey => "x-api-key",
+        }
+    }
+}
+
+/// The one key a request carries: a `Bearer` `Authorization` or an
+/// `X-API-Key`. Two keys, in any combination, is a bad request.
+pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection> {
+    let bearer = headers.get_all(http::header::AUTHORIZATION).iter().filter_map(|v| {
+        let v = v.to_str().ok()?;
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    });
+    let bearer = bearer.map(|k| (k, KeySource::Authorization));
+    let api_key = headers
+        .get_all("x-api-key")
+        .iter()
+        .map(|v| (v.to_str().unwrap_or(""), KeySource::ApiKey));
+    let mut keys = bearer.chain(api_key);
+    match (keys.next(), keys.next()) {
+        (None, _) => Err(Rejection::MissingKey),
+        (Some(one), None) => Ok(one),
+        (Some(_), Some(_)) => Err(Rejection::bad_request(
+            "send exactly one API key: one Authorization or one X-API-Key header",
+        )),
+    }
+}
+
+impl Gateway {
+    /// Finds the key a request presents. Malformed keys are refused before
+    /// the store is read.
+    pub fn authenticate(&self, key: &str) -> Result<Arc<Entry>, Rejection> {
+        if !keys::well_formed(key) {
+            return Err(Rejection::InvalidKey);
+        }
+        match self.store.lookup(&KeyHash::of(key)) {
+            Ok(Some(entry)) => Ok(entry),
+            Ok(None) => Err(Rejection::InvalidKey),
+            Err(e) => {
+                tracing::error!(error = %e, "store lookup failed");
+                Err(Rejection::StoreUnavailable)
+            }
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn one_key_from_either_header() {
+        let h = headers(&[("authorization", "Bearer sk_a")]);
+        assert_eq!(presented_key(&h), Ok(("sk_a", KeySource::Authorization)));
+        let h = headers(&[("x-api-key", "sk_b"), ("authorization", "Basic dXNlcg==")]);
+        assert_eq!(presented_key(&h), Ok(("sk_b", KeySource::ApiKey)));
+    }
+
+    #[test]
+    fn none_or_two_keys_are_refused() {
+        assert_eq!(presented_key(&headers(&[])), Err(Rejection::MissingKey));
+        for two in [
+            headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]),
+            headers(&[("authorization", "Bearer a"), ("x-api-key", "b")]),
+            headers(&[("x-api-key", "a"), ("x-api-key", "b")]),
+        ] {
+            assert!(matches!(presented_key(&two), Err(Rejection::BadRequest { .. })));
+        }
+    }
+}

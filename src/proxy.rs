@@ -1,0 +1,441 @@
+//! The Pingora glue: extract what the gate needs from a request, call it,
+//! and write the answer or forward.
+//!
+//! Phases, as Pingora calls them:
+//! - `request_filter`: normalise the path, match a route, answer the usage
+//!   endpoint, authenticate, decide and charge (all in [`crate::gate`]).
+//! - `upstream_peer`: where the route's upstream is.
+//! - `upstream_request_filter`: forward the canonical path, strip the key
+//!   and any client `X-Tollgate-*`, add the gateway's own identity headers.
+//! - `upstream_response_filter`: meter pools from the upstream's answer, and
+//!   refund on 5xx where the route says so.
+//! - `response_filter`: usage and rate-limit headers.
+//! - `fail_to_proxy`: the upstream did not answer; refund and answer 502.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+
+use crate::config::{Config, Route};
+use crate::gate::{self, Admission, Demand};
+use crate::gateway::{presented_key, Gateway, KeySource};
+use crate::path::{normalise, PathError};
+use crate::reject::Rejection;
+use crate::store::Entry;
+use crate::views;
+
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+}
+
+impl Proxy {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    config: Option<Arc<Config>>,
+    route: Option<usize>,
+    /// Canonical path plus the original query: what is forwarded.
+    target: String,
+    key_source: Option<KeySource>,
+    entry: Option<Arc<Entry>>,
+    key_id: Option<String>,
+    external_id: Option<String>,
+    admission: Option<Admission>,
+    /// The request's outcome code: a rejection code, or `OK`.
+    pub code: &'static str,
+}
+
+impl Ctx {
+    fn route(&self) -> Option<&Route> {
+        Some(&self.config.as_ref()?.routes[self.route?])
+    }
+}
+
+/// Writes a JSON answer and ends the request.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: &serde_json::Value,
+    headers: &[(&'static str, String)],
+) -> Result<()> {
+    let body = Bytes::from(body.to_string());
+    let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    for (name, value) in headers {
+        resp.insert_header(*name, value.as_str())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+async fn reject(session: &mut Session, ctx: &mut Ctx, rejection: Rejection) -> Result<bool> {
+    ctx.code = rejection.code();
+    respond_json(session, rejection.status(), &rejection.body(), &rejection.headers()).await?;
+    Ok(true)
+}
+
+impl Proxy {
+    /// Matches the canonical path. An encoded slash is allowed only when the
+    /// route it then matches says so.
+    fn route(&self, config: &Config, method: &Method, raw: &str) -> Result<(String, Option<usize>), Rejection> {
+        let index = |path: &str| config.routes.iter().position(|r| r.matches(method, path));
+        match normalise(raw, false) {
+            Ok(path) => {
+                let i = index(&path);
+                Ok((path, i))
+            }
+            Err(PathError::EncodedSlash) => {
+                let path = normalise(raw, true).map_err(|e| Rejection::bad_request(e.to_string()))?;
+                match index(&path) {
+                    Some(i) if config.routes[i].allow_encoded_slashes => Ok((path, Some(i))),
+                    _ => Err(Rejection::bad_request(PathError::EncodedSlash.to_string())),
+                }
+            }
+            Err(e) => Err(Rejection::bad_request(e.to_string())),
+        }
+    }
+
+    /// The customer usage endpoint: answered here, never charged or forwarded.
+    async fn usage(&self, session: &mut Session, ctx: &mut Ctx, config: &Config) -> Result<bool> {
+        let report = (|| {
+            let (key, _) = presented_key(&session.req_header().headers)?;
+            let entry = self.gateway.authenticate(key)?;
+            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
+            let now = self.gateway.clock.now();
+            let state = &mut *state;
+            if !state.record.enabled {
+                return Err(Rejection::Disabled);
+            }
+            if let Some(expired_at) = state.record.expires_at.filter(|at| *at <= now) {
+                return Err(Rejection::Expired { expired_at });
+            }
+            let tier = config.tier(&state.record.tier).ok_or_else(|| Rejection::TierNotFound {
+                tier: state.record.tier.clone(),
+            })?;
+            let report = views::usage_report(tier, &state.record, &mut state.usage, now);
+            Ok(report)
+        })();
+        match report {
+            Ok(report) => {
+                ctx.code = "OK";
+                respond_json(session, 200, &report, &[]).await?;
+                Ok(true)
+            }
+            Err(rejection) => reject(session, ctx, rejection).await,
+        }
+    }
+
+    /// Authenticates and charges a keyed request.
+    fn admit(&self, session: &Session, ctx: &mut Ctx, config: &Config, route: &Route) -> Result<Admission, Rejection> {
+        let headers = &session.req_header().headers;
+        let (key, source) = presented_key(headers)?;
+        ctx.key_source = Some(source);
+        let entry = self.gateway.authenticate(key)?;
+        if !self.gateway.store.healthy() {
+            return Err(Rejection::StoreUnavailable);
+        }
+        let demand = Demand::for_route(route, headers);
+        let now = self.gateway.clock.now();
+        let result = {
+            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
+            let state = &mut *state;
+            ctx.key_id = Some(state.record.key_id.clone());
+            ctx.external_id = state.record.external_id.clone();
+            gate::admit(config, &state.record, &mut state.usage, &demand, now)
+        };
+        // Even a rejection may have settled a refill worth keeping.
+        self.gateway.store.touch(&entry);
+        ctx.entry = Some(entry);
+        result
+    }
+
+    /// Gives the request's charge back (the upstream failed).
+    fn refund(&self, ctx: &mut Ctx) {
+        let (Some(entry), Some(admission)) = (&ctx.entry, &mut ctx.admission) else {
+            return;
+        };
+        let Some(config) = &ctx.config else { return };
+        if let Some(mut state) = entry.lock() {
+            let tier = config.tier(&admission.tier);
+            gate::refund(tier, &mut state.usage, &admission.charge);
+            if admission.remaining.is_some() {
+                admission.remaining = state.usage.remaining;
+            }
+            admission.charge = gate::Charge::default();
+        }
+        self.gateway.store.touch(entry);
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            config: None,
+            route: None,
+            target: String::new(),
+            key_source: None,
+            entry: None,
+            key_id: None,
+            external_id: None,
+            admission: None,
+            code: "OK",
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let config = self.gateway.config();
+        ctx.config = Some(config.clone());
+        let req = session.req_header();
+        let method = req.method.clone();
+        let query = req.uri.query().map(str::to_string);
+        let (path, route) = match self.route(&config, &method, req.uri.path()) {
+            Ok(found) => found,
+            Err(rejection) => return reject(session, ctx, rejection).await,
+        };
+        if path == config.usage_path && method == Method::GET {
+            return self.usage(session, ctx, &config).await;
+        }
+        let Some(index) = route else {
+            return reject(session, ctx, Rejection::RouteNotFound).await;
+        };
+        ctx.route = Some(index);
+        ctx.target = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let route = &config.routes[index];
+        if !route.auth {
+            return Ok(false);
+        }
+        match self.admit(session, ctx, &config, route) {
+            Ok(admission) => {
+                ctx.admission = Some(admission);
+                Ok(false)
+            }
+            Err(rejection) => reject(session, ctx, rejection).await,
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let upstream = ctx
+            .route()
+            .and_then(|r| ctx.config.as_ref()?.upstream(&r.upstream))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route without upstream"))?;
+        let addr = match upstream.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, upstream.port),
+            Err(_) => tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| {
+                    Error::explain(ErrorType::ConnectNoRoute, "upstream host did not resolve")
+                        .into_up()
+                })?,
+        };
+        let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.total_connection_timeout = Some(upstream.connect_timeout);
+        peer.options.read_timeout = Some(upstream.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let uri = ctx
+            .target
+            .parse::<http::Uri>()
+            .map_err(|e| Error::because(ErrorType::InternalError, "canonical path", e))?;
+        upstream_request.set_uri(uri);
+        let spoofed: Vec<_> = upstream_request
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("x-tollgate-"))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            upstream_request.remove_header(&name);
+        }
+        let Some(route) = ctx.route() else {
+            return Ok(());
+        };
+        if let Some(host) = ctx
+            .config
+            .as_ref()
+            .and_then(|c| c.upstream(&route.upstream))
+            .and_then(|u| u.host_header.clone())
+        {
+            upstream_request.insert_header("host", host)?;
+        }
+        if let (Some(source), false) = (ctx.key_source, route.forward_key) {
+            upstream_request.remove_header(source.header());
+        }
+        if let Some(admission) = &ctx.admission {
+            if let Some(id) = &ctx.key_id {
+                upstream_request.insert_header("x-tollgate-key-id", id.as_str())?;
+            }
+            if let Some(ext) = ctx.external_id.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+                upstream_request.insert_header("x-tollgate-external-id", ext)?;
+            }
+            upstream_request.insert_header("x-tollgate-tier", admission.tier.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if upstream_response.status.is_informational() || ctx.admission.is_none() {
+            return Ok(());
+        }
+        let Some(route) = ctx.route().cloned() else {
+            return Ok(());
+        };
+        if route.refund_on_5xx && upstream_response.status.is_server_error() {
+            self.refund(ctx);
+        }
+        if route.meter.is_empty() {
+            return Ok(());
+        }
+        let (Some(entry), Some(config)) = (&ctx.entry, &ctx.config) else {
+            return Ok(());
+        };
+        let now = self.gateway.clock.now();
+        if let Some(mut state) = entry.lock() {
+            let tier = config.tier(&state.record.tier);
+            for (pool, header) in &route.meter {
+                let units = upstream_response
+                    .headers
+                    .get(header)
+                    .and_then(|v| gate::parse_amount(v.as_bytes()));
+                match units {
+                    Some(units) => gate::meter(tier, &mut state.usage, pool, units, now),
+                    None if upstream_response.headers.contains_key(header) => {
+                        tracing::warn!(route = %route.name, %pool, header = %header, "upstream sent a meter header that is not an amount; not charged");
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.gateway.store.touch(entry);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(admission) = &ctx.admission else {
+            return Ok(());
+        };
+        if let Some(remaining) = admission.remaining {
+            upstream_response.insert_header("x-usage-remaining", remaining.to_string())?;
+        }
+        if let Some(t) = &admission.tightest {
+            upstream_response.insert_header("ratelimit-limit", t.limit.to_string())?;
+            upstream_response.insert_header("ratelimit-remaining", t.remaining.to_string())?;
+            upstream_response.insert_header("ratelimit-reset", t.reset.to_string())?;
+        }
+        if !admission.rates.is_empty() {
+            let policy: Vec<String> = admission
+                .rates
+                .iter()
+                .map(|r| format!("\"{}\";q={};w={}", r.name, r.limit, r.window_secs))
+                .collect();
+            let state: Vec<String> = admission
+                .rates
+                .iter()
+                .map(|r| format!("\"{}\";r={};t={}", r.name, r.remaining, r.reset))
+                .collect();
+            upstream_response.insert_header("ratelimit-policy", policy.join(", "))?;
+            upstream_response.insert_header("ratelimit", state.join(", "))?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy
+    where
+        Ctx: Send + Sync,
+    {
+        let from_upstream = e.esource() == &ErrorSource::Upstream;
+        let answered = session.response_written().is_some();
+        let code = if from_upstream && !answered {
+            self.refund(ctx);
+            let rejection = Rejection::UpstreamUnavailable;
+            ctx.code = rejection.code();
+            if let Err(write_error) =
+                respond_json(session, 502, &rejection.body(), &rejection.headers()).await
+            {
+                tracing::debug!(error = %write_error, "client went away before the 502");
+            }
+            502
+        } else if answered {
+            0
+        } else {
+            let status = match e.etype() {
+                ErrorType::HTTPStatus(code) => *code,
+                _ if e.esource() == &ErrorSource::Downstream => 400,
+                _ => 500,
+            };
+            let rejection = Rejection::bad_request("the request could not be processed");
+            let body = if status == 400 {
+                rejection.body()
+            } else {
+                serde_json::json!({ "code": "INTERNAL", "message": "internal error" })
+            };
+            ctx.code = if status == 400 { "BAD_REQUEST" } else { "INTERNAL" };
+            if session.response_written().is_none() {
+                let _ = respond_json(session, status, &body, &[]).await;
+            }
+            status
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let route = ctx.route().map_or("-", |r| r.name.as_str());
+        let tier = ctx.admission.as_ref().map_or("-", |a| a.tier.as_str());
+        tracing::info!(
+            target: "tollgate::access",
+            route,
+            tier,
+            code = ctx.code,
+            status,
+            latency_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            error = error.map(|e| e.etype().as_str()),
+            "request"
+        );
+    }
+}

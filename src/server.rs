@@ -1,0 +1,320 @@
+//! Assembles and runs a gateway: the Pingora proxy service, the admin API,
+//! the write-behind flusher, and shutdown.
+//!
+//! [`start`] runs everything on a thread of its own and returns once the
+//! proxy accepts connections, with the addresses it bound (so tests can ask
+//! for port 0). The shutdown trigger is passed in, as in mini-redis: the
+//! binary wires it to signals, tests to a handle.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::listeners::TcpSocketOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use crate::store::Store;
+
+/// How often usage is written behind to disk.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How a gateway runs, beyond its config file.
+pub struct Options {
+    pub clock: SharedClock,
+    /// The admin API's root key (read from the env var the config names).
+    pub root_key: Option<String>,
+    /// Proxy worker threads.
+    pub threads: usize,
+    /// Where the config came from, for reloads; `None` disables reloading.
+    pub config_path: Option<PathBuf>,
+    /// Also stop on SIGTERM/SIGINT and reload on SIGHUP (the binary does,
+    /// tests do not).
+    pub handle_signals: bool,
+}
+
+/// A running gateway.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Asks the gateway to stop and waits until it has.
+    pub fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Waits until the gateway stops by itself (a signal).
+    pub fn wait(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Binds `addr` for Pingora. Port 0 is resolved here, because Pingora binds
+/// later and would not tell which port it got: a port is reserved with a
+/// bound (not listening) `SO_REUSEPORT` socket that Pingora's own
+/// `SO_REUSEPORT` listener then joins. For a fixed port, a trial bind turns
+/// "address in use" into a clear start-up error instead of a panic inside
+/// Pingora.
+fn reserve_proxy_port(addr: SocketAddr) -> anyhow::Result<(SocketAddr, Option<socket2::Socket>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        return Ok((addr, None));
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    let bound = socket
+        .local_addr()?
+        .as_socket()
+        .context("reserved proxy port has no address")?;
+    Ok((bound, Some(socket)))
+}
+
+/// Starts a gateway and returns once its proxy accepts connections.
+pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.store_path)
+        .with_context(|| format!("cannot create store directory {}", config.store_path.display()))?;
+    let store = Store::open(&config.store_path).with_context(|| {
+        format!(
+            "cannot open store {} (is another tollgate using it?)",
+            config.store_path.display()
+        )
+    })?;
+    let admin_listener = TcpListener::bind(config.listen.admin)
+        .with_context(|| format!("cannot listen on {} (listen.admin)", config.listen.admin))?;
+    admin_listener.set_nonblocking(true)?;
+    let admin_addr = admin_listener.local_addr()?;
+    let (proxy_addr, reservation) = reserve_proxy_port(config.listen.proxy)
+        .with_context(|| format!("listen.proxy {}", config.listen.proxy))?;
+    if options.root_key.is_none() {
+        tracing::warn!(env = %config.root_key_env, "no root key set: the admin API refuses every call");
+    }
+
+    let gateway = Arc::new(Gateway {
+        config: ArcSwap::from_pointee(config),
+        store: Arc::new(store),
+        clock: options.clock.clone(),
+        root_key: options.root_key.clone(),
+    });
+
+    let conf = ServerConf {
+        threads: options.threads.max(1),
+        // Pingora waits this long after SIGTERM before stopping its runtimes;
+        // its default is 300 s.
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
+    let mut socket_options = TcpSocketOptions::default();
+    socket_options.so_reuseport = Some(reservation.is_some());
+    proxy.add_tcp_with_settings(&proxy_addr.to_string(), socket_options);
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "admin api",
+        AdminService {
+            listener: Mutex::new(Some(admin_listener)),
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "usage flusher",
+        Flusher {
+            store: gateway.store.clone(),
+        },
+    ));
+
+    let (stop, stop_rx) = watch::channel(false);
+    let signals = Signals {
+        stop: stop_rx,
+        os: options.handle_signals,
+        gateway: gateway.clone(),
+        config_path: options.config_path.clone(),
+    };
+    let store = gateway.store.clone();
+    let thread = std::thread::Builder::new()
+        .name("tollgate".into())
+        .spawn(move || {
+            server.bootstrap();
+            server.run(RunArgs {
+                shutdown_signal: Box::new(signals),
+            });
+            // The flusher flushed on shutdown; this catches anything charged
+            // by requests that finished after it.
+            if let Err(e) = store.flush_blocking() {
+                tracing::error!(error = %e, "final store flush failed");
+            }
+            drop(reservation);
+        })?;
+
+    // Ready when the proxy accepts; Pingora binds on its own runtime.
+    let mut ready = false;
+    for _ in 0..500 {
+        if TcpStream::connect_timeout(&proxy_addr, Duration::from_millis(100)).is_ok() {
+            ready = true;
+            break;
+        }
+        if thread.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !ready {
+        bail!("the proxy did not start listening on {proxy_addr}");
+    }
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "tollgate is serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        gateway,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// What ends `Server::run`: the handle's trigger, or (for the binary) a
+/// signal. SIGINT drains like SIGTERM, since a Ctrl-C must not lose charges.
+struct Signals {
+    stop: watch::Receiver<bool>,
+    os: bool,
+    gateway: Arc<Gateway>,
+    config_path: Option<PathBuf>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut stop = self.stop.clone();
+        if !self.os {
+            let _ = stop.wait_for(|s| *s).await;
+            return ShutdownSignal::GracefulTerminate;
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::GracefulTerminate;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return ShutdownSignal::GracefulTerminate,
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining and stopping");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: draining and stopping");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = hup.recv() => reload(&self.gateway, self.config_path.as_deref()),
+            }
+        }
+    }
+}
+
+/// Re-reads the config file and swaps it in if it is valid.
+pub fn reload(gateway: &Gateway, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::warn!("reload asked for, but this gateway has no config file");
+        return;
+    };
+    match Config::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!(warning = %w, "config warning");
+            }
+            let old = gateway.config.load();
+            if old.listen != loaded.config.listen || old.store_path != loaded.config.store_path {
+                tracing::warn!("listen addresses and the store path change only on restart");
+            }
+            gateway.config.store(Arc::new(loaded.config));
+            tracing::info!(path = %path.display(), "configuration reloaded");
+        }
+        Err(errors) => {
+            tracing::error!(path = %path.display(), %errors, "reload failed; the old configuration keeps serving");
+        }
+    }
+}
+
+struct AdminService {
+    listener: Mutex<Option<TcpListener>>,
+    gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(listener) = self.listener.lock().take() else {
+            return;
+        };
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener failed");
+                return;
+            }
+        };
+        let app = admin::router(self.gateway.clone());
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    }
+}
+
+/// Writes dirty usage behind, every [`FLUSH_INTERVAL`] and once more at
+/// shutdown.
+struct Flusher {
+    store: Arc<Store>,
+}
+
+#[async_trait]
+impl BackgroundService for Flusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            if let Err(e) = self.store.flush_dirty().await {
+                tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
+            }
+        }
+        if let Err(e) = self.store.flush_dirty().await {
+            tracing::error!(error = %e, "final usage flush failed");
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The embedded store: key records and usage in sled, with usage held in
+//! memory and written behind.
+//!
+//! # Layout (sled trees)
+//!
+//! | tree       | key                          | value                  |
+//! |------------|------------------------------|------------------------|
+//! | `records`  | key id                       | [`KeyRecord`] as JSON  |
+//! | `hashes`   | SHA-256 of the key (32 bytes)| key id                 |
+//! | `usage`    | key id                       | [`Usage`] as JSON      |
+//! | `external` | external id, `0x00`, key id  | empty                  |
+//!
+//! # Counters
+//!
+//! Only this process opens the store (sled holds an exclusive lock), so the
+//! in-memory [`Entry`] of a key is the authority for its usage. A request
+//! locks the entry, lets the gate decide and charge, and marks it dirty; no
+//! disk write is on the request path. A [`Store::flush_dirty`] pass (the
+//! `Flusher` service, every 200 ms, and at shutdown) writes dirty usage to
+//! sled and fsyncs, so a `kill -9` loses at most the charges of the last
+//! pass interval plus one fsync. Admin writes go to sled and are fsynced
+//! before they are acknowledged.
+//!
+//! Every sled write of a key happens while its entry is locked, so the order
+//! of writes in sled is the order of changes in memory: a write-behind pass
+//! can never overwrite a newer admin write with older usage.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::keys::KeyHash;
+use crate::ledger::{KeyRecord, Usage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store holds a corrupt record for {key_id}: {reason}")]
+    Corrupt { key_id: String, reason: String },
+    #[error("the store cannot write right now")]
+    Unavailable,
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// One key's state, shared by every request on that key.
+pub struct KeyState {
+    pub record: KeyRecord,
+    pub usage: Usage,
+    revoked: bool,
+}
+
+pub struct Entry {
+    state: Mutex<KeyState>,
+    dirty: AtomicBool,
+}
+
+impl Entry {
+    /// Locks the key. Returns `None` if it was revoked meanwhile.
+    pub fn lock(&self) -> Option<MutexGuard<'_, KeyState>> {
+        let guard = self.state.lock();
+        (!guard.revoked).then_some(guard)
+    }
+}
+
+pub struct Store {
+    db: sled::Db,
+    records: sled::Tree,
+    hashes: sled::Tree,
+    usage: sled::Tree,
+    external: sled::Tree,
+    cache: RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>>,
+    dirty: Mutex<Vec<Arc<Entry>>>,
+    /// False after a failed write-behind pass: charges fail closed.
+    healthy: AtomicBool,
+    /// Fault injection for tests: every flush fails while set.
+    fail_flushes: AtomicBool,
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key_id: key_id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn external_key(external_id: &str, key_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(external_id.len() + 1 + key_id.len());
+    k.extend_from_slice(external_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key_id.as_bytes());
+    k
+}
+
+fn hash_from_hex(hex: &str) -> Option<KeyHash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(KeyHash(out))
+}
+
+pub fn hash_to_hex(hash: &KeyHash) -> String {
+    hash.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Store {
+    /// Opens (creating if absent) the store directory.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .open()?;
+        Ok(Store {
+            records: db.open_tree("records")?,
+            hashes: db.open_tree("hashes")?,
+            usage: db.open_tree("usage")?,
+            external: db.open_tree("external")?,
+            db,
+            cache: RwLock::new(HashMap::default()),
+            dirty: Mutex::new(Vec::new()),
+            healthy: AtomicBool::new(true),
+            fail_flushes: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether charges can be recorded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Makes every flush fail (or succeed again): for tests of the
+    /// fail-closed path.
+    #[doc(hidden)]
+    pub fn inject_flush_failure(&self, fail: bool) {
+        self.fail_flushes.store(fail, Ordering::Release);
+    }
+
+    /// The key with this hash, loaded into memory on first use.
+    pub fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
+        if let Some(entry) = self.cache.read().get(hash) {
+            return Ok(Some(entry.clone()));
+        }
+        if !self.hashes.contains_key(hash.0)? {
+            // Unknown keys never take the write lock.
+            return Ok(None);
+        }
+        // Load under the write lock so a concurrent revoke cannot slip
+        // between the read from sled and the insert into the cache.
+        let mut cache = self.cache.write();
+        if let Some(entry) = cache.get(hash) {
+            return Ok(Some(entry.clone()));
+        }
+        let Some(id) = self.hashes.get(hash.0)? else {
+            return Ok(None);
+        };
+        let key_id = String::from_utf8_lossy(&id).into_owned();
+        let Some(record) = self.records.get(&id)? else {
+            return Ok(None);
+        };
+        let record: KeyRecord = from_json(&key_id, &record)?;
+        let usage = match self.usage.get(&id)? {
+            Some(bytes) => from_json(&key_id, &bytes)?,
+            None => Usage::default(),
+        };
+        let entry = Arc::new(Entry {
+            state: Mutex::new(KeyState {
+                record,
+                usage,
+                revoked: false,
+            }),
+            dirty: AtomicBool::new(false),
+        });
+        cache.insert(*hash, entry.clone());
+        Ok(Some(entry))
+    }
+
+    /// The key with this id, loaded into memory on first use.
+    pub fn lookup_id(&self, key_id: &str) -> Result<Option<Arc<Entry>>, StoreError> {
+        let Some(bytes) = self.records.get(key_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let record: KeyRecord = from_json(key_id, &bytes)?;
+        let hash = hash_from_hex(&record.hash).ok_or_else(|| StoreError::Corrupt {
+            key_id: key_id.to_string(),
+            reason: "bad hash".into(),
+        })?;
+        self.lookup(&hash)
+    }
+
+    /// Marks a key's usage as changed, for the next write-behind pass.
+    pub fn touch(&self, entry: &Arc<Entry>) {
+        if !entry.dirty.swap(true, Ordering::AcqRel) {
+            self.dirty.lock().push(entry.clone());
+        }
+    }
+
+    /// Stores a new key. Durable on disk when this returns.
+    pub async fn create(&self, hash: KeyHash, record: &KeyRecord, usage: &Usage) -> Result<(), StoreError> {
+        let id = record.key_id.as_bytes();
+        let record_json = to_json(record);
+        let usage_json = to_json(usage);
+        (&self.records, &self.hashes, &self.usage, &self.external).transaction(
+            |(records, hashes, usage_tree, external)| {
+                if hashes.get(hash.0)?.is_some() {
+                    // 2^-128: only a broken random source gets here.
+                    return Err(ConflictableTransactionError::Abort(StoreError::Corrupt {
+                        key_id: record.key_id.clone(),
+                        reason: "duplicate key hash".into(),
+                    }));
+                }
+                records.insert(id, record_json.as_slice())?;
+                hashes.insert(&hash.0, id)?;
+                usage_tree.insert(id, usage_json.as_slice())?;
+                if let Some(ext) = &record.external_id {
+                    external.insert(external_key(ext, &record.key_id), &[])?;
+                }
+                Ok(())
+            },
+        )?;
+        self.sync().await
+    }
+
+    /// Writes a key's record and usage now (under its lock, which the caller
+    /// holds through `state`). Call [`Store::sync`] before acknowledging.
+    pub fn write_through(&self, old_external: Option<&str>, state: &KeyState) -> Result<(), StoreError> {
+        if self.fail_flushes.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable);
+        }
+        let id = state.record.key_id.as_bytes();
+        self.records.insert(id, to_json(&state.record))?;
+        self.usage.insert(id, to_json(&state.usage))?;
+        if old_external != state.record.external_id.as_deref() {
+            if let Some(old) = old_external {
+                self.external.remove(external_key(old, &state.record.key_id))?;
+            }
+            if let Some(new) = &state.record.external_id {
+                self.external.insert(external_key(new, &state.record.key_id), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes a key: it stops working at once. Durable when this returns.
+    pub async fn revoke(&self, key_id: &str) -> Result<bool, StoreError> {
+        let Some(entry) = self.lookup_id(key_id)? else {
+            return Ok(false);
+        };
+        {
+            let mut cache = self.cache.write();
+            let mut state = entry.state.lock();
+            if state.revoked {
+                return Ok(false);
+            }
+            state.revoked = true;
+            let id = key_id.as_bytes();
+            if let Some(hash) = hash_from_hex(&state.record.hash) {
+                cache.remove(&hash);
+                self.hashes.remove(hash.0)?;
+            }
+            self.records.remove(id)?;
+            self.usage.remove(id)?;
+            if let Some(ext) = &state.record.external_id {
+                self.external.remove(external_key(ext, key_id))?;
+            }
+        }
+        self.sync().await?;
+        Ok(true)
+    }
+
+    /// Key ids of one customer, in id order, after `cursor`.
+    pub fn list_external(&self, external_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let prefix = external_key(external_id, "");
+        let start = external_key(external_id, after.unwrap_or(""));
+        let mut ids = Vec::new();
+        for item in self.external.range(start..) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if Some(id.as_str()) == after {
+                continue;
+            }
+            ids.push(id);
+            if ids.len() == limit {
+                break;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// How many keys exist.
+    pub fn key_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Writes every dirty key's usage and fsyncs. A failure marks the store
+    /// unhealthy (charges answer 503) until a pass succeeds.
+    pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
+        let batch = std::mem::take(&mut *self.dirty.lock());
+        let result = self.write_batch(&batch);
+        let result = match result {
+            Ok(()) => self.sync().await.map(|()| batch.len()),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Keep them dirty for the next pass.
+            for entry in batch {
+                self.touch(&entry);
+            }
+        }
+        self.healthy.store(result.is_ok(), Ordering::Release);
+        result
+    }
+
+    fn write_batch(&self, batch: &[Arc<Entry>]) -> Result<(), StoreError> {
+        if self.fail_flushes.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable);
+        }
+        for entry in batch {
+            let state = entry.state.lock();
+            entry.dirty.store(false, Ordering::Release);
+            if !state.revoked {
+                self.usage
+                    .insert(state.record.key_id.as_bytes(), to_json(&state.usage))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Store::flush_dirty`] for a thread outside any runtime (the last
+    /// flush after the server stopped).
+    pub fn flush_blocking(&self) -> Result<usize, StoreError> {
+        let batch = std::mem::take(&mut *self.dirty.lock());
+        self.write_batch(&batch)?;
+        self.db.flush()?;
+        Ok(batch.len())
+    }
+
+    /// Fsyncs everything written so far.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.fail_flushes.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable);
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys;
+
+    fn record(hash: &KeyHash, external: Option<&str>) -> KeyRecord {
+        KeyRecord {
+            key_id: keys::generate_id(),
+            hash: hash_to_hex(hash),
+            start: "sk_t".into(),
+            tier: "free".into(),
+            external_id: external.map(str::to_string),
+            name: None,
+            meta: Default::default(),
+            enabled: true,
+            expires_at: None,
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            refill_day: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_survives_reopen_after_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = keys::generate("sk_t");
+        let id;
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let rec = record(&key.hash, Some("cus_1"));
+            id = rec.key_id.clone();
+            store.create(key.hash, &rec, &Usage::default()).await.expect("create");
+            let entry = store.lookup(&key.hash).expect("read").expect("found");
+            entry.lock().expect("live").usage.used = 7;
+            store.touch(&entry);
+            assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let entry = store.lookup_id(&id).expect("read").expect("found");
+        assert_eq!(entry.lock().expect("live").usage.used, 7);
+        assert_eq!(store.list_external("cus_1", None, 10).expect("list"), [id]);
+    }
+
+    #[tokio::test]
+    async fn revoke_removes_the_key_everywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let key = keys::generate("sk_t");
+        let rec = record(&key.hash, Some("cus_1"));
+        store.create(key.hash, &rec, &Usage::default()).await.expect("create");
+        let held = store.lookup(&key.hash).expect("read").expect("found");
+        assert!(store.revoke(&rec.key_id).await.expect("revoke"));
+        assert!(held.lock().is_none(), "an entry held across a revoke is dead");
+        assert!(store.lookup(&key.hash).expect("read").is_none());
+        assert!(store.list_external("cus_1", None, 10).expect("list").is_empty());
+        assert!(!store.revoke(&rec.key_id).await.expect("revoke"));
+    }
+
+    #[tokio::test]
+    async fn failed_flush_marks_unhealthy_and_keeps_dirty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let key = keys::generate("sk_t");
+        store
+            .create(key.hash, &record(&key.hash, None), &Usage::default())
+            .await
+            .expect("create");
+        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        store.touch(&entry);
+        store.inject_flush_failure(true);
+        assert!(store.flush_dirty().await.is_err());
+        assert!(!store.healthy());
+        store.inject_flush_failure(false);
+        assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+        assert!(store.healthy());
+    }
+}

@@ -1,0 +1,151 @@
+//! The JSON shapes users read: the admin API's key record and the customer
+//! usage endpoint (SPEC §3, §4). Both show the same balances; both settle
+//! due refills first, so what they show is what the next request will see.
+
+use jiff::Timestamp;
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, Credits, PoolWindow, Tier};
+use crate::gate::duration_ms;
+use crate::ledger::{credit_limit, millis, KeyRecord, Usage};
+
+/// `60s`, `500ms`: the way the config file writes windows.
+pub fn window_text(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn ms_to_timestamp(ms: i64) -> Option<Timestamp> {
+    Timestamp::from_millisecond(ms).ok()
+}
+
+fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
+    let now_ms = millis(now);
+    tier.rate_limits
+        .iter()
+        .map(|(name, rl)| {
+            let window_ms = duration_ms(rl.window);
+            let window = usage.rate.entry(name.clone()).or_default();
+            let used = window.used(window_ms, now_ms);
+            let state = json!({
+                "limit": rl.limit.get(),
+                "window": window_text(rl.window),
+                "remaining": rl.limit.get().saturating_sub(used),
+                "resets_at": window.oldest_expiry_ms(window_ms).and_then(ms_to_timestamp),
+                "shadow": rl.shadow,
+            });
+            (name.clone(), state)
+        })
+        .collect()
+}
+
+fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
+    let now_ms = millis(now);
+    let mut out = Map::new();
+    for (name, pool) in &tier.pools {
+        let state = usage.pools.entry(name.clone()).or_default();
+        let limit = pool.limit.get();
+        let (used, resets_at) = match pool.window {
+            PoolWindow::Rolling(window) => {
+                let window_ms = duration_ms(window);
+                let used = state.window.used(window_ms, now_ms);
+                (used, state.window.oldest_expiry_ms(window_ms).and_then(ms_to_timestamp))
+            }
+            PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
+        };
+        out.insert(
+            name.clone(),
+            json!({
+                "used": used,
+                "limit": limit,
+                "remaining": limit.saturating_sub(used),
+                "resets_at": resets_at,
+                "shadow": pool.shadow,
+            }),
+        );
+    }
+    // Pools this tier does not define are counted, not limited.
+    for (name, state) in &usage.pools {
+        if !tier.pools.contains_key(name) {
+            out.insert(
+                name.clone(),
+                json!({ "used": state.total, "limit": null, "remaining": null, "resets_at": null }),
+            );
+        }
+    }
+    out
+}
+
+/// The admin API's key record.
+pub fn key_record(config: &Config, record: &KeyRecord, usage: &mut Usage, now: Timestamp) -> Value {
+    let tier = config.tier(&record.tier);
+    if let Some(tier) = tier {
+        usage.settle(tier, record.refill_day, now);
+    }
+    let credits = match tier {
+        Some(t) if t.credits != Credits::Unlimited => json!({
+            "remaining": usage.remaining,
+            "refill": t.refill.map(|r| json!({
+                "interval": r.interval.name(),
+                "amount": r.amount,
+                "day": match r.interval.with_day(record.refill_day) {
+                    crate::calendar::Interval::Monthly { day } => Some(day),
+                    crate::calendar::Interval::Daily => None,
+                },
+            })),
+            "last_refill_at": usage.period_start,
+            "next_refill_at": Usage::next_refill(t, record.refill_day, now),
+        }),
+        _ => Value::Null,
+    };
+    let (pools, rate_limits) = match tier {
+        Some(t) => (pools(t, usage, now), rate_limits(t, usage, now)),
+        None => (Map::new(), Map::new()),
+    };
+    json!({
+        "key_id": record.key_id,
+        "start": record.start,
+        "tier": record.tier,
+        "external_id": record.external_id,
+        "name": record.name,
+        "meta": record.meta,
+        "enabled": record.enabled,
+        "expires_at": record.expires_at,
+        "created_at": record.created_at,
+        "refill_day": record.refill_day,
+        "credits": credits,
+        "pools": pools,
+        "rate_limits": rate_limits,
+        "overage": { "units": usage.overage },
+    })
+}
+
+/// The customer usage endpoint's answer, for a key whose tier exists.
+pub fn usage_report(tier: &Tier, record: &KeyRecord, usage: &mut Usage, now: Timestamp) -> Value {
+    usage.settle(tier, record.refill_day, now);
+    let credits = match credit_limit(tier) {
+        None => json!({ "used": usage.used, "limit": null, "remaining": null, "unlimited": true }),
+        Some(limit) => json!({
+            "used": usage.used,
+            "limit": limit,
+            "remaining": usage.remaining,
+            "unlimited": false,
+            "resets_at": Usage::next_refill(tier, record.refill_day, now),
+        }),
+    };
+    json!({
+        "key_id": record.key_id,
+        "tier": tier.id,
+        "plan": tier.name,
+        "usage": {
+            "credits": credits,
+            "rate_limits": rate_limits(tier, usage, now),
+            "pools": pools(tier, usage, now),
+            "overage": { "units": usage.overage },
+        },
+        "features": tier.features,
+    })
+}
