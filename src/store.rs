@@ -326,10 +326,12 @@ impl Store {
             Err(e) => Err(e),
         };
         if result.is_err() {
-            // Keep them dirty for the next pass.
-            for entry in batch {
-                self.touch(&entry);
+            // Keep them dirty for the next pass (a duplicate in the queue
+            // only means one extra write).
+            for entry in &batch {
+                entry.dirty.store(true, Ordering::Release);
             }
+            self.dirty.lock().extend(batch);
         }
         self.healthy.store(result.is_ok(), Ordering::Release);
         result
