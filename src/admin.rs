@@ -84,11 +84,13 @@ impl IntoResponse for ApiError {
 /// Reads a body of at most [`MAX_BODY`] bytes and parses it as JSON
 /// strictly, naming the offending field on error.
 pub async fn parse_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        code: "INVALID_REQUEST",
-        message: format!("the body is larger than {MAX_BODY} bytes, or was cut off"),
-    })?;
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "INVALID_REQUEST",
+            message: format!("the body is larger than {MAX_BODY} bytes, or was cut off"),
+        })?;
     let mut de = serde_json::Deserializer::from_slice(&body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -183,7 +185,10 @@ async fn get_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&gw, &headers)?;
-    let entry = gw.store.lookup_id(&key_id)?.ok_or_else(ApiError::not_found)?;
+    let entry = gw
+        .store
+        .lookup_id(&key_id)?
+        .ok_or_else(ApiError::not_found)?;
     let config = gw.config();
     let now = gw.clock.now();
     let view = {

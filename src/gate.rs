@@ -199,7 +199,10 @@ pub fn admit(
                     Some(w) => Some(now_ms + w),
                     None => state.window.oldest_expiry_ms(window_ms),
                 };
-                (used, free_at.and_then(|ms| Timestamp::from_millisecond(ms).ok()))
+                (
+                    used,
+                    free_at.and_then(|ms| Timestamp::from_millisecond(ms).ok()),
+                )
             }
             PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
         };
@@ -271,7 +274,11 @@ pub fn admit(
             slot,
         });
     }
-    if let Some(remaining) = usage.remaining.as_mut().filter(|_| tier.credits != Credits::Unlimited) {
+    if let Some(remaining) = usage
+        .remaining
+        .as_mut()
+        .filter(|_| tier.credits != Credits::Unlimited)
+    {
         *remaining -= credits;
     }
     usage.used = usage.used.saturating_add(credits);

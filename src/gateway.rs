@@ -40,11 +40,16 @@ impl KeySource {
 /// The one key a request carries: a `Bearer` `Authorization` or an
 /// `X-API-Key`. Two keys, in any combination, is a bad request.
 pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection> {
-    let bearer = headers.get_all(http::header::AUTHORIZATION).iter().filter_map(|v| {
-        let v = v.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
-    });
+    let bearer = headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| {
+            let v = v.to_str().ok()?;
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
     let bearer = bearer.map(|k| (k, KeySource::Authorization));
     let api_key = headers
         .get_all("x-api-key")
@@ -110,7 +115,10 @@ mod tests {
             headers(&[("authorization", "Bearer a"), ("x-api-key", "b")]),
             headers(&[("x-api-key", "a"), ("x-api-key", "b")]),
         ] {
-            assert!(matches!(presented_key(&two), Err(Rejection::BadRequest { .. })));
+            assert!(matches!(
+                presented_key(&two),
+                Err(Rejection::BadRequest { .. })
+            ));
         }
     }
 }

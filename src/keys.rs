@@ -131,7 +131,13 @@ mod tests {
 
     #[test]
     fn malformed_keys_are_refused() {
-        for bad in ["", "sk_free", "_", "nounderscore", "sk_free_0000000000000000000000000000"] {
+        for bad in [
+            "",
+            "sk_free",
+            "_",
+            "nounderscore",
+            "sk_free_0000000000000000000000000000",
+        ] {
             assert!(!well_formed(bad), "{bad}");
         }
     }

@@ -13,18 +13,18 @@
 //! - [`path`]: path normalisation, so the matched path is the forwarded path.
 //! - [`reject`]: every rejection and its status, code, body and headers.
 //! - [`clock`]: injectable time.
+pub mod admin;
 pub mod calendar;
 pub mod clock;
 pub mod config;
 pub mod gate;
+pub mod gateway;
 pub mod keys;
 pub mod ledger;
 pub mod path;
-pub mod reject;
-pub mod window;
-pub mod admin;
-pub mod gateway;
 pub mod proxy;
+pub mod reject;
 pub mod server;
 pub mod store;
 pub mod views;
+pub mod window;

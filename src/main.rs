@@ -12,7 +12,11 @@ use tollgate::config::Config;
 use tollgate::server::{self, Options};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "API keys, plans, credits and rate limits in front of any HTTP API")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API keys, plans, credits and rate limits in front of any HTTP API"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -47,7 +51,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -75,7 +81,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Serve { config: path, threads } => {
+        Command::Serve {
+            config: path,
+            threads,
+        } => {
             let config = match load(&path) {
                 Ok(config) => config,
                 Err(errors) => {
@@ -84,10 +93,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             init_logging(cli.log_format);
-            let root_key = std::env::var(&config.root_key_env).ok().filter(|k| !k.is_empty());
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            });
+            let root_key = std::env::var(&config.root_key_env)
+                .ok()
+                .filter(|k| !k.is_empty());
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let running = server::start(
                 config,
                 Options {

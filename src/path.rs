@@ -175,10 +175,7 @@ mod tests {
         assert_eq!(norm("/api%2Fadmin"), Err(PathError::EncodedSlash));
         assert_eq!(norm("/api%5cadmin"), Err(PathError::EncodedSlash));
         assert_eq!(norm("/api\\admin"), Err(PathError::Backslash));
-        assert_eq!(
-            normalise("/files/a%2fb", true),
-            Ok("/files/a%2Fb".into())
-        );
+        assert_eq!(normalise("/files/a%2fb", true), Ok("/files/a%2Fb".into()));
     }
 
     #[test]

@@ -84,14 +84,25 @@ async fn respond_json(
 
 async fn reject(session: &mut Session, ctx: &mut Ctx, rejection: Rejection) -> Result<bool> {
     ctx.code = rejection.code();
-    respond_json(session, rejection.status(), &rejection.body(), &rejection.headers()).await?;
+    respond_json(
+        session,
+        rejection.status(),
+        &rejection.body(),
+        &rejection.headers(),
+    )
+    .await?;
     Ok(true)
 }
 
 impl Proxy {
     /// Matches the canonical path. An encoded slash is allowed only when the
     /// route it then matches says so.
-    fn route(&self, config: &Config, method: &Method, raw: &str) -> Result<(String, Option<usize>), Rejection> {
+    fn route(
+        &self,
+        config: &Config,
+        method: &Method,
+        raw: &str,
+    ) -> Result<(String, Option<usize>), Rejection> {
         let index = |path: &str| config.routes.iter().position(|r| r.matches(method, path));
         match normalise(raw, false) {
             Ok(path) => {
@@ -99,7 +110,8 @@ impl Proxy {
                 Ok((path, i))
             }
             Err(PathError::EncodedSlash) => {
-                let path = normalise(raw, true).map_err(|e| Rejection::bad_request(e.to_string()))?;
+                let path =
+                    normalise(raw, true).map_err(|e| Rejection::bad_request(e.to_string()))?;
                 match index(&path) {
                     Some(i) if config.routes[i].allow_encoded_slashes => Ok((path, Some(i))),
                     _ => Err(Rejection::bad_request(PathError::EncodedSlash.to_string())),
@@ -123,9 +135,11 @@ impl Proxy {
             if let Some(expired_at) = state.record.expires_at.filter(|at| *at <= now) {
                 return Err(Rejection::Expired { expired_at });
             }
-            let tier = config.tier(&state.record.tier).ok_or_else(|| Rejection::TierNotFound {
-                tier: state.record.tier.clone(),
-            })?;
+            let tier = config
+                .tier(&state.record.tier)
+                .ok_or_else(|| Rejection::TierNotFound {
+                    tier: state.record.tier.clone(),
+                })?;
             let report = views::usage_report(tier, &state.record, &mut state.usage, now);
             Ok(report)
         })();
@@ -140,7 +154,13 @@ impl Proxy {
     }
 
     /// Authenticates and charges a keyed request.
-    fn admit(&self, session: &Session, ctx: &mut Ctx, config: &Config, route: &Route) -> Result<Admission, Rejection> {
+    fn admit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        config: &Config,
+        route: &Route,
+    ) -> Result<Admission, Rejection> {
         let headers = &session.req_header().headers;
         let (key, source) = presented_key(headers)?;
         ctx.key_source = Some(source);
@@ -295,7 +315,11 @@ impl ProxyHttp for Proxy {
             if let Some(id) = &ctx.key_id {
                 upstream_request.insert_header("x-tollgate-key-id", id.as_str())?;
             }
-            if let Some(ext) = ctx.external_id.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+            if let Some(ext) = ctx
+                .external_id
+                .as_deref()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
                 upstream_request.insert_header("x-tollgate-external-id", ext)?;
             }
             upstream_request.insert_header("x-tollgate-tier", admission.tier.as_str())?;
@@ -385,6 +409,9 @@ impl ProxyHttp for Proxy {
     {
         let from_upstream = e.esource() == &ErrorSource::Upstream;
         let answered = session.response_written().is_some();
+        // The connection is not reused after an error; say so, so the
+        // client does not send its next request into a closing socket.
+        session.set_keepalive(None);
         let code = if from_upstream && !answered {
             self.refund(ctx);
             let rejection = Rejection::UpstreamUnavailable;
@@ -409,7 +436,11 @@ impl ProxyHttp for Proxy {
             } else {
                 serde_json::json!({ "code": "INTERNAL", "message": "internal error" })
             };
-            ctx.code = if status == 400 { "BAD_REQUEST" } else { "INTERNAL" };
+            ctx.code = if status == 400 {
+                "BAD_REQUEST"
+            } else {
+                "INTERNAL"
+            };
             if session.response_written().is_none() {
                 let _ = respond_json(session, status, &body, &[]).await;
             }
@@ -422,9 +453,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route().map_or("-", |r| r.name.as_str());
         let tier = ctx.admission.as_ref().map_or("-", |a| a.tier.as_str());
         tracing::info!(

@@ -157,10 +157,9 @@ impl Rejection {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
             Rejection::MissingKey => vec![("WWW-Authenticate", "Bearer".into())],
-            Rejection::InvalidKey | Rejection::Expired { .. } => vec![(
-                "WWW-Authenticate",
-                "Bearer error=\"invalid_token\"".into(),
-            )],
+            Rejection::InvalidKey | Rejection::Expired { .. } => {
+                vec![("WWW-Authenticate", "Bearer error=\"invalid_token\"".into())]
+            }
             Rejection::RateLimited { retry_after, .. } => {
                 vec![("Retry-After", retry_after.to_string())]
             }

@@ -72,6 +72,13 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A dropped gateway stops in the background.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 /// Binds `addr` for Pingora. Port 0 is resolved here, because Pingora binds
 /// later and would not tell which port it got: a port is reserved with a
 /// bound (not listening) `SO_REUSEPORT` socket that Pingora's own
@@ -97,8 +104,12 @@ fn reserve_proxy_port(addr: SocketAddr) -> anyhow::Result<(SocketAddr, Option<so
 
 /// Starts a gateway and returns once its proxy accepts connections.
 pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.store_path)
-        .with_context(|| format!("cannot create store directory {}", config.store_path.display()))?;
+    std::fs::create_dir_all(&config.store_path).with_context(|| {
+        format!(
+            "cannot create store directory {}",
+            config.store_path.display()
+        )
+    })?;
     let store = Store::open(&config.store_path).with_context(|| {
         format!(
             "cannot open store {} (is another tollgate using it?)",
@@ -131,7 +142,8 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
     let mut socket_options = TcpSocketOptions::default();
     socket_options.so_reuseport = Some(reservation.is_some());
     proxy.add_tcp_with_settings(&proxy_addr.to_string(), socket_options);

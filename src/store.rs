@@ -217,7 +217,12 @@ impl Store {
     }
 
     /// Stores a new key. Durable on disk when this returns.
-    pub async fn create(&self, hash: KeyHash, record: &KeyRecord, usage: &Usage) -> Result<(), StoreError> {
+    pub async fn create(
+        &self,
+        hash: KeyHash,
+        record: &KeyRecord,
+        usage: &Usage,
+    ) -> Result<(), StoreError> {
         let id = record.key_id.as_bytes();
         let record_json = to_json(record);
         let usage_json = to_json(usage);
@@ -244,7 +249,11 @@ impl Store {
 
     /// Writes a key's record and usage now (under its lock, which the caller
     /// holds through `state`). Call [`Store::sync`] before acknowledging.
-    pub fn write_through(&self, old_external: Option<&str>, state: &KeyState) -> Result<(), StoreError> {
+    pub fn write_through(
+        &self,
+        old_external: Option<&str>,
+        state: &KeyState,
+    ) -> Result<(), StoreError> {
         if self.fail_flushes.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable);
         }
@@ -253,10 +262,12 @@ impl Store {
         self.usage.insert(id, to_json(&state.usage))?;
         if old_external != state.record.external_id.as_deref() {
             if let Some(old) = old_external {
-                self.external.remove(external_key(old, &state.record.key_id))?;
+                self.external
+                    .remove(external_key(old, &state.record.key_id))?;
             }
             if let Some(new) = &state.record.external_id {
-                self.external.insert(external_key(new, &state.record.key_id), &[])?;
+                self.external
+                    .insert(external_key(new, &state.record.key_id), &[])?;
             }
         }
         Ok(())
@@ -290,7 +301,12 @@ impl Store {
     }
 
     /// Key ids of one customer, in id order, after `cursor`.
-    pub fn list_external(&self, external_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub fn list_external(
+        &self,
+        external_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let prefix = external_key(external_id, "");
         let start = external_key(external_id, after.unwrap_or(""));
         let mut ids = Vec::new();
@@ -401,7 +417,10 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             let rec = record(&key.hash, Some("cus_1"));
             id = rec.key_id.clone();
-            store.create(key.hash, &rec, &Usage::default()).await.expect("create");
+            store
+                .create(key.hash, &rec, &Usage::default())
+                .await
+                .expect("create");
             let entry = store.lookup(&key.hash).expect("read").expect("found");
             entry.lock().expect("live").usage.used = 7;
             store.touch(&entry);
@@ -419,12 +438,21 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let key = keys::generate("sk_t");
         let rec = record(&key.hash, Some("cus_1"));
-        store.create(key.hash, &rec, &Usage::default()).await.expect("create");
+        store
+            .create(key.hash, &rec, &Usage::default())
+            .await
+            .expect("create");
         let held = store.lookup(&key.hash).expect("read").expect("found");
         assert!(store.revoke(&rec.key_id).await.expect("revoke"));
-        assert!(held.lock().is_none(), "an entry held across a revoke is dead");
+        assert!(
+            held.lock().is_none(),
+            "an entry held across a revoke is dead"
+        );
         assert!(store.lookup(&key.hash).expect("read").is_none());
-        assert!(store.list_external("cus_1", None, 10).expect("list").is_empty());
+        assert!(store
+            .list_external("cus_1", None, 10)
+            .expect("list")
+            .is_empty());
         assert!(!store.revoke(&rec.key_id).await.expect("revoke"));
     }
 

@@ -52,7 +52,13 @@ fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
             PoolWindow::Rolling(window) => {
                 let window_ms = duration_ms(window);
                 let used = state.window.used(window_ms, now_ms);
-                (used, state.window.oldest_expiry_ms(window_ms).and_then(ms_to_timestamp))
+                (
+                    used,
+                    state
+                        .window
+                        .oldest_expiry_ms(window_ms)
+                        .and_then(ms_to_timestamp),
+                )
             }
             PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
         };

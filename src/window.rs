@@ -102,7 +102,9 @@ impl Window {
         for &(idx, n) in &self.buckets {
             used = used.saturating_sub(n);
             if used.saturating_add(units) <= limit {
-                let free_at = (idx + 1).saturating_mul(self.width_ms).saturating_add(window_ms);
+                let free_at = (idx + 1)
+                    .saturating_mul(self.width_ms)
+                    .saturating_add(window_ms);
                 return Some((free_at - now_ms).max(0));
             }
         }
@@ -112,9 +114,11 @@ impl Window {
     /// When the oldest counted unit leaves the window (for `resets_at`),
     /// in ms; `None` when nothing is counted.
     pub fn oldest_expiry_ms(&self, window_ms: i64) -> Option<i64> {
-        self.buckets
-            .front()
-            .map(|(idx, _)| (idx + 1).saturating_mul(self.width_ms).saturating_add(window_ms))
+        self.buckets.front().map(|(idx, _)| {
+            (idx + 1)
+                .saturating_mul(self.width_ms)
+                .saturating_add(window_ms)
+        })
     }
 }
 

@@ -124,6 +124,7 @@ pub enum Amount {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
+    /// Matches the path, with or without one trailing slash.
     Exact(String),
     /// `/api/ai/*`: stored as `/api/ai`; matches it and everything below it.
     Prefix(String),
@@ -132,7 +133,13 @@ pub enum PathPattern {
 impl PathPattern {
     pub fn matches(&self, path: &str) -> bool {
         match self {
-            PathPattern::Exact(p) => p == path,
+            // `/a/` is `/a` to many frameworks, so it meets `/a`'s gate too.
+            PathPattern::Exact(p) => {
+                path.strip_suffix('/')
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(path)
+                    == p
+            }
             PathPattern::Prefix(p) => match path.strip_prefix(p.as_str()) {
                 Some(rest) => rest.is_empty() || rest.starts_with('/') || p.ends_with('/'),
                 None => false,
@@ -262,7 +269,11 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(f, "{n} error{} in configuration:", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{n} error{} in configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             writeln!(f, "  - {e}")?;
         }

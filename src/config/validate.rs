@@ -133,10 +133,7 @@ impl Check<'_> {
                 self.route(&path, r, &file)
             })
             .collect();
-        let reporting = file
-            .reporting
-            .as_ref()
-            .and_then(|r| self.reporting(r));
+        let reporting = file.reporting.as_ref().and_then(|r| self.reporting(r));
         let usage_path = self.usage_path(&file.usage.path);
         if file.admin.root_key_env.trim().is_empty() {
             self.error("admin.root_key_env", "must name an environment variable");
@@ -290,7 +287,13 @@ impl Check<'_> {
 
     /// A refill interval written as `<base>.<field>: daily|monthly` with an
     /// optional `<base>.day`.
-    fn interval(&mut self, base: &str, field: &str, word: &str, day: Option<i64>) -> Option<Interval> {
+    fn interval(
+        &mut self,
+        base: &str,
+        field: &str,
+        word: &str,
+        day: Option<i64>,
+    ) -> Option<Interval> {
         let path = format!("{base}.{field}");
         let day = match day {
             None => None,
@@ -325,8 +328,15 @@ impl Check<'_> {
     fn tier(&mut self, id: &str, t: &file::TierFile) -> Option<Tier> {
         let path = format!("tiers.{id}");
         let ok_before = self.errors.len();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
-            self.error(&path, "a tier id may hold only letters, digits, '-' and '_'");
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            self.error(
+                &path,
+                "a tier id may hold only letters, digits, '-' and '_'",
+            );
         }
         let key_prefix = match &t.key_prefix {
             Some(p) => {
@@ -338,9 +348,7 @@ impl Check<'_> {
                 {
                     self.error(
                         &format!("{path}.key_prefix"),
-                        format!(
-                            "'{p}' must be 1-{MAX_PREFIX_LEN} letters, digits or inner '_'"
-                        ),
+                        format!("'{p}' must be 1-{MAX_PREFIX_LEN} letters, digits or inner '_'"),
                     );
                 }
                 p.clone()
@@ -366,7 +374,10 @@ impl Check<'_> {
             let interval = self.interval(&rpath, "interval", &r.interval, r.day);
             let amount = self.positive(&format!("{rpath}.amount"), r.amount);
             if credits == Credits::Unlimited {
-                self.error(&rpath, "a tier with unlimited credits has nothing to refill");
+                self.error(
+                    &rpath,
+                    "a tier with unlimited credits has nothing to refill",
+                );
             }
             Some(Refill {
                 interval: interval?,
@@ -705,7 +716,8 @@ mod tests {
 
     #[test]
     fn unknown_key_names_path_and_line() {
-        let e = errors(&MINIMAL.replace("free: { credits: 10 }", "free: { credits: 10, creditz: 5 }"));
+        let e =
+            errors(&MINIMAL.replace("free: { credits: 10 }", "free: { credits: 10, creditz: 5 }"));
         assert_eq!(e.len(), 1);
         assert!(e[0].message.contains("unknown field `creditz`"), "{e:?}");
         assert_eq!(e[0].path, "tiers.free.creditz");

@@ -104,7 +104,10 @@ fn checks_run_in_spec_order() {
     r.enabled = false;
     r.expires_at = Some(ts("2026-02-01T00:00:00Z"));
     r.tier = "gone".into();
-    assert_eq!(admit(&c, &r, &mut u, &bad_amount, now), Err(Rejection::Disabled));
+    assert_eq!(
+        admit(&c, &r, &mut u, &bad_amount, now),
+        Err(Rejection::Disabled)
+    );
     r.enabled = true;
     assert!(matches!(
         admit(&c, &r, &mut u, &bad_amount, now),
@@ -125,7 +128,11 @@ fn checks_run_in_spec_order() {
         panic!("expected FEATURE_NOT_AVAILABLE");
     };
     assert_eq!(
-        (required.as_str(), current_tier.as_str(), upgrade_url.as_deref()),
+        (
+            required.as_str(),
+            current_tier.as_str(),
+            upgrade_url.as_deref()
+        ),
         ("missing", "free", Some("https://example.com/up"))
     );
     let bad_amount = Demand {
@@ -146,7 +153,9 @@ fn expiry_is_exact_to_the_instant() {
     let mut r = record("free");
     r.expires_at = Some(at);
     let mut u = usage(&c, "free", at);
-    let before = at.checked_sub(jiff::SignedDuration::from_millis(1)).unwrap();
+    let before = at
+        .checked_sub(jiff::SignedDuration::from_millis(1))
+        .unwrap();
     assert!(admit(&c, &r, &mut u, &demand(1), before).is_ok());
     assert_eq!(
         admit(&c, &r, &mut u, &demand(1), at),
@@ -191,7 +200,10 @@ fn monthly_day_31_refills_on_the_last_day_of_february_and_leap_day() {
         Err(Rejection::UsageExceeded { resets_at: Some(t), .. }) if t == ts("2027-02-28T00:00:00Z")
     ));
     let feb28 = ts("2027-02-28T00:00:00Z");
-    assert_eq!(admit(&c, &r, &mut u, &demand(10), feb28).map(|a| a.remaining), Ok(Some(0)));
+    assert_eq!(
+        admit(&c, &r, &mut u, &demand(10), feb28).map(|a| a.remaining),
+        Ok(Some(0))
+    );
 
     // 2028 is a leap year: the boundary is Feb 29, not Feb 28.
     let leap_start = ts("2028-01-31T00:00:00Z");
@@ -265,14 +277,22 @@ fn calendar_pool_resets_monthly() {
     let now = ts("2026-03-31T12:00:00Z");
     let mut u = usage(&c, "free", now);
     admit(&c, &r, &mut u, &pools(0, &[("exports", 2)]), now).expect("fits");
-    let Err(Rejection::QuotaExceeded { pool, resets_at, .. }) =
-        admit(&c, &r, &mut u, &pools(0, &[("exports", 1)]), now)
+    let Err(Rejection::QuotaExceeded {
+        pool, resets_at, ..
+    }) = admit(&c, &r, &mut u, &pools(0, &[("exports", 1)]), now)
     else {
         panic!("expected QUOTA_EXCEEDED");
     };
     assert_eq!(pool, "exports");
     assert_eq!(resets_at, Some(ts("2026-04-01T00:00:00Z")));
-    assert!(admit(&c, &r, &mut u, &pools(0, &[("exports", 2)]), ts("2026-04-01T00:00:00Z")).is_ok());
+    assert!(admit(
+        &c,
+        &r,
+        &mut u,
+        &pools(0, &[("exports", 2)]),
+        ts("2026-04-01T00:00:00Z")
+    )
+    .is_ok());
 }
 
 #[test]
@@ -294,7 +314,10 @@ fn overage_allow_serves_past_zero_and_counts_units() {
     let a = admit(&c, &r, &mut u, &demand(3), now).expect("allowed");
     assert_eq!((a.charge.credits, a.charge.overage), (2, 1));
     let a = admit(&c, &r, &mut u, &demand(4), now).expect("allowed");
-    assert_eq!((a.charge.credits, a.charge.overage, a.remaining), (0, 4, Some(0)));
+    assert_eq!(
+        (a.charge.credits, a.charge.overage, a.remaining),
+        (0, 4, Some(0))
+    );
     assert_eq!(u.overage, 5);
 }
 
@@ -308,7 +331,13 @@ fn shadow_limits_count_but_never_refuse() {
     let a = admit(&c, &r, &mut u, &pools(1, &[("tokens", 1)]), now).expect("shadow");
     assert_eq!(a.shadowed, ["requests", "tokens"]);
     assert_eq!(a.remaining, None);
-    assert_eq!(u.pools["tokens"].window.clone().used(3_600_000, millis(now)), 2);
+    assert_eq!(
+        u.pools["tokens"]
+            .window
+            .clone()
+            .used(3_600_000, millis(now)),
+        2
+    );
 }
 
 #[test]
@@ -318,11 +347,24 @@ fn refund_restores_credits_and_pools_in_the_same_period() {
     let r = record("free");
     let now = ts("2026-03-01T12:00:00Z");
     let mut u = usage(&c, "free", now);
-    let a = admit(&c, &r, &mut u, &pools(2, &[("tokens", 50), ("exports", 1)]), now).expect("ok");
+    let a = admit(
+        &c,
+        &r,
+        &mut u,
+        &pools(2, &[("tokens", 50), ("exports", 1)]),
+        now,
+    )
+    .expect("ok");
     refund(tier, &mut u, &a.charge);
     assert_eq!(u.remaining, Some(5));
     assert_eq!(u.used, 0);
-    assert_eq!(u.pools["tokens"].window.clone().used(3_600_000, millis(now)), 0);
+    assert_eq!(
+        u.pools["tokens"]
+            .window
+            .clone()
+            .used(3_600_000, millis(now)),
+        0
+    );
     assert_eq!(u.pools["exports"].used, 0);
 
     // A refund after the period rolled over must not top up the new period.
@@ -341,7 +383,13 @@ fn meter_charges_after_the_fact_even_past_the_limit() {
     let mut u = usage(&c, "free", now);
     meter(tier, &mut u, "tokens", 150, now);
     assert!(matches!(
-        admit(&c, &record("free"), &mut u, &pools(0, &[("tokens", 1)]), now),
+        admit(
+            &c,
+            &record("free"),
+            &mut u,
+            &pools(0, &[("tokens", 1)]),
+            now
+        ),
         Err(Rejection::QuotaExceeded { remaining: 0, .. })
     ));
 }
@@ -362,7 +410,16 @@ fn header_amounts_parse_strictly() {
     };
     assert_eq!(with(&["42"]), Ok(42));
     assert_eq!(with(&["9223372036854775807"]), Ok(i64::MAX as u64));
-    for bad in ["", "-1", "+1", "1.5", " 1", "9223372036854775808", "99999999999999999999", "0x10"] {
+    for bad in [
+        "",
+        "-1",
+        "+1",
+        "1.5",
+        " 1",
+        "9223372036854775808",
+        "99999999999999999999",
+        "0x10",
+    ] {
         assert!(with(&[bad]).is_err(), "{bad:?} was accepted");
     }
     assert!(with(&[]).is_err(), "missing header accepted");

@@ -1,0 +1,109 @@
+//! The `tollgate` binary's config commands.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn the_example_config_checks_clean() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "config/tollgate.yaml"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const BROKEN: &str = "\
+upstreams:
+  main: { url: \"http://127.0.0.1:3000\" }
+tiers:
+  free:
+    credits: 10
+    rate_limits: { requests: { limit: 0, window: 60s } }
+routes:
+  - { name: a, path: /a, upstream: nowhere }
+";
+
+#[test]
+fn check_config_prints_every_error_with_path_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, BROKEN);
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tiers.free.rate_limits.requests.limit (line 6)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("routes[0].upstream (line 8): unknown upstream 'nowhere'"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_warns_but_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        &dir,
+        &BROKEN.replace("limit: 0", "limit: 5").replace(
+            "upstream: nowhere }",
+            "upstream: main, feature: nobody_has_it }",
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: routes[0].feature"), "{stderr}");
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, BROKEN);
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("routes[0].upstream (line 8)"), "{stderr}");
+}
+
+#[test]
+fn a_yaml_syntax_error_names_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, "tiers:\n  free: { credits: 10\nroutes: []\n");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line "), "{stderr}");
+}

@@ -1,0 +1,337 @@
+//! The integration harness: a real upstream HTTP server, the real gateway
+//! in-process with a temporary sled store and a hand-moved clock, all on
+//! 127.0.0.1 port 0. Each test reads like a sentence: start, send, assert.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use futures::StreamExt;
+use jiff::Timestamp;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use tollgate::clock::ManualClock;
+use tollgate::config::Config;
+use tollgate::server::{self, Options, Running};
+
+pub const ROOT_KEY: &str = "test-root-key-0123456789";
+
+/// When every test's clock starts: a Tuesday afternoon, mid-month.
+pub const START: &str = "2026-03-10T12:00:00Z";
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub target: String,
+}
+
+#[derive(Default)]
+struct UpstreamState {
+    seen: Mutex<Vec<Seen>>,
+    /// Lets a streaming response send its second half.
+    release: Notify,
+}
+
+/// A real HTTP server standing in for the API being sold.
+///
+/// It answers every request with JSON describing what it received (method,
+/// target, headers, body length and SHA-256), and obeys test controls sent
+/// as request headers:
+/// - `x-test-status: 503`: answer with that status;
+/// - `x-test-usage-tokens: N`: add `x-usage-tokens: N` to the answer;
+/// - `x-test-delay-ms: N`: answer only after N ms (a slow upstream);
+/// - `x-test-stream: 1`: answer with server-sent events, the second only
+///   after the test calls [`Upstream::release`].
+pub struct Upstream {
+    pub addr: std::net::SocketAddr,
+    state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let state = Arc::new(UpstreamState::default());
+        let app = axum::Router::new()
+            .fallback(answer)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { addr, state }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().clone()
+    }
+
+    pub fn release(&self) {
+        self.state.release.notify_one();
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn answer(State(state): State<Arc<UpstreamState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    state.seen.lock().push(Seen {
+        target: target.clone(),
+    });
+    if let Some(ms) = header(&parts.headers, "x-test-delay-ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if header(&parts.headers, "x-test-stream").is_some() {
+        let state = state.clone();
+        let events = futures::stream::unfold(0, move |step| {
+            let state = state.clone();
+            async move {
+                match step {
+                    0 => Some((Ok::<_, std::io::Error>("data: one\n\n".to_string()), 1)),
+                    1 => {
+                        state.release.notified().await;
+                        Some((Ok("data: two\n\n".to_string()), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(events))
+            .expect("stream response");
+    }
+    // Read the body as it streams in, never holding it whole.
+    let mut stream = body.into_data_stream();
+    let mut hasher = Sha256::new();
+    let mut len = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        len += chunk.len();
+        hasher.update(&chunk);
+    }
+    let headers: serde_json::Map<String, Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("<binary>"))))
+        .collect();
+    let status = header(&parts.headers, "x-test-status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut resp = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(tokens) = header(&parts.headers, "x-test-usage-tokens") {
+        resp = resp.header("x-usage-tokens", tokens);
+    }
+    let body = json!({
+        "method": parts.method.to_string(),
+        "target": target,
+        "headers": headers,
+        "body_len": len,
+        "body_sha256": format!("{:x}", hasher.finalize()),
+    });
+    resp.body(Body::from(body.to_string())).expect("response")
+}
+
+/// A gateway in front of an [`Upstream`].
+pub struct Harness {
+    pub gateway: Running,
+    pub upstream: Upstream,
+    pub clock: Arc<ManualClock>,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+    base: String,
+    admin: String,
+}
+
+/// The config around a test's tiers and routes: loopback listeners on port 0,
+/// a temporary store, and three upstreams: the test upstream, one that
+/// refuses connections, and the test upstream with a short read timeout.
+pub fn config_text(
+    upstream: std::net::SocketAddr,
+    dead: std::net::SocketAddr,
+    store: &std::path::Path,
+    body: &str,
+) -> String {
+    format!(
+        r#"
+listen:
+  proxy: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+  metrics: "127.0.0.1:0"
+store:
+  path: "{store}"
+admin:
+  root_key_env: TOLLGATE_TEST_ROOT_KEY
+upstreams:
+  main: {{ url: "http://{upstream}" }}
+  dead: {{ url: "http://{dead}", connect_timeout: 2s }}
+  slow: {{ url: "http://{upstream}", read_timeout: 300ms }}
+{body}
+"#,
+        store = store.display()
+    )
+}
+
+/// An address nothing listens on.
+pub fn dead_address() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+impl Harness {
+    /// Starts an upstream and a gateway whose config holds `body` (tiers and
+    /// routes) around the standard listeners and upstreams.
+    pub async fn start(body: &str) -> Harness {
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(
+            upstream.addr,
+            dead_address(),
+            &dir.path().join("store"),
+            body,
+        );
+        let config = Config::parse(&text)
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}"))
+            .config;
+        let clock = ManualClock::new(START.parse().expect("start time"));
+        let options = Options {
+            clock: clock.clone(),
+            root_key: Some(ROOT_KEY.to_string()),
+            threads: 2,
+            config_path: None,
+            handle_signals: false,
+        };
+        let gateway = tokio::task::spawn_blocking(move || server::start(config, options))
+            .await
+            .expect("start task")
+            .expect("gateway starts");
+        let base = format!("http://{}", gateway.proxy_addr);
+        let admin = format!("http://{}", gateway.admin_addr);
+        Harness {
+            gateway,
+            upstream,
+            clock,
+            client: reqwest::Client::new(),
+            _dir: dir,
+            base,
+            admin,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
+    }
+
+    /// A request to the proxy with `key` as a bearer token.
+    pub fn keyed(&self, method: reqwest::Method, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(key)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> reqwest::Response {
+        self.keyed(reqwest::Method::GET, path, key)
+            .send()
+            .await
+            .expect("proxy answers")
+    }
+
+    /// A request to the admin API with the root key.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.admin_url(path))
+            .bearer_auth(ROOT_KEY)
+    }
+
+    /// Creates a key with these fields; returns the whole answer.
+    pub async fn create_key_with(&self, fields: Value) -> Value {
+        let resp = self
+            .admin(reqwest::Method::POST, "/v1/keys")
+            .json(&fields)
+            .send()
+            .await
+            .expect("admin answers");
+        assert_eq!(resp.status(), 201, "create key {fields}");
+        resp.json().await.expect("json")
+    }
+
+    /// Creates a key on `tier`; returns (secret, key id).
+    pub async fn create_key(&self, tier: &str) -> (String, String) {
+        let created = self.create_key_with(json!({ "tier": tier })).await;
+        (
+            created["key"].as_str().expect("key").to_string(),
+            created["key_id"].as_str().expect("key id").to_string(),
+        )
+    }
+
+    pub async fn usage(&self, key: &str) -> Value {
+        let resp = self.get("/_tollgate/usage", key).await;
+        assert_eq!(resp.status(), 200);
+        resp.json().await.expect("usage json")
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    pub fn set_time(&self, at: &str) {
+        self.clock.set(at.parse::<Timestamp>().expect("time"));
+    }
+
+    /// Sends raw bytes to the proxy (no client-side path cleaning) and
+    /// returns the status and body.
+    pub async fn raw(&self, request: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.gateway.proxy_addr)
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.expect("read");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
+    }
+
+    /// `GET target` with `key`, sent raw.
+    pub async fn raw_get(&self, target: &str, key: &str) -> (u16, String) {
+        self.raw(&format!(
+            "GET {target} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        ))
+        .await
+    }
+}
+
+/// The JSON body of a response, after checking its status.
+pub async fn json_of(resp: reqwest::Response, status: u16) -> Value {
+    let got = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    assert_eq!(got, status, "unexpected status; body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
