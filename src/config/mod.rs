@@ -282,3 +282,28 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::PathPattern;
+
+    #[test]
+    fn exact_matches_with_one_trailing_slash() {
+        let p = PathPattern::Exact("/api/admin".into());
+        assert!(p.matches("/api/admin"));
+        assert!(p.matches("/api/admin/"));
+        assert!(!p.matches("/api/admin/x"));
+        assert!(!p.matches("/api/adminx"));
+        assert!(PathPattern::Exact("/".into()).matches("/"));
+    }
+
+    #[test]
+    fn prefix_matches_itself_and_below_on_segment_boundaries() {
+        let p = PathPattern::Prefix("/api/ai".into());
+        assert!(p.matches("/api/ai"));
+        assert!(p.matches("/api/ai/"));
+        assert!(p.matches("/api/ai/chat/x"));
+        assert!(!p.matches("/api/aix"));
+        assert!(PathPattern::Prefix("/".into()).matches("/anything"));
+    }
+}

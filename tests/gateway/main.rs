@@ -11,6 +11,7 @@ mod limits;
 mod paths;
 mod rejections;
 mod streaming;
+mod tls;
 
 /// Tiers and routes most tests use.
 pub const PLANS: &str = r#"
