@@ -37,6 +37,20 @@ pub struct ApiError {
     message: String,
 }
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self {
@@ -121,17 +135,18 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/keys`.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
-    tier: String,
-    external_id: Option<String>,
-    name: Option<String>,
-    meta: Option<Map<String, Value>>,
-    credits: Option<u64>,
-    refill_day: Option<u8>,
-    expires_at: Option<Timestamp>,
-    enabled: Option<bool>,
+pub struct CreateKey {
+    pub tier: String,
+    pub external_id: Option<String>,
+    pub name: Option<String>,
+    pub meta: Option<Map<String, Value>>,
+    pub credits: Option<u64>,
+    pub refill_day: Option<u8>,
+    pub expires_at: Option<Timestamp>,
+    pub enabled: Option<bool>,
 }
 
 async fn create_key(
@@ -141,6 +156,13 @@ async fn create_key(
 ) -> Result<Response, ApiError> {
     authorize(&gw, &headers)?;
     let req: CreateKey = parse_body(body).await?;
+    let answer = issue_key(&gw, req).await?;
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// Mints and stores a key; answers its record plus the secret `key`, which
+/// is never shown again. Durable when this returns.
+pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> {
     let config = gw.config();
     let tier = config
         .tier(&req.tier)
@@ -176,7 +198,7 @@ async fn create_key(
     tracing::info!(key_id = %record.key_id, tier = %record.tier, "key created");
     let mut answer = views::key_record(&config, &record, &mut usage, now);
     answer["key"] = Value::String(key.secret);
-    Ok((StatusCode::CREATED, Json(answer)).into_response())
+    Ok(answer)
 }
 
 async fn get_key(

@@ -13,10 +13,19 @@
 //! - [`path`]: path normalisation, so the matched path is the forwarded path.
 //! - [`reject`]: every rejection and its status, code, body and headers.
 //! - [`clock`]: injectable time.
+//! - [`store`]: sled layout, in-memory usage and the write-behind flush.
+//! - [`gateway`]: the state every listener shares; key lookup.
+//! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
+//! - [`admin`]: the admin API (axum).
+//! - [`views`]: the key record and usage JSON.
+//! - [`server`]: assembling and running it all; shutdown and reload.
+//! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
 pub mod calendar;
 pub mod clock;
 pub mod config;
+pub mod demo;
+pub mod echo;
 pub mod gate;
 pub mod gateway;
 pub mod keys;

@@ -46,11 +46,25 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A self-contained quick start: the example config in front of a
+    /// built-in echo upstream, a temporary store, one key per plan.
+    Demo {
+        /// Use this config instead of the built-in example.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Serve the built-in echo upstream (for benchmarks and experiments).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: std::net::SocketAddr,
+    },
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr; `RUST_LOG` filters, else `default`.
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -81,6 +95,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Demo { config } => {
+            // The demo's output is its instructions; logs only for trouble.
+            init_logging(cli.log_format, "warn");
+            tollgate::demo::run(config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Echo { listen } => {
+            init_logging(cli.log_format, "info");
+            tokio::runtime::Runtime::new()?.block_on(tollgate::echo::run(listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             config: path,
             threads,
@@ -92,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, "info");
             let root_key = std::env::var(&config.root_key_env)
                 .ok()
                 .filter(|k| !k.is_empty());

@@ -6,6 +6,7 @@ mod common;
 
 mod admin_api;
 mod cli;
+mod demo;
 mod forwarding;
 mod limits;
 mod paths;
