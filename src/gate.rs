@@ -12,7 +12,7 @@ use http::HeaderMap;
 use jiff::Timestamp;
 
 use crate::config::{Amount, Config, Credits, Overage, PoolWindow, Route, Tier};
-use crate::ledger::{millis, KeyRecord, Usage};
+use crate::ledger::{duration_ms, millis, KeyRecord, Usage};
 use crate::reject::Rejection;
 
 /// What a request asks of a key.
@@ -188,24 +188,9 @@ pub fn admit(
         let Some(pool) = tier.pools.get(name) else {
             continue;
         };
-        let state = usage.pools.entry(name.clone()).or_default();
         let limit = pool.limit.get();
-        let (used, resets_at) = match pool.window {
-            PoolWindow::Rolling(window) => {
-                let window_ms = duration_ms(window);
-                let used = state.window.used(window_ms, now_ms);
-                let wait = state.window.wait_ms(*units, limit, window_ms, now_ms);
-                let free_at = match wait {
-                    Some(w) => Some(now_ms + w),
-                    None => state.window.oldest_expiry_ms(window_ms),
-                };
-                (
-                    used,
-                    free_at.and_then(|ms| Timestamp::from_millisecond(ms).ok()),
-                )
-            }
-            PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
-        };
+        let state = usage.pools.entry(name.clone()).or_default();
+        let (used, resets_at) = state.standing(pool, *units, now);
         if used.saturating_add(*units) > limit {
             if pool.shadow {
                 shadowed.push(name.clone());
@@ -358,10 +343,6 @@ pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now
 /// Whole seconds, rounded up, in a span of milliseconds.
 fn secs_ceil(ms: i64) -> u64 {
     u64::try_from(ms).unwrap_or(0).div_ceil(1000)
-}
-
-pub fn duration_ms(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

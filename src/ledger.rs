@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{Credits, PoolWindow, Tier};
+use crate::config::{Credits, Pool, PoolWindow, Tier};
 use crate::window::Window;
 
 /// A key as the operator sees it. Never holds the key itself.
@@ -64,6 +64,33 @@ pub struct PoolUsage {
     /// Everything ever charged: shown for pools a tier does not define.
     #[serde(default)]
     pub total: u64,
+}
+
+impl PoolUsage {
+    /// Units counted against `pool` at `now`, and when that count next
+    /// drops: far enough for `units` more (rolling), or to zero (calendar).
+    pub fn standing(
+        &mut self,
+        pool: &Pool,
+        units: u64,
+        now: Timestamp,
+    ) -> (u64, Option<Timestamp>) {
+        match pool.window {
+            PoolWindow::Rolling(window) => {
+                let (window_ms, now_ms) = (duration_ms(window), millis(now));
+                let used = self.window.used(window_ms, now_ms);
+                let at = match self
+                    .window
+                    .wait_ms(units, pool.limit.get(), window_ms, now_ms)
+                {
+                    Some(wait) if wait > 0 => Some(now_ms + wait),
+                    _ => self.window.oldest_expiry_ms(window_ms),
+                };
+                (used, at.and_then(|ms| Timestamp::from_millisecond(ms).ok()))
+            }
+            PoolWindow::Calendar(interval) => (self.used, interval.next_start(now)),
+        }
+    }
 }
 
 impl Usage {
@@ -131,6 +158,10 @@ pub fn credit_limit(tier: &Tier) -> Option<u64> {
         (Credits::Limited(_), Some(r)) => Some(r.amount),
         (Credits::Limited(n), None) => Some(n),
     }
+}
+
+pub fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Milliseconds since the epoch, the unit windows count in.

@@ -52,6 +52,8 @@ pub struct Ctx {
     entry: Option<Arc<Entry>>,
     key_id: Option<String>,
     external_id: Option<String>,
+    /// The key's tier, once known (for logs and metrics).
+    tier: Option<String>,
     admission: Option<Admission>,
     /// The request's outcome code: a rejection code, or `OK`.
     pub code: &'static str,
@@ -175,6 +177,7 @@ impl Proxy {
             let state = &mut *state;
             ctx.key_id = Some(state.record.key_id.clone());
             ctx.external_id = state.record.external_id.clone();
+            ctx.tier = Some(state.record.tier.clone());
             gate::admit(config, &state.record, &mut state.usage, &demand, now)
         };
         // Even a rejection may have settled a refill worth keeping.
@@ -215,6 +218,7 @@ impl ProxyHttp for Proxy {
             entry: None,
             key_id: None,
             external_id: None,
+            tier: None,
             admission: None,
             code: "OK",
         }
@@ -455,7 +459,7 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route().map_or("-", |r| r.name.as_str());
-        let tier = ctx.admission.as_ref().map_or("-", |a| a.tier.as_str());
+        let tier = ctx.tier.as_deref().unwrap_or("-");
         tracing::info!(
             target: "tollgate::access",
             route,

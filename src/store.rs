@@ -88,6 +88,9 @@ pub struct Store {
     healthy: AtomicBool,
     /// Fault injection for tests: every flush fails while set.
     fail_flushes: AtomicBool,
+    /// One write-behind pass at a time, so a pass that started before a
+    /// failure cannot finish after it and mark the store healthy.
+    flush_pass: tokio::sync::Mutex<()>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -142,6 +145,7 @@ impl Store {
             dirty: Mutex::new(Vec::new()),
             healthy: AtomicBool::new(true),
             fail_flushes: AtomicBool::new(false),
+            flush_pass: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -335,6 +339,7 @@ impl Store {
     /// Writes every dirty key's usage and fsyncs. A failure marks the store
     /// unhealthy (charges answer 503) until a pass succeeds.
     pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
+        let _pass = self.flush_pass.lock().await;
         let batch = std::mem::take(&mut *self.dirty.lock());
         let result = self.write_batch(&batch);
         let result = match result {

@@ -5,9 +5,8 @@
 use jiff::Timestamp;
 use serde_json::{json, Map, Value};
 
-use crate::config::{Config, Credits, PoolWindow, Tier};
-use crate::gate::duration_ms;
-use crate::ledger::{credit_limit, millis, KeyRecord, Usage};
+use crate::config::{Config, Credits, Tier};
+use crate::ledger::{credit_limit, duration_ms, millis, KeyRecord, Usage};
 
 /// `60s`, `500ms`: the way the config file writes windows.
 pub fn window_text(d: std::time::Duration) -> String {
@@ -43,25 +42,11 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
 }
 
 fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
-    let now_ms = millis(now);
     let mut out = Map::new();
     for (name, pool) in &tier.pools {
         let state = usage.pools.entry(name.clone()).or_default();
         let limit = pool.limit.get();
-        let (used, resets_at) = match pool.window {
-            PoolWindow::Rolling(window) => {
-                let window_ms = duration_ms(window);
-                let used = state.window.used(window_ms, now_ms);
-                (
-                    used,
-                    state
-                        .window
-                        .oldest_expiry_ms(window_ms)
-                        .and_then(ms_to_timestamp),
-                )
-            }
-            PoolWindow::Calendar(interval) => (state.used, interval.next_start(now)),
-        };
+        let (used, resets_at) = state.standing(pool, 0, now);
         out.insert(
             name.clone(),
             json!({

@@ -4,10 +4,21 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
-fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+/// Runs `tollgate <command> --config <a file holding text>`; returns the
+/// exit code and stderr.
+fn run(command: &str, text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tollgate.yaml");
     std::fs::write(&path, text).expect("write config");
-    path
+    let out = Command::new(BIN)
+        .args([command, "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -41,15 +52,8 @@ routes:
 
 #[test]
 fn check_config_prints_every_error_with_path_and_line() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(&dir, BROKEN);
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = run("check-config", BROKEN);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains("tiers.free.rate_limits.requests.limit (line 6)"),
         "{stderr}"
@@ -62,48 +66,28 @@ fn check_config_prints_every_error_with_path_and_line() {
 
 #[test]
 fn check_config_warns_but_passes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(
-        &dir,
-        &BROKEN.replace("limit: 0", "limit: 5").replace(
-            "upstream: nowhere }",
-            "upstream: main, feature: nobody_has_it }",
-        ),
+    let text = BROKEN.replace("limit: 0", "limit: 5").replace(
+        "upstream: nowhere }",
+        "upstream: main, feature: nobody_has_it }",
     );
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert!(out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = run("check-config", &text);
+    assert_eq!(code, Some(0));
     assert!(stderr.contains("warning: routes[0].feature"), "{stderr}");
 }
 
 #[test]
 fn serve_with_a_bad_config_exits_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(&dir, BROKEN);
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = run("serve", BROKEN);
+    assert_eq!(code, Some(1));
     assert!(stderr.contains("routes[0].upstream (line 8)"), "{stderr}");
 }
 
 #[test]
 fn a_yaml_syntax_error_names_its_line() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(&dir, "tiers:\n  free: { credits: 10\nroutes: []\n");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = run(
+        "check-config",
+        "tiers:\n  free: { credits: 10\nroutes: []\n",
+    );
+    assert_eq!(code, Some(1));
     assert!(stderr.contains("line "), "{stderr}");
 }

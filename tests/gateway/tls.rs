@@ -150,7 +150,12 @@ routes:
     .await
     .expect("log reader");
 
-    let client = reqwest::Client::new();
+    // A connection per request: this upstream closes after each answer, and
+    // that is not what this test is about.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
     let good = client
         .get(format!("http://{proxy}/good"))
         .send()
