@@ -173,6 +173,13 @@ pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> 
             tier.id
         )));
     }
+    if let Some(ext) = &req.external_id {
+        if ext.is_empty() || ext.len() > 256 || ext.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "external_id: must be 1-256 characters without control characters",
+            ));
+        }
+    }
     if let Some(day) = req.refill_day.filter(|d| !(1..=31).contains(d)) {
         return Err(ApiError::invalid(format!(
             "refill_day: must be 1-31, got {day}"
