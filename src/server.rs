@@ -32,6 +32,9 @@ use crate::store::Store;
 /// How often usage is written behind to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long start-up waits for another process to release the store.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// How a gateway runs, beyond its config file.
 pub struct Options {
     pub clock: SharedClock,
@@ -110,7 +113,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             config.store_path.display()
         )
     })?;
-    let store = Store::open(&config.store_path).with_context(|| {
+    let store = Store::open_waiting(&config.store_path, STORE_LOCK_WAIT).with_context(|| {
         format!(
             "cannot open store {} (is another tollgate using it?)",
             config.store_path.display()

@@ -129,6 +129,24 @@ pub fn hash_to_hex(hash: &KeyHash) -> String {
 }
 
 impl Store {
+    /// Opens the store, waiting up to `max_wait` while another process (or
+    /// a just-dropped store, whose threads are still closing) holds sled's
+    /// exclusive lock on it.
+    pub fn open_waiting(path: &Path, max_wait: std::time::Duration) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            match Store::open(path) {
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Opens (creating if absent) the store directory.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
@@ -431,7 +449,8 @@ mod tests {
             store.touch(&entry);
             assert_eq!(store.flush_dirty().await.expect("flush"), 1);
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store =
+            Store::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
         let entry = store.lookup_id(&id).expect("read").expect("found");
         assert_eq!(entry.lock().expect("live").usage.used, 7);
         assert_eq!(store.list_external("cus_1", None, 10).expect("list"), [id]);
