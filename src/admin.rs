@@ -8,10 +8,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
@@ -19,11 +18,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
-use crate::config::Credits;
+use crate::config::{Config, Credits};
+use crate::gate::{self, Amounts, Demand};
 use crate::gateway::Gateway;
 use crate::keys;
-use crate::ledger::{KeyRecord, Usage};
-use crate::store::{hash_to_hex, StoreError};
+use crate::ledger::{CreditPolicy, KeyRecord, Usage};
+use crate::reject::Rejection;
+use crate::store::{hash_to_hex, Entry, KeyState, StoreError};
 use crate::views;
 
 /// Largest admin request body.
@@ -243,6 +244,280 @@ async fn revoke_key(
     }
 }
 
+/// The record of a key whose state the caller holds locked, settled first.
+fn record_view(gw: &Gateway, config: &Config, state: &mut KeyState) -> Value {
+    views::key_record(config, &state.record, &mut state.usage, gw.clock.now())
+}
+
+fn entry(gw: &Gateway, key_id: &str) -> Result<Arc<Entry>, ApiError> {
+    gw.store.lookup_id(key_id)?.ok_or_else(ApiError::not_found)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    external_id: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Most keys one page holds.
+const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+async fn list_keys(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&gw, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let limit = match query.limit {
+        None => DEFAULT_PAGE,
+        Some(n) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "limit: must be 1-{MAX_PAGE}, got {n}"
+            )))
+        }
+    };
+    // One more than asked tells whether another page exists.
+    let mut ids = gw.store.list_ids(
+        query.external_id.as_deref(),
+        query.cursor.as_deref(),
+        limit + 1,
+    )?;
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let config = gw.config();
+    let mut keys = Vec::with_capacity(ids.len());
+    for id in &ids {
+        // A key revoked between the scan and here is simply left out.
+        let Some(entry) = gw.store.lookup_id(id)? else {
+            continue;
+        };
+        let view = entry
+            .lock()
+            .map(|mut state| record_view(&gw, &config, &mut state));
+        keys.extend(view);
+    }
+    let cursor = if more { ids.last().cloned() } else { None };
+    Ok(Json(json!({ "keys": keys, "cursor": cursor })))
+}
+
+/// `null` and absent differ: `Some(None)` clears a field.
+fn nullable<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    tier: Option<String>,
+    credit_policy: Option<CreditPolicy>,
+    #[serde(default, deserialize_with = "nullable")]
+    name: Option<Option<String>>,
+    meta: Option<Map<String, Value>>,
+    enabled: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<Timestamp>>,
+}
+
+async fn update_key(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&gw, &headers)?;
+    let req: UpdateKey = parse_body(body).await?;
+    let config = gw.config();
+    let new_tier = match &req.tier {
+        Some(t) => Some(
+            config
+                .tier(t)
+                .ok_or_else(|| ApiError::invalid(format!("tier: unknown tier '{t}'")))?,
+        ),
+        None if req.credit_policy.is_some() => {
+            return Err(ApiError::invalid(
+                "credit_policy: applies only to a tier change",
+            ))
+        }
+        None => None,
+    };
+    let entry = entry(&gw, &key_id)?;
+    let view = {
+        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
+        let state = &mut *state;
+        let now = gw.clock.now();
+        if let Some(new) = new_tier {
+            let old = config.tier(&state.record.tier);
+            if let Some(old) = old {
+                state.usage.settle(old, state.record.refill_day, now);
+            }
+            let policy = req.credit_policy.unwrap_or_default();
+            state
+                .usage
+                .change_plan(old, new, policy, state.record.refill_day, now);
+            tracing::info!(%key_id, from = %state.record.tier, to = %new.id, ?policy, "plan changed");
+            state.record.tier = new.id.clone();
+        }
+        if let Some(name) = req.name {
+            state.record.name = name;
+        }
+        if let Some(meta) = req.meta {
+            state.record.meta = meta;
+        }
+        if let Some(enabled) = req.enabled {
+            state.record.enabled = enabled;
+        }
+        if let Some(expires_at) = req.expires_at {
+            state.record.expires_at = expires_at;
+        }
+        gw.store
+            .write_through(state.record.external_id.as_deref(), state)?;
+        record_view(&gw, &config, state)
+    };
+    gw.store.sync().await?;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum CreditOp {
+    Add,
+    Set,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeCredits {
+    op: CreditOp,
+    amount: u64,
+}
+
+async fn change_credits(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&gw, &headers)?;
+    let req: ChangeCredits = parse_body(body).await?;
+    let config = gw.config();
+    let entry = entry(&gw, &key_id)?;
+    let view = {
+        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
+        let state = &mut *state;
+        let tier = config
+            .tier(&state.record.tier)
+            .filter(|t| t.credits != Credits::Unlimited)
+            .ok_or_else(|| {
+                ApiError::invalid("amount: this key's plan has unlimited (or no) credits")
+            })?;
+        state
+            .usage
+            .settle(tier, state.record.refill_day, gw.clock.now());
+        let remaining = state.usage.remaining.unwrap_or(0);
+        state.usage.remaining = Some(match req.op {
+            CreditOp::Add => remaining.saturating_add(req.amount),
+            CreditOp::Set => req.amount,
+        });
+        tracing::info!(%key_id, op = ?req.op, amount = req.amount, "credits changed");
+        gw.store
+            .write_through(state.record.external_id.as_deref(), state)?;
+        record_view(&gw, &config, state)
+    };
+    gw.store.sync().await?;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Verify {
+    key: String,
+    feature: Option<String>,
+    cost: Option<u64>,
+    #[serde(default)]
+    pools: Map<String, Value>,
+}
+
+/// Decides and charges exactly as a proxied request would, without
+/// proxying. Refusals are `200 {"valid": false, "code": ...}`.
+async fn verify(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&gw, &headers)?;
+    let req: Verify = parse_body(body).await?;
+    let mut pools = Vec::with_capacity(req.pools.len());
+    for (name, units) in &req.pools {
+        let units = units
+            .as_u64()
+            .filter(|n| *n <= i64::MAX as u64)
+            .ok_or_else(|| {
+                ApiError::invalid(format!("pools.{name}: must be an integer from 0 to 2^63-1"))
+            })?;
+        pools.push((name.clone(), units));
+    }
+    let demand = Demand {
+        feature: req.feature,
+        amounts: Ok(Amounts {
+            cost: req.cost.unwrap_or(1),
+            pools,
+        }),
+    };
+    let config = gw.config();
+    let outcome = (|| {
+        let entry = gw.authenticate(&req.key)?;
+        if !gw.store.healthy() {
+            return Err(Rejection::StoreUnavailable);
+        }
+        let result = {
+            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
+            let state = &mut *state;
+            let ids = (
+                state.record.key_id.clone(),
+                state.record.external_id.clone(),
+            );
+            gate::admit(
+                &config,
+                &state.record,
+                &mut state.usage,
+                &demand,
+                gw.clock.now(),
+            )
+            .map(|admission| (admission, ids))
+        };
+        gw.store.touch(&entry);
+        result
+    })();
+    Ok(Json(match outcome {
+        Ok((admission, (key_id, external_id))) => json!({
+            "valid": true,
+            "code": null,
+            "key_id": key_id,
+            "external_id": external_id,
+            "tier": admission.tier,
+            "remaining": admission.remaining,
+            "charged": { "credits": admission.charge.credits, "overage": admission.charge.overage },
+            "rate_limits": admission.rates.iter().map(|r| (r.name.clone(), json!({
+                "limit": r.limit, "remaining": r.remaining, "reset": r.reset,
+            }))).collect::<Map<String, Value>>(),
+        }),
+        Err(rejection) => {
+            let mut body = rejection.body();
+            body["valid"] = Value::Bool(false);
+            body
+        }
+    }))
+}
+
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -255,12 +530,33 @@ async fn not_found() -> ApiError {
     }
 }
 
+/// Declares every admin route once: the router is built from this table,
+/// and [`ROUTES`] lists it for the OpenAPI check.
+macro_rules! admin_routes {
+    ($($method:ident $path:literal => $handler:expr;)*) => {
+        /// Every `(method, path)` the admin API answers.
+        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
+
+        fn routes(router: Router<Arc<Gateway>>) -> Router<Arc<Gateway>> {
+            router$(.route($path, axum::routing::$method($handler)))*
+        }
+    };
+}
+
+admin_routes! {
+    get "/healthz" => healthz;
+    post "/v1/keys" => create_key;
+    get "/v1/keys" => list_keys;
+    get "/v1/keys/{key_id}" => get_key;
+    patch "/v1/keys/{key_id}" => update_key;
+    delete "/v1/keys/{key_id}" => revoke_key;
+    post "/v1/keys/{key_id}/credits" => change_credits;
+    post "/v1/verify" => verify;
+}
+
 /// The admin API's routes.
 pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/keys", post(create_key))
-        .route("/v1/keys/{key_id}", get(get_key).delete(revoke_key))
+    routes(Router::new())
         .fallback(not_found)
         .with_state(gateway)
 }

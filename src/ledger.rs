@@ -145,6 +145,54 @@ impl Usage {
     }
 }
 
+/// What a plan change does to the remaining credits (SPEC §4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CreditPolicy {
+    /// `max(0, r + b - a)`: keep what is left, plus the difference in
+    /// allowance between the new plan (`b`) and the old (`a`).
+    #[default]
+    Prorate,
+    /// The new plan's allowance.
+    Reset,
+    /// What is left, unchanged.
+    Keep,
+}
+
+impl Usage {
+    /// Moves a key from `old` (if it still exists) to `new`. Call after
+    /// settling under the old tier. The new period starts from the new
+    /// tier's latest boundary, so no refill fires on the next request.
+    pub fn change_plan(
+        &mut self,
+        old: Option<&Tier>,
+        new: &Tier,
+        policy: CreditPolicy,
+        refill_day: Option<u8>,
+        now: Timestamp,
+    ) {
+        match (
+            new.credits,
+            self.remaining
+                .filter(|_| old.is_some_and(|t| t.credits != Credits::Unlimited)),
+        ) {
+            (Credits::Unlimited, _) => self.remaining = None,
+            // From unlimited (or never limited): the new plan's credits.
+            (Credits::Limited(initial), None) => self.remaining = Some(initial),
+            (Credits::Limited(initial), Some(r)) => {
+                let b = credit_limit(new).unwrap_or(initial);
+                let a = old.and_then(credit_limit).unwrap_or(b);
+                self.remaining = Some(match policy {
+                    CreditPolicy::Prorate => r.saturating_add(b).saturating_sub(a),
+                    CreditPolicy::Reset => b,
+                    CreditPolicy::Keep => r,
+                });
+            }
+        }
+        self.period_start = credit_period_start(new, refill_day, now);
+    }
+}
+
 fn credit_period_start(tier: &Tier, refill_day: Option<u8>, now: Timestamp) -> Option<Timestamp> {
     tier.refill
         .and_then(|r| r.interval.with_day(refill_day).period_start(now))

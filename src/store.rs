@@ -322,17 +322,22 @@ impl Store {
         Ok(true)
     }
 
-    /// Key ids of one customer, in id order, after `cursor`.
-    pub fn list_external(
+    /// Key ids in id order after `after`: one customer's (`external_id`),
+    /// or all.
+    pub fn list_ids(
         &self,
-        external_id: &str,
+        external_id: Option<&str>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let prefix = external_key(external_id, "");
-        let start = external_key(external_id, after.unwrap_or(""));
+        let (tree, prefix) = match external_id {
+            Some(ext) => (&self.external, external_key(ext, "")),
+            None => (&self.records, Vec::new()),
+        };
+        let mut start = prefix.clone();
+        start.extend_from_slice(after.unwrap_or("").as_bytes());
         let mut ids = Vec::new();
-        for item in self.external.range(start..) {
+        for item in tree.range(start..) {
             let (k, _) = item?;
             if !k.starts_with(&prefix) {
                 break;
@@ -453,7 +458,7 @@ mod tests {
             Store::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
         let entry = store.lookup_id(&id).expect("read").expect("found");
         assert_eq!(entry.lock().expect("live").usage.used, 7);
-        assert_eq!(store.list_external("cus_1", None, 10).expect("list"), [id]);
+        assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
     }
 
     #[tokio::test]

@@ -335,3 +335,72 @@ pub async fn json_of(resp: reqwest::Response, status: u16) -> Value {
     assert_eq!(got, status, "unexpected status; body: {text}");
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
 }
+
+/// The real `tollgate` binary, killed when dropped.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub proxy: String,
+    pub admin: String,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Binary {
+    /// Runs `tollgate serve --config <config>` with `env`, and waits until it
+    /// logs the addresses it serves on.
+    pub async fn serve(config: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> Binary {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--threads",
+                "1",
+                "--config",
+            ])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn tollgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let found = tokio::task::spawn_blocking(move || {
+            let mut lines = std::io::BufReader::new(stderr).lines();
+            for line in lines.by_ref() {
+                let line = line.expect("log line");
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let fields = &v["fields"];
+                    if let (Some(p), Some(a)) = (fields["proxy"].as_str(), fields["admin"].as_str())
+                    {
+                        let found = (p.to_string(), a.to_string());
+                        // Keep draining so the child never blocks on a full pipe.
+                        std::thread::spawn(move || lines.for_each(drop));
+                        return Some(found);
+                    }
+                }
+            }
+            None
+        })
+        .await
+        .expect("log reader");
+        let Some((proxy, admin)) = found else {
+            let status = child.wait().expect("wait");
+            panic!("tollgate exited before serving: {status}");
+        };
+        Binary {
+            child,
+            proxy,
+            admin,
+        }
+    }
+}

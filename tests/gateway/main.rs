@@ -8,6 +8,7 @@ mod admin_api;
 mod cli;
 mod demo;
 mod forwarding;
+mod keys;
 mod limits;
 mod paths;
 mod rejections;

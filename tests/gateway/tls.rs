@@ -3,8 +3,6 @@
 //! loader honours), in front of two TLS upstreams: one whose certificate
 //! that CA signed, and one with a self-signed certificate.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -12,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+use crate::common::Binary;
 
 /// A TLS server for `localhost` that answers every request `200 tls-ok`.
 async fn tls_upstream(
@@ -56,15 +54,6 @@ async fn tls_upstream(
         }
     });
     addr
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn pkcs8(key: &KeyPair) -> PrivateKeyDer<'static> {
@@ -118,37 +107,8 @@ routes:
     )
     .expect("write config");
 
-    let mut child = Command::new(BIN)
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--threads",
-            "1",
-            "--config",
-        ])
-        .arg(&config)
-        .env("SSL_CERT_FILE", &ca_file)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn tollgate");
-    let stderr = child.stderr.take().expect("stderr");
-    let _guard = KillOnDrop(child);
-    let proxy = tokio::task::spawn_blocking(move || {
-        for line in BufReader::new(stderr).lines() {
-            let line = line.expect("log line");
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = v["fields"]["proxy"].as_str() {
-                    return addr.to_string();
-                }
-            }
-        }
-        panic!("tollgate exited before serving");
-    })
-    .await
-    .expect("log reader");
+    let gateway = Binary::serve(&config, &[("SSL_CERT_FILE", ca_file.as_os_str())]).await;
+    let proxy = &gateway.proxy;
 
     // A connection per request: this upstream closes after each answer, and
     // that is not what this test is about.
