@@ -479,7 +479,7 @@ mod tests {
         );
         assert!(store.lookup(&key.hash).expect("read").is_none());
         assert!(store
-            .list_external("cus_1", None, 10)
+            .list_ids(Some("cus_1"), None, 10)
             .expect("list")
             .is_empty());
         assert!(!store.revoke(&rec.key_id).await.expect("revoke"));
