@@ -16,12 +16,13 @@
 //! - [`store`]: sled layout, in-memory usage and the write-behind flush.
 //! - [`gateway`]: the state every listener shares; key lookup.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
-//! - [`admin`]: the admin API (axum).
+//! - [`admin`]: the admin API (axum); [`client`]: `tollgate keys`, its CLI client.
 //! - [`views`]: the key record and usage JSON.
 //! - [`server`]: assembling and running it all; shutdown and reload.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
 pub mod calendar;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;

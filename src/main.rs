@@ -46,6 +46,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage keys through a running gateway's admin API (prints JSON).
+    Keys(tollgate::client::KeysCommand),
     /// A self-contained quick start: the example config in front of a
     /// built-in echo upstream, a temporary store, one key per plan.
     Demo {
@@ -95,6 +97,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Keys(cmd) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match runtime.block_on(tollgate::client::run(cmd)) {
+                Ok(answer) => {
+                    println!("{}", serde_json::to_string_pretty(&answer)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Demo { config } => {
             // The demo's output is its instructions; logs only for trouble.
             init_logging(cli.log_format, "warn");

@@ -9,6 +9,7 @@ mod cli;
 mod demo;
 mod forwarding;
 mod keys;
+mod keys_cli;
 mod limits;
 mod paths;
 mod rejections;
