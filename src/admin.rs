@@ -497,6 +497,9 @@ async fn verify(
         gw.store.touch(&entry);
         result
     })();
+    if let Ok((admission, _)) = &outcome {
+        gw.metrics.record_charge(&config, admission);
+    }
     Ok(Json(match outcome {
         Ok((admission, (key_id, external_id))) => json!({
             "valid": true,

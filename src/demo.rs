@@ -71,6 +71,7 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
             threads: 2,
             config_path: None,
             handle_signals: true,
+            drain_timeout: std::time::Duration::from_secs(5),
         },
     )?;
 

@@ -9,6 +9,7 @@ use http::HeaderMap;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::keys::{self, KeyHash};
+use crate::metrics::Metrics;
 use crate::reject::Rejection;
 use crate::store::{Entry, Store};
 
@@ -19,6 +20,55 @@ pub struct Gateway {
     pub clock: SharedClock,
     /// The admin API's bearer secret; `None` refuses every admin call.
     pub root_key: Option<String>,
+    pub metrics: Metrics,
+    /// One reload at a time (file watcher and SIGHUP may coincide).
+    pub reload_lock: parking_lot::Mutex<()>,
+    /// Proxied requests under way, for the drain at shutdown.
+    pub in_flight: InFlight,
+}
+
+/// A count of requests under way that can be waited on to reach zero.
+#[derive(Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves the next time the count drops to zero.
+    pub async fn idle(&self) {
+        self.idle.notified().await;
+    }
+}
+
+/// Counts one request in flight while it lives.
+pub struct InFlightGuard(Arc<Gateway>);
+
+impl InFlightGuard {
+    pub fn enter(gateway: Arc<Gateway>) -> Self {
+        gateway
+            .in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(gateway)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let in_flight = &self.0.in_flight;
+        if in_flight
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            in_flight.idle.notify_waiters();
+        }
+    }
 }
 
 /// Which header carried the key, so exactly that one is stripped.

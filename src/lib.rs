@@ -13,12 +13,14 @@
 //! - [`path`]: path normalisation, so the matched path is the forwarded path.
 //! - [`reject`]: every rejection and its status, code, body and headers.
 //! - [`clock`]: injectable time.
+//! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`store`]: sled layout, in-memory usage and the write-behind flush.
 //! - [`gateway`]: the state every listener shares; key lookup.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
 //! - [`admin`]: the admin API (axum); [`client`]: `tollgate keys`, its CLI client.
 //! - [`views`]: the key record and usage JSON.
-//! - [`server`]: assembling and running it all; shutdown and reload.
+//! - [`server`]: assembling and running it all; shutdown.
+//! - [`reload`]: live config: SIGHUP and the file watcher.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
 pub mod calendar;
@@ -31,9 +33,11 @@ pub mod gate;
 pub mod gateway;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod reject;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod views;

@@ -40,6 +40,9 @@ enum Command {
         /// Proxy worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 10)]
+        drain_timeout: u64,
     },
     /// Validate a config file: exit 0, or print every error and exit 1.
     CheckConfig {
@@ -126,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             config: path,
             threads,
+            drain_timeout,
         } => {
             let config = match load(&path) {
                 Ok(config) => config,
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     threads,
                     config_path: Some(path),
                     handle_signals: true,
+                    drain_timeout: std::time::Duration::from_secs(drain_timeout),
                 },
             )
             .context("cannot start tollgate")?;

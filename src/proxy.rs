@@ -25,7 +25,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Config, Route};
 use crate::gate::{self, Admission, Demand};
-use crate::gateway::{presented_key, Gateway, KeySource};
+use crate::gateway::{presented_key, Gateway, InFlightGuard, KeySource};
+use crate::metrics::{tier_label, NONE};
 use crate::path::{normalise, PathError};
 use crate::reject::Rejection;
 use crate::store::Entry;
@@ -43,7 +44,11 @@ impl Proxy {
 
 /// Per-request state.
 pub struct Ctx {
+    _in_flight: InFlightGuard,
     started: Instant,
+    /// When the request went upstream, for the access log.
+    upstream_started: Option<Instant>,
+    upstream_ms: Option<f64>,
     config: Option<Arc<Config>>,
     route: Option<usize>,
     /// Canonical path plus the original query: what is forwarded.
@@ -166,6 +171,7 @@ impl Proxy {
         let headers = &session.req_header().headers;
         let (key, source) = presented_key(headers)?;
         ctx.key_source = Some(source);
+        let decided = Instant::now();
         let entry = self.gateway.authenticate(key)?;
         if !self.gateway.store.healthy() {
             return Err(Rejection::StoreUnavailable);
@@ -180,6 +186,10 @@ impl Proxy {
             ctx.tier = Some(state.record.tier.clone());
             gate::admit(config, &state.record, &mut state.usage, &demand, now)
         };
+        self.gateway
+            .metrics
+            .verify_duration
+            .observe(decided.elapsed().as_secs_f64());
         // Even a rejection may have settled a refill worth keeping.
         self.gateway.store.touch(&entry);
         ctx.entry = Some(entry);
@@ -210,7 +220,10 @@ impl ProxyHttp for Proxy {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            _in_flight: InFlightGuard::enter(self.gateway.clone()),
             started: Instant::now(),
+            upstream_started: None,
+            upstream_ms: None,
             config: None,
             route: None,
             target: String::new(),
@@ -292,6 +305,7 @@ impl ProxyHttp for Proxy {
             .parse::<http::Uri>()
             .map_err(|e| Error::because(ErrorType::InternalError, "canonical path", e))?;
         upstream_request.set_uri(uri);
+        ctx.upstream_started = Some(Instant::now());
         let spoofed: Vec<_> = upstream_request
             .headers
             .keys()
@@ -337,7 +351,13 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if upstream_response.status.is_informational() || ctx.admission.is_none() {
+        if upstream_response.status.is_informational() {
+            return Ok(());
+        }
+        ctx.upstream_ms = ctx
+            .upstream_started
+            .map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        if ctx.admission.is_none() {
             return Ok(());
         }
         let Some(route) = ctx.route().cloned() else {
@@ -361,7 +381,14 @@ impl ProxyHttp for Proxy {
                     .get(header)
                     .and_then(|v| gate::parse_amount(v.as_bytes()));
                 match units {
-                    Some(units) => gate::meter(tier, &mut state.usage, pool, units, now),
+                    Some(units) => {
+                        gate::meter(tier, &mut state.usage, pool, units, now);
+                        self.gateway
+                            .metrics
+                            .pool_charged
+                            .with_label_values(&[pool])
+                            .inc_by(units);
+                    }
                     None if upstream_response.headers.contains_key(header) => {
                         tracing::warn!(route = %route.name, %pool, header = %header, "upstream sent a meter header that is not an amount; not charged");
                     }
@@ -416,6 +443,15 @@ impl ProxyHttp for Proxy {
         // The connection is not reused after an error; say so, so the
         // client does not send its next request into a closing socket.
         session.set_keepalive(None);
+        if from_upstream {
+            if let Some(route) = ctx.route() {
+                self.gateway
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[&route.upstream])
+                    .inc();
+            }
+        }
         let code = if from_upstream && !answered {
             self.refund(ctx);
             let rejection = Rejection::UpstreamUnavailable;
@@ -458,15 +494,31 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let route = ctx.route().map_or("-", |r| r.name.as_str());
-        let tier = ctx.tier.as_deref().unwrap_or("-");
+        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let route = ctx.route().map_or(NONE, |r| r.name.as_str());
+        if let Some(config) = &ctx.config {
+            let metrics = &self.gateway.metrics;
+            let tier = tier_label(config, ctx.tier.as_deref());
+            metrics
+                .requests
+                .with_label_values(&[route, tier, ctx.code])
+                .inc();
+            metrics
+                .request_duration
+                .with_label_values(&[route])
+                .observe(elapsed);
+            if let Some(admission) = &ctx.admission {
+                metrics.record_charge(config, admission);
+            }
+        }
         tracing::info!(
             target: "tollgate::access",
             route,
-            tier,
+            tier = ctx.tier.as_deref().unwrap_or(NONE),
             code = ctx.code,
             status,
-            latency_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = elapsed * 1000.0,
+            upstream_ms = ctx.upstream_ms,
             error = error.map(|e| e.etype().as_str()),
             "request"
         );

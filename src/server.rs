@@ -26,7 +26,9 @@ use crate::admin;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload;
 use crate::store::Store;
 
 /// How often usage is written behind to disk.
@@ -44,15 +46,18 @@ pub struct Options {
     pub threads: usize,
     /// Where the config came from, for reloads; `None` disables reloading.
     pub config_path: Option<PathBuf>,
-    /// Also stop on SIGTERM/SIGINT and reload on SIGHUP (the binary does,
-    /// tests do not).
+    /// Also stop on SIGTERM/SIGINT and reload on SIGHUP, and exit the
+    /// process once drained (the binary does; tests do not).
     pub handle_signals: bool,
+    /// How long in-flight requests may take to finish after a stop.
+    pub drain_timeout: Duration,
 }
 
 /// A running gateway.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -119,29 +124,42 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             config.store_path.display()
         )
     })?;
-    let admin_listener = TcpListener::bind(config.listen.admin)
-        .with_context(|| format!("cannot listen on {} (listen.admin)", config.listen.admin))?;
-    admin_listener.set_nonblocking(true)?;
+    let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<TcpListener> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} ({what})"))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    let admin_listener = bind(config.listen.admin, "listen.admin")?;
     let admin_addr = admin_listener.local_addr()?;
+    let metrics_listener = bind(config.listen.metrics, "listen.metrics")?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let (proxy_addr, reservation) = reserve_proxy_port(config.listen.proxy)
         .with_context(|| format!("listen.proxy {}", config.listen.proxy))?;
     if options.root_key.is_none() {
         tracing::warn!(env = %config.root_key_env, "no root key set: the admin API refuses every call");
     }
 
+    let metrics = Metrics::new().context("cannot register metrics")?;
+    metrics.prepare(&config);
+    metrics.config_generation.set(1);
     let gateway = Arc::new(Gateway {
         config: ArcSwap::from_pointee(config),
         store: Arc::new(store),
         clock: options.clock.clone(),
         root_key: options.root_key.clone(),
+        metrics,
+        reload_lock: Mutex::new(()),
+        in_flight: Default::default(),
     });
 
     let conf = ServerConf {
         threads: options.threads.max(1),
-        // Pingora waits this long after SIGTERM before stopping its runtimes;
-        // its default is 300 s.
-        grace_period_seconds: Some(1),
-        graceful_shutdown_timeout_seconds: Some(5),
+        // Pingora sleeps this long after a stop before ending its runtimes
+        // (default 300 s). The drainer below exits sooner, as soon as the
+        // last in-flight request is done.
+        grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(2),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -153,17 +171,29 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     server.add_service(proxy);
     server.add_service(background_service(
         "admin api",
-        AdminService {
-            listener: Mutex::new(Some(admin_listener)),
-            gateway: gateway.clone(),
-        },
+        HttpService::new(admin_listener, admin::router(gateway.clone())),
+    ));
+    server.add_service(background_service(
+        "metrics",
+        HttpService::new(metrics_listener, metrics_router(gateway.clone())),
     ));
     server.add_service(background_service(
         "usage flusher",
         Flusher {
-            store: gateway.store.clone(),
+            gateway: gateway.clone(),
+            drain_timeout: options.drain_timeout,
+            exit_when_drained: options.handle_signals,
         },
     ));
+    if let Some(path) = &options.config_path {
+        server.add_service(background_service(
+            "config watcher",
+            reload::Watcher {
+                gateway: gateway.clone(),
+                path: path.clone(),
+            },
+        ));
+    }
 
     let (stop, stop_rx) = watch::channel(false);
     let signals = Signals {
@@ -203,10 +233,11 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     if !ready {
         bail!("the proxy did not start listening on {proxy_addr}");
     }
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "tollgate is serving");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate is serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
+        metrics_addr,
         gateway,
         stop,
         thread: Some(thread),
@@ -227,7 +258,7 @@ impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         let mut stop = self.stop.clone();
         if !self.os {
-            let _ = stop.wait_for(|s| *s).await;
+            stopped(&mut stop).await;
             return ShutdownSignal::GracefulTerminate;
         }
         use tokio::signal::unix::{signal, SignalKind};
@@ -241,7 +272,7 @@ impl ShutdownSignalWatch for Signals {
         };
         loop {
             tokio::select! {
-                _ = stop.wait_for(|s| *s) => return ShutdownSignal::GracefulTerminate,
+                _ = stopped(&mut stop) => return ShutdownSignal::GracefulTerminate,
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: draining and stopping");
                     return ShutdownSignal::GracefulTerminate;
@@ -250,43 +281,43 @@ impl ShutdownSignalWatch for Signals {
                     tracing::info!("SIGINT: draining and stopping");
                     return ShutdownSignal::GracefulTerminate;
                 }
-                _ = hup.recv() => reload(&self.gateway, self.config_path.as_deref()),
+                _ = hup.recv() => {}
+            }
+            // SIGHUP: reload, off the runtime (it reads and validates a file).
+            match &self.config_path {
+                Some(path) => {
+                    let (gateway, path) = (self.gateway.clone(), path.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || reload::reload(&gateway, &path)).await;
+                }
+                None => tracing::warn!("SIGHUP: this gateway has no config file to reload"),
             }
         }
     }
 }
 
-/// Re-reads the config file and swaps it in if it is valid.
-pub fn reload(gateway: &Gateway, path: Option<&std::path::Path>) {
-    let Some(path) = path else {
-        tracing::warn!("reload asked for, but this gateway has no config file");
-        return;
-    };
-    match Config::load(path) {
-        Ok(loaded) => {
-            for w in &loaded.warnings {
-                tracing::warn!(warning = %w, "config warning");
-            }
-            let old = gateway.config.load();
-            if old.listen != loaded.config.listen || old.store_path != loaded.config.store_path {
-                tracing::warn!("listen addresses and the store path change only on restart");
-            }
-            gateway.config.store(Arc::new(loaded.config));
-            tracing::info!(path = %path.display(), "configuration reloaded");
-        }
-        Err(errors) => {
-            tracing::error!(path = %path.display(), %errors, "reload failed; the old configuration keeps serving");
-        }
-    }
+/// Resolves once the stop trigger is set.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
-struct AdminService {
+/// Serves an axum router on a listener bound at start-up, until shutdown.
+struct HttpService {
     listener: Mutex<Option<TcpListener>>,
-    gateway: Arc<Gateway>,
+    router: axum::Router,
+}
+
+impl HttpService {
+    fn new(listener: TcpListener, router: axum::Router) -> Self {
+        Self {
+            listener: Mutex::new(Some(listener)),
+            router,
+        }
+    }
 }
 
 #[async_trait]
-impl BackgroundService for AdminService {
+impl BackgroundService for HttpService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let Some(listener) = self.listener.lock().take() else {
             return;
@@ -294,29 +325,52 @@ impl BackgroundService for AdminService {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "admin listener failed");
+                tracing::error!(error = %e, "listener failed");
                 return;
             }
         };
-        let app = admin::router(self.gateway.clone());
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let serve = axum::serve(listener, self.router.clone()).with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;
         });
         if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin API stopped");
+            tracing::error!(error = %e, "HTTP listener stopped");
         }
     }
 }
 
-/// Writes dirty usage behind, every [`FLUSH_INTERVAL`] and once more at
-/// shutdown.
+/// `GET /metrics`: Prometheus text format.
+fn metrics_router(gateway: Arc<Gateway>) -> axum::Router {
+    let scrape = move || {
+        let gateway = gateway.clone();
+        async move {
+            let m = &gateway.metrics;
+            m.keys
+                .set(i64::try_from(gateway.store.key_count()).unwrap_or(i64::MAX));
+            m.store_healthy
+                .set(if gateway.store.healthy() { 1.0 } else { 0.0 });
+            (
+                [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                m.render(),
+            )
+        }
+    };
+    axum::Router::new().route("/metrics", axum::routing::get(scrape))
+}
+
+/// Writes dirty usage behind every [`FLUSH_INTERVAL`]. At shutdown it waits
+/// for in-flight requests (up to the drain timeout), flushes once more, and
+/// for the binary ends the process at once rather than sit out the rest of
+/// Pingora's grace period.
 struct Flusher {
-    store: Arc<Store>,
+    gateway: Arc<Gateway>,
+    drain_timeout: Duration,
+    exit_when_drained: bool,
 }
 
 #[async_trait]
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let store = &self.gateway.store;
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -324,12 +378,34 @@ impl BackgroundService for Flusher {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
-            if let Err(e) = self.store.flush_dirty().await {
+            if let Err(e) = store.flush_dirty().await {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
             }
         }
-        if let Err(e) = self.store.flush_dirty().await {
-            tracing::error!(error = %e, "final usage flush failed");
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        loop {
+            let in_flight = self.gateway.in_flight.get();
+            if in_flight == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    in_flight,
+                    "drain timeout: stopping with requests still in flight"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.gateway.in_flight.idle() => {}
+            }
+        }
+        match store.flush_dirty().await {
+            Ok(_) => tracing::info!("drained; usage flushed"),
+            Err(e) => tracing::error!(error = %e, "final usage flush failed"),
+        }
+        if self.exit_when_drained {
+            std::process::exit(0);
         }
     }
 }

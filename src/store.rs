@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -88,6 +88,8 @@ pub struct Store {
     healthy: AtomicBool,
     /// Fault injection for tests: every flush fails while set.
     fail_flushes: AtomicBool,
+    /// Keys in `records` (sled's `len` walks the whole tree).
+    keys: AtomicUsize,
     /// One write-behind pass at a time, so a pass that started before a
     /// failure cannot finish after it and mark the store healthy.
     flush_pass: tokio::sync::Mutex<()>,
@@ -153,8 +155,10 @@ impl Store {
             .path(path)
             .flush_every_ms(Some(500))
             .open()?;
+        let records = db.open_tree("records")?;
         Ok(Store {
-            records: db.open_tree("records")?,
+            keys: AtomicUsize::new(records.len()),
+            records,
             hashes: db.open_tree("hashes")?,
             usage: db.open_tree("usage")?,
             external: db.open_tree("external")?,
@@ -266,6 +270,7 @@ impl Store {
                 Ok(())
             },
         )?;
+        self.keys.fetch_add(1, Ordering::Relaxed);
         self.sync().await
     }
 
@@ -313,6 +318,7 @@ impl Store {
                 self.hashes.remove(hash.0)?;
             }
             self.records.remove(id)?;
+            self.keys.fetch_sub(1, Ordering::Relaxed);
             self.usage.remove(id)?;
             if let Some(ext) = &state.record.external_id {
                 self.external.remove(external_key(ext, key_id))?;
@@ -356,7 +362,7 @@ impl Store {
 
     /// How many keys exist.
     pub fn key_count(&self) -> usize {
-        self.records.len()
+        self.keys.load(Ordering::Relaxed)
     }
 
     /// Writes every dirty key's usage and fsyncs. A failure marks the store

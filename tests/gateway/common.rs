@@ -217,6 +217,7 @@ impl Harness {
             threads: 2,
             config_path: None,
             handle_signals: false,
+            drain_timeout: Duration::from_secs(1),
         };
         let gateway = tokio::task::spawn_blocking(move || server::start(config, options))
             .await

@@ -1,0 +1,304 @@
+//! Prometheus metrics (SPEC §6), one registry per gateway.
+//!
+//! Labels are bounded: route, tier, pool and upstream names come from the
+//! config, codes from a fixed set; never a key id, an external id or a
+//! secret. Every metric is registered, and every series the config implies
+//! is created at zero, at start-up and on reload, so dashboards and alerts
+//! see them before the first request.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::Config;
+
+/// Every metric name exported, for dashboards and their test.
+pub const NAMES: &[&str] = &[
+    "tollgate_requests_total",
+    "tollgate_request_duration_seconds",
+    "tollgate_verify_duration_seconds",
+    "tollgate_upstream_errors_total",
+    "tollgate_credits_charged_total",
+    "tollgate_pool_charged_total",
+    "tollgate_overage_units_total",
+    "tollgate_shadow_rejections_total",
+    "tollgate_outbox_pending",
+    "tollgate_webhook_deliveries_total",
+    "tollgate_config_reloads_total",
+    "tollgate_config_generation",
+    "tollgate_keys",
+    "tollgate_store_healthy",
+];
+
+/// The `route` label when no route matched; the `tier` label when no key
+/// was read, or its tier is not in the config.
+pub const NONE: &str = "none";
+
+/// Every `code` label value: the rejection codes and `OK`.
+pub const CODES: &[&str] = &[
+    "OK",
+    "MISSING_KEY",
+    "INVALID_KEY",
+    "EXPIRED",
+    "DISABLED",
+    "TIER_NOT_FOUND",
+    "FEATURE_NOT_AVAILABLE",
+    "RATE_LIMITED",
+    "QUOTA_EXCEEDED",
+    "USAGE_EXCEEDED",
+    "BAD_REQUEST",
+    "ROUTE_NOT_FOUND",
+    "UPSTREAM_UNAVAILABLE",
+    "STORE_UNAVAILABLE",
+    "INTERNAL",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub verify_duration: Histogram,
+    pub upstream_errors: IntCounterVec,
+    pub credits_charged: IntCounterVec,
+    pub pool_charged: IntCounterVec,
+    pub overage_units: IntCounterVec,
+    pub shadow_rejections: IntCounterVec,
+    pub outbox_pending: IntGauge,
+    pub webhook_deliveries: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub keys: IntGauge,
+    pub store_healthy: Gauge,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Whole request, as the gateway saw it, by route.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(request_duration.clone()))?;
+        let verify_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_verify_duration_seconds",
+                "The key decision alone: checksum, hash, lookup, checks and charge.",
+            )
+            .buckets(vec![
+                0.000_001,
+                0.000_002_5,
+                0.000_005,
+                0.000_01,
+                0.000_025,
+                0.000_05,
+                0.000_1,
+                0.000_25,
+                0.000_5,
+                0.001,
+                0.005,
+            ]),
+        )?;
+        registry.register(Box::new(verify_duration.clone()))?;
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let outbox_pending = gauge("tollgate_outbox_pending", "Events waiting in the outbox.")?;
+        let config_generation = gauge(
+            "tollgate_config_generation",
+            "How many configurations have been applied since start (1 = the first).",
+        )?;
+        let keys = gauge("tollgate_keys", "Keys in the store.")?;
+        let store_healthy = Gauge::new(
+            "tollgate_store_healthy",
+            "1 while the store records charges, 0 while charges fail closed.",
+        )?;
+        registry.register(Box::new(store_healthy.clone()))?;
+        store_healthy.set(1.0);
+        let metrics = Metrics {
+            requests: counter(
+                &registry,
+                "tollgate_requests_total",
+                "Requests by route, tier and outcome code (OK when forwarded).",
+                &["route", "tier", "code"],
+            )?,
+            request_duration,
+            verify_duration,
+            upstream_errors: counter(
+                &registry,
+                "tollgate_upstream_errors_total",
+                "Upstream connection failures, resets and timeouts.",
+                &["upstream"],
+            )?,
+            credits_charged: counter(
+                &registry,
+                "tollgate_credits_charged_total",
+                "Credits charged (net of refunds).",
+                &["tier"],
+            )?,
+            pool_charged: counter(
+                &registry,
+                "tollgate_pool_charged_total",
+                "Pool units charged, up front and metered (net of refunds).",
+                &["pool"],
+            )?,
+            overage_units: counter(
+                &registry,
+                "tollgate_overage_units_total",
+                "Units served past 0 credits.",
+                &["tier"],
+            )?,
+            shadow_rejections: counter(
+                &registry,
+                "tollgate_shadow_rejections_total",
+                "Requests a shadow limit or pool would have refused.",
+                &["limit"],
+            )?,
+            outbox_pending,
+            webhook_deliveries: counter(
+                &registry,
+                "tollgate_webhook_deliveries_total",
+                "Webhook batch deliveries by result.",
+                &["result"],
+            )?,
+            config_reloads: counter(
+                &registry,
+                "tollgate_config_reloads_total",
+                "Config reloads by result.",
+                &["result"],
+            )?,
+            config_generation,
+            keys,
+            store_healthy,
+            registry,
+        };
+        for result in ["ok", "error"] {
+            metrics.webhook_deliveries.with_label_values(&[result]);
+            metrics.config_reloads.with_label_values(&[result]);
+        }
+        Ok(metrics)
+    }
+
+    /// Creates at zero every series the config implies, so they are
+    /// exported before their first event.
+    pub fn prepare(&self, config: &Config) {
+        let mut routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        routes.push(NONE);
+        let mut tiers: Vec<&str> = config.tiers.keys().map(String::as_str).collect();
+        for route in &routes {
+            self.request_duration.with_label_values(&[route]);
+        }
+        for route in config.routes.iter().filter(|r| r.auth) {
+            for tier in &tiers {
+                self.requests
+                    .with_label_values(&[route.name.as_str(), tier, "OK"]);
+            }
+        }
+        tiers.push(NONE);
+        for tier in &tiers {
+            self.credits_charged.with_label_values(&[tier]);
+            self.overage_units.with_label_values(&[tier]);
+        }
+        for upstream in config.upstreams.keys() {
+            self.upstream_errors.with_label_values(&[upstream]);
+        }
+        for tier in config.tiers.values() {
+            for (pool, p) in &tier.pools {
+                self.pool_charged.with_label_values(&[pool]);
+                if p.shadow {
+                    self.shadow_rejections.with_label_values(&[pool]);
+                }
+            }
+            for (name, _) in tier.rate_limits.iter().filter(|(_, rl)| rl.shadow) {
+                self.shadow_rejections.with_label_values(&[name]);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    /// Counts what an allowed request (or verify call) was charged, net of
+    /// any refund.
+    pub fn record_charge(&self, config: &Config, admission: &crate::gate::Admission) {
+        let tier = tier_label(config, Some(&admission.tier));
+        let charge = &admission.charge;
+        self.credits_charged
+            .with_label_values(&[tier])
+            .inc_by(charge.credits);
+        if charge.overage > 0 {
+            self.overage_units
+                .with_label_values(&[tier])
+                .inc_by(charge.overage);
+        }
+        for pc in &charge.pools {
+            self.pool_charged
+                .with_label_values(&[&pc.pool])
+                .inc_by(pc.units);
+        }
+        for name in &admission.shadowed {
+            self.shadow_rejections.with_label_values(&[name]).inc();
+        }
+    }
+}
+
+/// A label that stays bounded: `tier` when the config has it, else `none`.
+pub fn tier_label<'a>(config: &Config, tier: Option<&'a str>) -> &'a str {
+    match tier {
+        Some(t) if config.tiers.contains_key(t) => t,
+        _ => NONE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_is_exported_from_the_start() {
+        let metrics = Metrics::new().expect("metrics");
+        let config = Config::parse(
+            "upstreams: { main: { url: \"http://127.0.0.1:1\" } }\ntiers: { free: { credits: 1, pools: { p: { limit: 1, window: 1s, shadow: true } } } }\nroutes: [ { name: a, path: /a, upstream: main } ]\n",
+        )
+        .expect("config")
+        .config;
+        metrics.prepare(&config);
+        let text = metrics.render();
+        for name in NAMES {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
+        }
+        assert!(text.contains("tollgate_config_reloads_total{result=\"error\"} 0"));
+        assert!(text.contains("tollgate_requests_total{code=\"OK\",route=\"a\",tier=\"free\"} 0"));
+    }
+}
