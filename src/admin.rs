@@ -465,10 +465,14 @@ async fn verify(
             })?;
         pools.push((name.clone(), units));
     }
+    let cost = req.cost.unwrap_or(1);
+    if cost > i64::MAX as u64 {
+        return Err(ApiError::invalid("cost: must be an integer from 0 to 2^63-1"));
+    }
     let demand = Demand {
         feature: req.feature,
         amounts: Ok(Amounts {
-            cost: req.cost.unwrap_or(1),
+            cost,
             pools,
         }),
     };

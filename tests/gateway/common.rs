@@ -199,6 +199,16 @@ impl Harness {
     /// Starts an upstream and a gateway whose config holds `body` (tiers and
     /// routes) around the standard listeners and upstreams.
     pub async fn start(body: &str) -> Harness {
+        Harness::start_with(body, false).await
+    }
+
+    /// Like [`Harness::start`], with the config in a file the gateway
+    /// watches ([`Harness::config_file`]).
+    pub async fn start_watching(body: &str) -> Harness {
+        Harness::start_with(body, true).await
+    }
+
+    async fn start_with(body: &str, watch: bool) -> Harness {
         let upstream = Upstream::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let text = config_text(
@@ -210,12 +220,17 @@ impl Harness {
         let config = Config::parse(&text)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"))
             .config;
+        let config_path = watch.then(|| {
+            let path = dir.path().join("tollgate.yaml");
+            std::fs::write(&path, &text).expect("write config");
+            path
+        });
         let clock = ManualClock::new(START.parse().expect("start time"));
         let options = Options {
             clock: clock.clone(),
             root_key: Some(ROOT_KEY.to_string()),
             threads: 2,
-            config_path: None,
+            config_path,
             handle_signals: false,
             drain_timeout: Duration::from_secs(1),
         };
@@ -234,6 +249,29 @@ impl Harness {
             base,
             admin,
         }
+    }
+
+    /// Where [`Harness::start_watching`] keeps the config.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        self._dir.path().join("tollgate.yaml")
+    }
+
+    /// The config text for `body` around this harness's upstream and store.
+    pub fn config_text(&self, body: &str) -> String {
+        config_text(
+            self.upstream.addr,
+            dead_address(),
+            &self._dir.path().join("store"),
+            body,
+        )
+    }
+
+    /// The gateway's metrics, scraped over HTTP.
+    pub async fn scrape(&self) -> String {
+        let url = format!("http://{}/metrics", self.gateway.metrics_addr);
+        let resp = self.client.get(url).send().await.expect("metrics answer");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.expect("metrics text")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -342,6 +380,7 @@ pub struct Binary {
     pub child: std::process::Child,
     pub proxy: String,
     pub admin: String,
+    pub metrics: String,
 }
 
 impl Drop for Binary {
@@ -381,9 +420,12 @@ impl Binary {
                 let line = line.expect("log line");
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     let fields = &v["fields"];
-                    if let (Some(p), Some(a)) = (fields["proxy"].as_str(), fields["admin"].as_str())
-                    {
-                        let found = (p.to_string(), a.to_string());
+                    if let (Some(p), Some(a), Some(m)) = (
+                        fields["proxy"].as_str(),
+                        fields["admin"].as_str(),
+                        fields["metrics"].as_str(),
+                    ) {
+                        let found = (p.to_string(), a.to_string(), m.to_string());
                         // Keep draining so the child never blocks on a full pipe.
                         std::thread::spawn(move || lines.for_each(drop));
                         return Some(found);
@@ -394,7 +436,7 @@ impl Binary {
         })
         .await
         .expect("log reader");
-        let Some((proxy, admin)) = found else {
+        let Some((proxy, admin, metrics)) = found else {
             let status = child.wait().expect("wait");
             panic!("tollgate exited before serving: {status}");
         };
@@ -402,6 +444,43 @@ impl Binary {
             child,
             proxy,
             admin,
+            metrics,
         }
     }
+}
+
+/// The value of one metric series in Prometheus text, e.g.
+/// `metric(&text, "tollgate_requests_total", &[("code", "OK")])`: the sum
+/// over every series of that name whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Waits until `check` holds, polling every 10 ms for at most 10 s: for
+/// things that happen on another thread (a file watcher's reload), never
+/// for time itself.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
 }

@@ -11,6 +11,7 @@ mod forwarding;
 mod keys;
 mod keys_cli;
 mod limits;
+mod openapi;
 mod paths;
 mod rejections;
 mod streaming;
