@@ -467,14 +467,13 @@ async fn verify(
     }
     let cost = req.cost.unwrap_or(1);
     if cost > i64::MAX as u64 {
-        return Err(ApiError::invalid("cost: must be an integer from 0 to 2^63-1"));
+        return Err(ApiError::invalid(
+            "cost: must be an integer from 0 to 2^63-1",
+        ));
     }
     let demand = Demand {
         feature: req.feature,
-        amounts: Ok(Amounts {
-            cost,
-            pools,
-        }),
+        amounts: Ok(Amounts { cost, pools }),
     };
     let config = gw.config();
     let outcome = (|| {

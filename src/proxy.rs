@@ -172,6 +172,23 @@ impl Proxy {
         let (key, source) = presented_key(headers)?;
         ctx.key_source = Some(source);
         let decided = Instant::now();
+        let result = self.decide(ctx, config, route, headers, key);
+        self.gateway
+            .metrics
+            .verify_duration
+            .observe(decided.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The key decision: look the key up, then check and charge.
+    fn decide(
+        &self,
+        ctx: &mut Ctx,
+        config: &Config,
+        route: &Route,
+        headers: &http::HeaderMap,
+        key: &str,
+    ) -> Result<Admission, Rejection> {
         let entry = self.gateway.authenticate(key)?;
         if !self.gateway.store.healthy() {
             return Err(Rejection::StoreUnavailable);
@@ -186,10 +203,6 @@ impl Proxy {
             ctx.tier = Some(state.record.tier.clone());
             gate::admit(config, &state.record, &mut state.usage, &demand, now)
         };
-        self.gateway
-            .metrics
-            .verify_duration
-            .observe(decided.elapsed().as_secs_f64());
         // Even a rejection may have settled a refill worth keeping.
         self.gateway.store.touch(&entry);
         ctx.entry = Some(entry);

@@ -12,6 +12,7 @@ mod keys;
 mod keys_cli;
 mod limits;
 mod openapi;
+mod operations;
 mod paths;
 mod rejections;
 mod streaming;

@@ -1,0 +1,394 @@
+//! Operations: live reload (file watcher and SIGHUP), metrics, and the
+//! graceful stop on SIGTERM/SIGINT.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::common::{eventually, json_of, metric, Binary, Harness, Upstream, ROOT_KEY};
+use crate::PLANS;
+
+const DATA_ROUTE: &str =
+    "{ name: data, methods: [GET], path: /api/data, upstream: main, feature: api }";
+
+/// PLANS with the data route costing `cost`.
+fn plans_costing(cost: u64) -> String {
+    PLANS.replace(
+        DATA_ROUTE,
+        &format!("{{ name: data, methods: [GET], path: /api/data, upstream: main, feature: api, cost: {cost} }}"),
+    )
+}
+
+fn data_cost(h: &Harness) -> tollgate::config::Amount {
+    h.gateway.gateway.config().routes[0].cost.clone()
+}
+
+fn reloads(h: &Harness, result: &str) -> u64 {
+    h.gateway
+        .gateway
+        .metrics
+        .config_reloads
+        .with_label_values(&[result])
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_rewrites_under_load_drop_no_request() {
+    let h = Harness::start_watching(PLANS).await;
+    let (key, _) = h.create_key("unlimited").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (client, url) = (h.client.clone(), h.url("/api/data"));
+        let (stop, ok, failed, key) = (stop.clone(), ok.clone(), failed.clone(), key.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(&url).bearer_auth(&key).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    for cost in 1..=20u64 {
+        std::fs::write(h.config_file(), h.config_text(&plans_costing(cost))).expect("rewrite");
+        let want = tollgate::config::Amount::Fixed(cost);
+        eventually("the rewrite is applied", || data_cost(&h) == want).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load loop");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    // The counters move just after the swap that the loop waited for.
+    eventually("20 reloads counted", || reloads(&h, "ok") >= 20).await;
+    eventually("generation counted", || {
+        h.gateway.gateway.metrics.config_generation.get() >= 21
+    })
+    .await;
+    // The new cost is what requests are charged.
+    let (priced, _) = h.create_key("free").await;
+    let resp = h.get("/api/data", &priced).await;
+    assert_eq!(resp.status(), 402, "cost 20 > the free plan's 5 credits");
+}
+
+#[tokio::test]
+async fn a_bad_file_keeps_the_last_good_config_serving() {
+    let h = Harness::start_watching(&plans_costing(2)).await;
+    let (key, _) = h.create_key("metered").await;
+    let good = tollgate::config::Amount::Fixed(2);
+    let bad_files = [
+        "tiers: { free: [broken yaml".to_string(),
+        h.config_text(&plans_costing(2).replace("limit: 100, window: 1h", "limit: 0, window: 1h")),
+        String::new(),
+    ];
+    let mut errors = reloads(&h, "error");
+    let mut remaining = 1000u64;
+    for bad in bad_files {
+        std::fs::write(h.config_file(), bad).expect("write");
+        eventually("the failed reload is counted", || {
+            reloads(&h, "error") > errors
+        })
+        .await;
+        errors = reloads(&h, "error");
+        assert_eq!(data_cost(&h), good);
+        // Requests still cost 2, as the last good config says.
+        remaining -= 2;
+        let resp = h.get("/api/data", &key).await;
+        assert_eq!(
+            resp.headers()["x-usage-remaining"],
+            remaining.to_string().as_str()
+        );
+    }
+    std::fs::remove_file(h.config_file()).expect("delete");
+    eventually("the deleted file is counted as a failed reload", || {
+        reloads(&h, "error") > errors
+    })
+    .await;
+    assert_eq!(data_cost(&h), good);
+    // A good file again is applied.
+    std::fs::write(h.config_file(), h.config_text(&plans_costing(3))).expect("write");
+    eventually("the good file is applied", || {
+        data_cost(&h) == tollgate::config::Amount::Fixed(3)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tier_removed_by_reload_fails_its_keys_closed() {
+    let h = Harness::start_watching(PLANS).await;
+    let (key, _) = h.create_key("payg").await;
+    assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    let without = PLANS.replace(
+        "  payg:\n    credits: 2\n    overage: allow\n    features: [api]\n",
+        "",
+    );
+    assert_ne!(without, PLANS);
+    std::fs::write(h.config_file(), h.config_text(&without)).expect("write");
+    eventually("payg is gone", || {
+        h.gateway.gateway.config().tier("payg").is_none()
+    })
+    .await;
+    let body = json_of(h.get("/api/data", &key).await, 403).await;
+    assert_eq!(
+        (body["code"].as_str(), body["tier"].as_str()),
+        (Some("TIER_NOT_FOUND"), Some("payg"))
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_by_route_tier_and_code() {
+    let h = Harness::start(PLANS).await;
+    let (key, key_id) = h.create_key("free").await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    assert_eq!(
+        h.client
+            .get(h.url("/api/data"))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        401
+    );
+    assert_eq!(h.get("/api/data", "sk_free_unknown").await.status(), 401);
+    assert_eq!(h.get("/nowhere", &key).await.status(), 404);
+    assert_eq!(h.get("/api/ai/chat", &key).await.status(), 403);
+    assert_eq!(
+        h.keyed(Method::POST, "/api/exports", &key)
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        200
+    );
+    assert_eq!(h.get("/api/down", &key).await.status(), 502);
+
+    let text = h.scrape().await;
+    let requests = |labels: &[(&str, &str)]| metric(&text, "tollgate_requests_total", labels);
+    assert_eq!(
+        requests(&[("route", "data"), ("tier", "free"), ("code", "OK")]),
+        3.0
+    );
+    assert_eq!(
+        requests(&[("route", "data"), ("tier", "none"), ("code", "MISSING_KEY")]),
+        1.0
+    );
+    assert_eq!(
+        requests(&[("route", "data"), ("tier", "none"), ("code", "INVALID_KEY")]),
+        1.0
+    );
+    assert_eq!(
+        requests(&[("route", "none"), ("code", "ROUTE_NOT_FOUND")]),
+        1.0
+    );
+    assert_eq!(
+        requests(&[
+            ("route", "ai"),
+            ("tier", "free"),
+            ("code", "FEATURE_NOT_AVAILABLE")
+        ]),
+        1.0
+    );
+    assert_eq!(
+        requests(&[
+            ("route", "down"),
+            ("tier", "free"),
+            ("code", "UPSTREAM_UNAVAILABLE")
+        ]),
+        1.0
+    );
+    assert_eq!(requests(&[]), 9.0);
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_request_duration_seconds_count",
+            &[("route", "data")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(&text, "tollgate_verify_duration_seconds_count", &[]),
+        7.0
+    );
+    // 3 data calls; exports cost 0; the refused and refunded ones cost nothing.
+    assert_eq!(
+        metric(&text, "tollgate_credits_charged_total", &[("tier", "free")]),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "tollgate_pool_charged_total", &[("pool", "exports")]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_upstream_errors_total",
+            &[("upstream", "dead")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "tollgate_keys", &[]), 1.0);
+    assert_eq!(metric(&text, "tollgate_store_healthy", &[]), 1.0);
+    assert_eq!(metric(&text, "tollgate_config_generation", &[]), 1.0);
+    assert_eq!(
+        metric(&text, "tollgate_config_reloads_total", &[("result", "ok")]),
+        0.0
+    );
+    assert!(text.contains("tollgate_config_reloads_total{result=\"error\"} 0"));
+    assert!(text.contains("tollgate_webhook_deliveries_total{result=\"ok\"} 0"));
+    assert!(
+        !text.contains(&key_id) && !text.contains(&key),
+        "a key reached the metrics"
+    );
+    // Shadow series exist only for tiers that have shadow limits; PLANS has none.
+    for name in tollgate::metrics::NAMES
+        .iter()
+        .filter(|n| !n.contains("shadow"))
+    {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} is not exported"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reload_results_are_counted() {
+    let h = Harness::start_watching(PLANS).await;
+    std::fs::write(h.config_file(), "not: [valid").expect("write");
+    eventually("an error reload", || reloads(&h, "error") == 1).await;
+    std::fs::write(h.config_file(), h.config_text(&plans_costing(4))).expect("write");
+    eventually("an ok reload", || reloads(&h, "ok") >= 1).await;
+    let text = h.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "error")]
+        ),
+        1.0
+    );
+    assert!(metric(&text, "tollgate_config_generation", &[]) >= 2.0);
+}
+
+/// The real binary in front of a test upstream, with the config in a file.
+async fn binary(body: &str) -> (Binary, Upstream, tempfile::TempDir) {
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = crate::common::config_text(
+        upstream.addr,
+        crate::common::dead_address(),
+        &dir.path().join("store"),
+        body,
+    );
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(&config, text).expect("write config");
+    let env = [("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY))];
+    (Binary::serve(&config, &env).await, upstream, dir)
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+async fn exit_status(mut gateway: Binary) -> std::process::ExitStatus {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || gateway.child.wait()),
+    )
+    .await
+    .expect("the gateway exited")
+    .expect("join")
+    .expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_sigint_let_in_flight_requests_finish_then_exit_0() {
+    for sig in ["TERM", "INT"] {
+        let (gateway, upstream, _dir) = binary(PLANS).await;
+        let url = format!("http://{}/health", gateway.proxy);
+        let slow = tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .header("x-test-delay-ms", "1500")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+        eventually("the slow request reached the upstream", || {
+            !upstream.seen().is_empty()
+        })
+        .await;
+        signal(&gateway.child, sig);
+        assert_eq!(
+            slow.await
+                .expect("join")
+                .expect("the in-flight request completed"),
+            200,
+            "SIG{sig}"
+        );
+        let status = exit_status(gateway).await;
+        assert!(status.success(), "SIG{sig}: {status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file() {
+    let (gateway, _upstream, dir) = binary(PLANS).await;
+    let client = reqwest::Client::new();
+    let generation = || {
+        let (client, url) = (
+            client.clone(),
+            format!("http://{}/metrics", gateway.metrics),
+        );
+        async move {
+            let text = client
+                .get(url)
+                .send()
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("text");
+            metric(&text, "tollgate_config_generation", &[])
+        }
+    };
+    assert_eq!(generation().await, 1.0);
+    signal(&gateway.child, "HUP");
+    for _ in 0..1000 {
+        if generation().await >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        generation().await,
+        2.0,
+        "SIGHUP reloaded the unchanged file once"
+    );
+    // A key made before and after still works: the store is untouched.
+    let created: serde_json::Value = client
+        .post(format!("http://{}/v1/keys", gateway.admin))
+        .bearer_auth(ROOT_KEY)
+        .json(&json!({ "tier": "free" }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    assert!(created["key"].is_string());
+    drop(dir);
+}
