@@ -3,6 +3,7 @@
 //! 127.0.0.1 port 0. Each test reads like a sentence: start, send, assert.
 
 use std::sync::Arc;
+
 use std::time::Duration;
 
 use axum::body::Body;
@@ -381,6 +382,8 @@ pub struct Binary {
     pub proxy: String,
     pub admin: String,
     pub metrics: String,
+    /// Every line it has logged so far (JSON).
+    pub logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Binary {
@@ -414,10 +417,13 @@ impl Binary {
         }
         let mut child = command.spawn().expect("spawn tollgate");
         let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
         let found = tokio::task::spawn_blocking(move || {
             let mut lines = std::io::BufReader::new(stderr).lines();
             for line in lines.by_ref() {
                 let line = line.expect("log line");
+                sink.lock().push(line.clone());
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     let fields = &v["fields"];
                     if let (Some(p), Some(a), Some(m)) = (
@@ -426,8 +432,12 @@ impl Binary {
                         fields["metrics"].as_str(),
                     ) {
                         let found = (p.to_string(), a.to_string(), m.to_string());
-                        // Keep draining so the child never blocks on a full pipe.
-                        std::thread::spawn(move || lines.for_each(drop));
+                        // Keep reading so the child never blocks on a full pipe.
+                        std::thread::spawn(move || {
+                            for line in lines.map_while(Result::ok) {
+                                sink.lock().push(line);
+                            }
+                        });
                         return Some(found);
                     }
                 }
@@ -445,6 +455,7 @@ impl Binary {
             proxy,
             admin,
             metrics,
+            logs,
         }
     }
 }

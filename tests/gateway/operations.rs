@@ -392,3 +392,79 @@ async fn sighup_reloads_the_file() {
     assert!(created["key"].is_string());
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_json_access_line_per_request_and_no_secrets() {
+    let (gateway, _upstream, _dir) = binary(PLANS).await;
+    let client = reqwest::Client::new();
+    let created: serde_json::Value = client
+        .post(format!("http://{}/v1/keys", gateway.admin))
+        .bearer_auth(ROOT_KEY)
+        .json(&json!({ "tier": "free" }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key").to_string();
+    let send = |path: &str| {
+        client
+            .get(format!("http://{}{path}", gateway.proxy))
+            .bearer_auth(&key)
+            .send()
+    };
+    assert_eq!(send("/api/data").await.expect("send").status(), 200);
+    assert_eq!(send("/api/ai/x").await.expect("send").status(), 403);
+    assert_eq!(send("/nowhere").await.expect("send").status(), 404);
+    let access = || -> Vec<serde_json::Value> {
+        gateway
+            .logs
+            .lock()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "tollgate::access")
+            .collect()
+    };
+    eventually("three access lines", || access().len() == 3).await;
+    let lines = access();
+    let summary: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            let f = &l["fields"];
+            (
+                f["route"].as_str(),
+                f["tier"].as_str(),
+                f["code"].as_str(),
+                f["status"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some("data"), Some("free"), Some("OK"), Some(200)),
+            (
+                Some("ai"),
+                Some("free"),
+                Some("FEATURE_NOT_AVAILABLE"),
+                Some(403)
+            ),
+            // No route matched, so no key was read.
+            (
+                Some("none"),
+                Some("none"),
+                Some("ROUTE_NOT_FOUND"),
+                Some(404)
+            ),
+        ]
+    );
+    assert!(lines[0]["fields"]["latency_ms"].as_f64().is_some());
+    assert!(lines[0]["fields"]["upstream_ms"].as_f64().is_some());
+    let all = gateway.logs.lock().join("\n");
+    assert!(all.contains("tollgate is serving"));
+    assert!(
+        !all.contains(&key) && !all.contains(ROOT_KEY),
+        "a secret reached the logs"
+    );
+}
