@@ -72,6 +72,7 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
             config_path: None,
             handle_signals: true,
             drain_timeout: std::time::Duration::from_secs(5),
+            upgrade: false,
         },
     )?;
 

@@ -21,6 +21,7 @@
 //! - [`views`]: the key record and usage JSON.
 //! - [`server`]: assembling and running it all; shutdown.
 //! - [`reload`]: live config: SIGHUP and the file watcher.
+//! - [`upgrade`]: zero-downtime binary upgrade with the store handed over.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
 pub mod calendar;
@@ -40,5 +41,6 @@ pub mod reject;
 pub mod reload;
 pub mod server;
 pub mod store;
+pub mod upgrade;
 pub mod views;
 pub mod window;

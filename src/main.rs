@@ -43,6 +43,11 @@ enum Command {
         /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 10)]
         drain_timeout: u64,
+        /// Take over, without downtime, from a tollgate already serving this
+        /// store (its listening sockets, then its store); without one, start
+        /// normally.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: exit 0, or print every error and exit 1.
     CheckConfig {
@@ -130,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config: path,
             threads,
             drain_timeout,
+            upgrade,
         } => {
             let config = match load(&path) {
                 Ok(config) => config,
@@ -153,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config_path: Some(path),
                     handle_signals: true,
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    upgrade,
                 },
             )
             .context("cannot start tollgate")?;

@@ -29,13 +29,17 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+use crate::upgrade;
 
 /// How often usage is written behind to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long start-up waits for another process to release the store.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long a taking-over process waits for the old one to hand the store
+/// over: Pingora's 5 s hand-over, the drain, and a margin.
+const UPGRADE_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// How a gateway runs, beyond its config file.
 pub struct Options {
@@ -51,6 +55,9 @@ pub struct Options {
     pub handle_signals: bool,
     /// How long in-flight requests may take to finish after a stop.
     pub drain_timeout: Duration,
+    /// Take over from a tollgate already serving this store, if there is one
+    /// (see [`crate::upgrade`]).
+    pub upgrade: bool,
 }
 
 /// A running gateway.
@@ -110,6 +117,27 @@ fn reserve_proxy_port(addr: SocketAddr) -> anyhow::Result<(SocketAddr, Option<so
     Ok((bound, Some(socket)))
 }
 
+/// Binds a listener of our own (admin, metrics) with `SO_REUSEPORT`, so
+/// that during an upgrade the new process can bind it while the old one
+/// still serves it.
+fn bind_shared(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    bind().with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+fn is_lock_error(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
+}
+
 /// Starts a gateway and returns once its proxy accepts connections.
 pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.store_path).with_context(|| {
@@ -118,24 +146,64 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             config.store_path.display()
         )
     })?;
-    let store = Store::open_waiting(&config.store_path, STORE_LOCK_WAIT).with_context(|| {
+    let handover = upgrade::Handover::beside(&config.store_path);
+    let conf = ServerConf {
+        threads: options.threads.max(1),
+        // Pingora sleeps this long after a stop before ending its runtimes
+        // (default 300 s). The drainer below exits sooner, as soon as the
+        // last in-flight request is done.
+        grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(2),
+        upgrade_sock: handover.sock.display().to_string(),
+        upgrade_sock_connect_accept_max_retries: Some(30),
+        ..ServerConf::default()
+    };
+
+    // With --upgrade, a store locked by a running tollgate means: take over.
+    let (store, takeover) = match Store::open(&config.store_path) {
+        Err(e) if options.upgrade && is_lock_error(&e) => (None, true),
+        Err(e) if is_lock_error(&e) => (
+            Some(Store::open_waiting(&config.store_path, STORE_LOCK_WAIT)),
+            false,
+        ),
+        other => (Some(other), false),
+    };
+    let opt = pingora::server::configuration::Opt {
+        upgrade: takeover,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    if takeover {
+        if config.listen.proxy.port() == 0 {
+            bail!("--upgrade needs the running process's fixed listen.proxy address, not port 0");
+        }
+        tracing::info!(sock = %handover.sock.display(), "taking over from the running tollgate");
+        handover.signal_old_process()?;
+    }
+    // Receives the old process's listening sockets when taking over.
+    server.bootstrap();
+    let admin_listener = bind_shared(config.listen.admin, "listen.admin")?;
+    let admin_addr = admin_listener.local_addr()?;
+    let metrics_listener = bind_shared(config.listen.metrics, "listen.metrics")?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let (proxy_addr, reservation) = if takeover {
+        (config.listen.proxy, None)
+    } else {
+        reserve_proxy_port(config.listen.proxy)
+            .with_context(|| format!("listen.proxy {}", config.listen.proxy))?
+    };
+    let store = match store {
+        Some(store) => store,
+        // The old process releases the lock once it has drained and flushed.
+        None => Store::open_waiting(&config.store_path, UPGRADE_LOCK_WAIT),
+    }
+    .with_context(|| {
         format!(
             "cannot open store {} (is another tollgate using it?)",
             config.store_path.display()
         )
     })?;
-    let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<TcpListener> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} ({what})"))?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    };
-    let admin_listener = bind(config.listen.admin, "listen.admin")?;
-    let admin_addr = admin_listener.local_addr()?;
-    let metrics_listener = bind(config.listen.metrics, "listen.metrics")?;
-    let metrics_addr = metrics_listener.local_addr()?;
-    let (proxy_addr, reservation) = reserve_proxy_port(config.listen.proxy)
-        .with_context(|| format!("listen.proxy {}", config.listen.proxy))?;
+    handover.claim();
     if options.root_key.is_none() {
         tracing::warn!(env = %config.root_key_env, "no root key set: the admin API refuses every call");
     }
@@ -153,16 +221,6 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         in_flight: Default::default(),
     });
 
-    let conf = ServerConf {
-        threads: options.threads.max(1),
-        // Pingora sleeps this long after a stop before ending its runtimes
-        // (default 300 s). The drainer below exits sooner, as soon as the
-        // last in-flight request is done.
-        grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
-        graceful_shutdown_timeout_seconds: Some(2),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
     let mut socket_options = TcpSocketOptions::default();
@@ -183,6 +241,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             gateway: gateway.clone(),
             drain_timeout: options.drain_timeout,
             exit_when_drained: options.handle_signals,
+            handover: handover.clone(),
         },
     ));
     if let Some(path) = &options.config_path {
@@ -206,7 +265,6 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     let thread = std::thread::Builder::new()
         .name("tollgate".into())
         .spawn(move || {
-            server.bootstrap();
             server.run(RunArgs {
                 shutdown_signal: Box::new(signals),
             });
@@ -215,6 +273,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             if let Err(e) = store.flush_blocking() {
                 tracing::error!(error = %e, "final store flush failed");
             }
+            handover.release();
             drop(reservation);
         })?;
 
@@ -262,10 +321,11 @@ impl ShutdownSignalWatch for Signals {
             return ShutdownSignal::GracefulTerminate;
         }
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::quit()),
         ) else {
             tracing::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::GracefulTerminate;
@@ -280,6 +340,10 @@ impl ShutdownSignalWatch for Signals {
                 _ = int.recv() => {
                     tracing::info!("SIGINT: draining and stopping");
                     return ShutdownSignal::GracefulTerminate;
+                }
+                _ = quit.recv() => {
+                    tracing::info!("SIGQUIT: handing the listening sockets to the new process, then draining");
+                    return ShutdownSignal::GracefulUpgrade;
                 }
                 _ = hup.recv() => {}
             }
@@ -365,6 +429,7 @@ struct Flusher {
     gateway: Arc<Gateway>,
     drain_timeout: Duration,
     exit_when_drained: bool,
+    handover: upgrade::Handover,
 }
 
 #[async_trait]
@@ -405,6 +470,8 @@ impl BackgroundService for Flusher {
             Err(e) => tracing::error!(error = %e, "final usage flush failed"),
         }
         if self.exit_when_drained {
+            self.handover.release();
+            // Exiting releases sled's lock for a process taking over.
             std::process::exit(0);
         }
     }

@@ -234,6 +234,7 @@ impl Harness {
             config_path,
             handle_signals: false,
             drain_timeout: Duration::from_secs(1),
+            upgrade: false,
         };
         let gateway = tokio::task::spawn_blocking(move || server::start(config, options))
             .await
@@ -397,6 +398,15 @@ impl Binary {
     /// Runs `tollgate serve --config <config>` with `env`, and waits until it
     /// logs the addresses it serves on.
     pub async fn serve(config: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> Binary {
+        Binary::serve_with(config, env, &[]).await
+    }
+
+    /// [`Binary::serve`] with more `serve` arguments.
+    pub async fn serve_with(
+        config: &std::path::Path,
+        env: &[(&str, &std::ffi::OsStr)],
+        args: &[&str],
+    ) -> Binary {
         use std::io::BufRead;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
         command
@@ -409,6 +419,7 @@ impl Binary {
                 "--config",
             ])
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null());

@@ -17,6 +17,7 @@ mod paths;
 mod rejections;
 mod streaming;
 mod tls;
+mod upgrade;
 
 /// Tiers and routes most tests use.
 pub const PLANS: &str = r#"
