@@ -349,10 +349,7 @@ async fn update_key(
         }
         None => None,
     };
-    let entry = entry(&gw, &key_id)?;
-    let view = {
-        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
-        let state = &mut *state;
+    write_key(&gw, &key_id, |config, state| {
         let now = gw.clock.now();
         if let Some(new) = new_tier {
             let old = config.tier(&state.record.tier);
@@ -378,9 +375,27 @@ async fn update_key(
         if let Some(expires_at) = req.expires_at {
             state.record.expires_at = expires_at;
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Changes a key under its lock, writes it through to the store, and
+/// answers its record once the write is on disk.
+async fn write_key(
+    gw: &Gateway,
+    key_id: &str,
+    change: impl FnOnce(&Config, &mut KeyState) -> Result<(), ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let config = gw.config();
+    let entry = entry(gw, key_id)?;
+    let view = {
+        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
+        let state = &mut *state;
+        change(&config, state)?;
         gw.store
             .write_through(state.record.external_id.as_deref(), state)?;
-        record_view(&gw, &config, state)
+        record_view(gw, &config, state)
     };
     gw.store.sync().await?;
     Ok(Json(view))
@@ -408,11 +423,7 @@ async fn change_credits(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&gw, &headers)?;
     let req: ChangeCredits = parse_body(body).await?;
-    let config = gw.config();
-    let entry = entry(&gw, &key_id)?;
-    let view = {
-        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
-        let state = &mut *state;
+    write_key(&gw, &key_id, |config, state| {
         let tier = config
             .tier(&state.record.tier)
             .filter(|t| t.credits != Credits::Unlimited)
@@ -428,12 +439,9 @@ async fn change_credits(
             CreditOp::Set => req.amount,
         });
         tracing::info!(%key_id, op = ?req.op, amount = req.amount, "credits changed");
-        gw.store
-            .write_through(state.record.external_id.as_deref(), state)?;
-        record_view(&gw, &config, state)
-    };
-    gw.store.sync().await?;
-    Ok(Json(view))
+        Ok(())
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]

@@ -395,6 +395,33 @@ impl Drop for Binary {
 }
 
 impl Binary {
+    /// Creates a key through this process's admin API; the whole answer.
+    pub async fn create_key(&self, fields: Value) -> Value {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/keys", self.admin))
+            .bearer_auth(ROOT_KEY)
+            .json(&fields)
+            .send()
+            .await
+            .expect("create")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// The usage endpoint's answer for `key`.
+    pub async fn usage(&self, key: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://{}/_tollgate/usage", self.proxy))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// Runs `tollgate serve --config <config>` with `env`, and waits until it
     /// logs the addresses it serves on.
     pub async fn serve(config: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> Binary {

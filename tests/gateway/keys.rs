@@ -321,16 +321,7 @@ async fn admin_writes_survive_kill_9() {
     let client = reqwest::Client::new();
 
     let mut first = Binary::serve(&config, &env).await;
-    let created: Value = client
-        .post(format!("http://{}/v1/keys", first.admin))
-        .bearer_auth(ROOT_KEY)
-        .json(&json!({ "tier": "free" }))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
+    let created = first.create_key(json!({ "tier": "free" })).await;
     let key = created["key"].as_str().expect("key").to_string();
     let key_id = created["key_id"].as_str().expect("id").to_string();
     let granted = client
@@ -347,14 +338,6 @@ async fn admin_writes_survive_kill_9() {
     drop(first);
 
     let second = Binary::serve(&config, &env).await;
-    let usage: Value = client
-        .get(format!("http://{}/_tollgate/usage", second.proxy))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
+    let usage = second.usage(&key).await;
     assert_eq!(usage["usage"]["credits"]["remaining"], 1005);
 }

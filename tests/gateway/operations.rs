@@ -379,16 +379,7 @@ async fn sighup_reloads_the_file() {
         "SIGHUP reloaded the unchanged file once"
     );
     // A key made before and after still works: the store is untouched.
-    let created: serde_json::Value = client
-        .post(format!("http://{}/v1/keys", gateway.admin))
-        .bearer_auth(ROOT_KEY)
-        .json(&json!({ "tier": "free" }))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
+    let created = gateway.create_key(json!({ "tier": "free" })).await;
     assert!(created["key"].is_string());
     drop(dir);
 }
@@ -397,16 +388,7 @@ async fn sighup_reloads_the_file() {
 async fn one_json_access_line_per_request_and_no_secrets() {
     let (gateway, _upstream, _dir) = binary(PLANS).await;
     let client = reqwest::Client::new();
-    let created: serde_json::Value = client
-        .post(format!("http://{}/v1/keys", gateway.admin))
-        .bearer_auth(ROOT_KEY)
-        .json(&json!({ "tier": "free" }))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
+    let created = gateway.create_key(json!({ "tier": "free" })).await;
     let key = created["key"].as_str().expect("key").to_string();
     let send = |path: &str| {
         client

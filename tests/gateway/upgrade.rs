@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::common::{config_text, dead_address, eventually, Binary, Upstream, ROOT_KEY};
 use crate::PLANS;
@@ -42,16 +42,9 @@ async fn an_upgrade_under_load_cuts_nothing_and_counts_every_charge() {
         .pool_max_idle_per_host(0)
         .build()
         .expect("client");
-    let created: Value = client
-        .post(format!("http://{}/v1/keys", old.admin))
-        .bearer_auth(ROOT_KEY)
-        .json(&json!({ "tier": "metered", "credits": 1_000_000 }))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
+    let created = old
+        .create_key(json!({ "tier": "metered", "credits": 1_000_000 }))
+        .await;
     let key = created["key"].as_str().expect("key").to_string();
     let url = format!("http://{}/api/data", old.proxy);
 
@@ -125,15 +118,7 @@ async fn an_upgrade_under_load_cuts_nothing_and_counts_every_charge() {
     );
 
     // Every charge, before and after, is in the store the new process serves.
-    let usage: Value = client
-        .get(format!("http://{}/_tollgate/usage", new.proxy))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
+    let usage = new.usage(&key).await;
     let served = ok.load(Ordering::Relaxed) + 1;
     assert_eq!(
         usage["usage"]["credits"]["used"], served,
