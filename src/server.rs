@@ -29,7 +29,7 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::upgrade;
 
 /// How often usage is written behind to disk.
@@ -134,10 +134,6 @@ fn bind_shared(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     bind().with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
-fn is_lock_error(e: &StoreError) -> bool {
-    matches!(e, StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
-}
-
 /// Starts a gateway and returns once its proxy accepts connections.
 pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.store_path).with_context(|| {
@@ -161,8 +157,8 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
 
     // With --upgrade, a store locked by a running tollgate means: take over.
     let (store, takeover) = match Store::open(&config.store_path) {
-        Err(e) if options.upgrade && is_lock_error(&e) => (None, true),
-        Err(e) if is_lock_error(&e) => (
+        Err(e) if options.upgrade && e.is_locked() => (None, true),
+        Err(e) if e.is_locked() => (
             Some(Store::open_waiting(&config.store_path, STORE_LOCK_WAIT)),
             false,
         ),

@@ -47,6 +47,13 @@ pub enum StoreError {
     Unavailable,
 }
 
+impl StoreError {
+    /// Another process (or a just-dropped store) holds sled's lock.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock"))
+    }
+}
+
 impl From<TransactionError<StoreError>> for StoreError {
     fn from(e: TransactionError<StoreError>) -> Self {
         match e {
@@ -138,10 +145,7 @@ impl Store {
         let deadline = std::time::Instant::now() + max_wait;
         loop {
             match Store::open(path) {
-                Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 other => return other,

@@ -446,7 +446,10 @@ async fn one_json_access_line_per_request_and_no_secrets() {
     let all = gateway.logs.lock().join("\n");
     assert!(all.contains("tollgate is serving"));
     // Pingora's own `log` lines come through the same JSON subscriber.
-    assert!(all.contains("\"target\":\"pingora_core"), "no Pingora line in the logs");
+    assert!(
+        all.contains("\"target\":\"pingora_core"),
+        "no Pingora line in the logs"
+    );
     assert!(
         !all.contains(&key) && !all.contains(ROOT_KEY),
         "a secret reached the logs"
