@@ -143,6 +143,9 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         )
     })?;
     let handover = upgrade::Handover::beside(&config.store_path);
+    if options.upgrade {
+        handover.check()?;
+    }
     let conf = ServerConf {
         threads: options.threads.max(1),
         // Pingora sleeps this long after a stop before ending its runtimes

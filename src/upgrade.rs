@@ -56,6 +56,19 @@ impl Handover {
         }
     }
 
+    /// A Unix socket path must fit in `sun_path` (108 bytes on Linux);
+    /// Pingora would panic on a longer one.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let len = self.sock.as_os_str().len();
+        if len >= 100 {
+            anyhow::bail!(
+                "the upgrade socket path {} is {len} bytes; Unix sockets allow under 108: use a shorter store.path",
+                self.sock.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Clears a socket file left by an earlier upgrade, then, on a thread,
     /// waits for the new one to appear (Pingora's bootstrap creates it and
     /// waits for the old process) and sends SIGQUIT to the old process.

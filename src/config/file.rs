@@ -111,7 +111,7 @@ pub struct UpstreamFile {
 
 /// `credits: 100` or `credits: unlimited`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a whole number of credits, or unlimited")]
 pub enum CreditsFile {
     Amount(i64),
     Word(String),
@@ -164,7 +164,10 @@ pub struct TierFile {
 
 /// A charge: a fixed integer, or `{ header: name }` read from the request.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a whole number, or { header: <request header name> }"
+)]
 pub enum AmountFile {
     Fixed(i64),
     Header(HeaderAmountFile),

@@ -775,6 +775,26 @@ routes:
     }
 
     #[test]
+    fn either_or_values_explain_what_they_accept() {
+        let e = errors(&MINIMAL.replace("credits: 10", "credits: 1.5"));
+        assert_eq!(e[0].path, "tiers.free.credits");
+        assert!(
+            e[0].message
+                .contains("a whole number of credits, or unlimited"),
+            "{e:?}"
+        );
+        let e = errors(&MINIMAL.replace(
+            "upstream: main }",
+            "upstream: main, cost: { header: x, extra: 1 } }",
+        ));
+        assert_eq!(e[0].path, "routes[0].cost");
+        assert!(
+            e[0].message.contains("{ header: <request header name> }"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn listen_overlap_rules() {
         let a: SocketAddr = "0.0.0.0:80".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:80".parse().unwrap();
