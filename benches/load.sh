@@ -43,16 +43,23 @@ for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8900/health && bre
 KEY=$(curl -s -X POST http://127.0.0.1:8901/v1/keys -H 'Authorization: Bearer bench' -d '{"tier":"bench"}' \
       | sed -E 's/.*"key":"([^"]+)".*/\1/')
 
+# CPU seconds tollgate has used (user + system): CPU per request is steadier
+# than req/s on a shared machine.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$TG/stat"; }
+
 run() { # name, wrk args...
   local name=$1; shift
+  local before; before=$(cpu)
   local out; out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency "$@")
+  local after; after=$(cpu)
   local rps p50 p99 non2xx total
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
-  printf '%-28s %10s req/s   p50 %8s   p99 %8s   requests %9s   non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "$total" "${non2xx:-0}"
+  local us; us=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.1f", (a - b) * 1e6 / n}')
+  printf '%-28s %10s req/s   p50 %8s   p99 %8s   requests %9s   non-2xx %s   tollgate CPU %s us/req\n' "$name" "$rps" "$p50" "$p99" "$total" "${non2xx:-0}" "$us"
   LAST_TOTAL=$total
 }
 

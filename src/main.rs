@@ -8,6 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use tollgate::clock::SystemClock;
+
+/// Pingora allocates per request from many threads; glibc's malloc showed
+/// as ~11% of CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::config::Config;
 use tollgate::server::{self, Options};
 

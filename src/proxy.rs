@@ -373,16 +373,19 @@ impl ProxyHttp for Proxy {
         if ctx.admission.is_none() {
             return Ok(());
         }
-        let Some(route) = ctx.route().cloned() else {
+        // A second handle on the snapshot, so the route can be read while
+        // `ctx` is changed (a refund).
+        let (Some(config), Some(index)) = (ctx.config.clone(), ctx.route) else {
             return Ok(());
         };
+        let route = &config.routes[index];
         if route.refund_on_5xx && upstream_response.status.is_server_error() {
             self.refund(ctx);
         }
         if route.meter.is_empty() {
             return Ok(());
         }
-        let (Some(entry), Some(config)) = (&ctx.entry, &ctx.config) else {
+        let Some(entry) = &ctx.entry else {
             return Ok(());
         };
         let now = self.gateway.clock.now();
