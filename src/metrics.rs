@@ -29,6 +29,7 @@ pub const NAMES: &[&str] = &[
     "tollgate_config_generation",
     "tollgate_keys",
     "tollgate_store_healthy",
+    "tollgate_requests_in_flight",
 ];
 
 /// The `route` label when no route matched; the `tier` label when no key
@@ -70,6 +71,7 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub keys: IntGauge,
     pub store_healthy: Gauge,
+    pub in_flight: IntGauge,
 }
 
 fn counter(
@@ -129,6 +131,10 @@ impl Metrics {
             "How many configurations have been applied since start (1 = the first).",
         )?;
         let keys = gauge("tollgate_keys", "Keys in the store.")?;
+        let in_flight = gauge(
+            "tollgate_requests_in_flight",
+            "Proxied requests under way (drains to 0 at a stop or an upgrade).",
+        )?;
         let store_healthy = Gauge::new(
             "tollgate_store_healthy",
             "1 while the store records charges, 0 while charges fail closed.",
@@ -190,6 +196,7 @@ impl Metrics {
             config_generation,
             keys,
             store_healthy,
+            in_flight,
             registry,
         };
         for result in ["ok", "error"] {

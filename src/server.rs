@@ -411,6 +411,8 @@ fn metrics_router(gateway: Arc<Gateway>) -> axum::Router {
                 .set(i64::try_from(gateway.store.key_count()).unwrap_or(i64::MAX));
             m.store_healthy
                 .set(if gateway.store.healthy() { 1.0 } else { 0.0 });
+            m.in_flight
+                .set(i64::try_from(gateway.in_flight.get()).unwrap_or(i64::MAX));
             (
                 [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
                 m.render(),

@@ -455,3 +455,27 @@ async fn one_json_access_line_per_request_and_no_secrets() {
         "a secret reached the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_exported() {
+    let h = Harness::start(PLANS).await;
+    let slow = h
+        .client
+        .get(h.url("/health"))
+        .header("x-test-delay-ms", "1000")
+        .send();
+    let slow = tokio::spawn(slow);
+    eventually("the slow request reached the upstream", || {
+        !h.upstream.seen().is_empty()
+    })
+    .await;
+    let text = h.scrape().await;
+    assert_eq!(metric(&text, "tollgate_requests_in_flight", &[]), 1.0);
+    assert_eq!(slow.await.expect("join").expect("send").status(), 200);
+    let gateway = &h.gateway.gateway;
+    eventually("nothing in flight", || gateway.in_flight.get() == 0).await;
+    assert_eq!(
+        metric(&h.scrape().await, "tollgate_requests_in_flight", &[]),
+        0.0
+    );
+}
