@@ -34,6 +34,10 @@ use crate::upgrade;
 
 /// How often usage is written behind to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Keys unused this long leave memory (their state is in the store) ...
+const KEY_IDLE: Duration = Duration::from_secs(600);
+/// ... checked this often.
+const EVICT_EVERY: Duration = Duration::from_secs(60);
 
 /// How long start-up waits for another process to release the store.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -439,6 +443,7 @@ impl BackgroundService for Flusher {
         let store = &self.gateway.store;
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_eviction = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -446,6 +451,11 @@ impl BackgroundService for Flusher {
             }
             if let Err(e) = store.flush_dirty().await {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
+            }
+            if last_eviction.elapsed() >= EVICT_EVERY {
+                last_eviction = tokio::time::Instant::now();
+                let dropped = store.evict_idle(KEY_IDLE);
+                tracing::debug!(dropped, cached = store.cached(), "idle keys left memory");
             }
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;

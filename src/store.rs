@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -73,6 +73,8 @@ pub struct KeyState {
 pub struct Entry {
     state: Mutex<KeyState>,
     dirty: AtomicBool,
+    /// When a lookup last found it, in seconds since the store opened.
+    last_used: AtomicU64,
 }
 
 impl Entry {
@@ -97,6 +99,8 @@ pub struct Store {
     fail_flushes: AtomicBool,
     /// Keys in `records` (sled's `len` walks the whole tree).
     keys: AtomicUsize,
+    /// The epoch of `Entry::last_used`.
+    opened: std::time::Instant,
     /// One write-behind pass at a time, so a pass that started before a
     /// failure cannot finish after it and mark the store healthy.
     flush_pass: tokio::sync::Mutex<()>,
@@ -162,6 +166,7 @@ impl Store {
         let records = db.open_tree("records")?;
         Ok(Store {
             keys: AtomicUsize::new(records.len()),
+            opened: std::time::Instant::now(),
             records,
             hashes: db.open_tree("hashes")?,
             usage: db.open_tree("usage")?,
@@ -190,6 +195,7 @@ impl Store {
     /// The key with this hash, loaded into memory on first use.
     pub fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
         if let Some(entry) = self.cache.read().get(hash) {
+            entry.last_used.store(self.now_secs(), Ordering::Relaxed);
             return Ok(Some(entry.clone()));
         }
         if !self.hashes.contains_key(hash.0)? {
@@ -221,6 +227,7 @@ impl Store {
                 revoked: false,
             }),
             dirty: AtomicBool::new(false),
+            last_used: AtomicU64::new(self.now_secs()),
         });
         cache.insert(*hash, entry.clone());
         Ok(Some(entry))
@@ -364,6 +371,34 @@ impl Store {
         Ok(ids)
     }
 
+    fn now_secs(&self) -> u64 {
+        self.opened.elapsed().as_secs()
+    }
+
+    /// Drops from memory the keys nobody has used for `idle`, whose usage is
+    /// already written and which no request holds. Their state is in sled,
+    /// so the next lookup loads it again. Returns how many were dropped.
+    ///
+    /// Holding the cache's write lock, an entry whose only owner is the
+    /// cache cannot be picked up by anyone meanwhile: lookups wait for the
+    /// lock, and every request or dirty-queue slot holds its own `Arc`.
+    pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
+        let cutoff = self.now_secs().saturating_sub(idle.as_secs());
+        let mut cache = self.cache.write();
+        let before = cache.len();
+        cache.retain(|_, entry| {
+            Arc::strong_count(entry) > 1
+                || entry.dirty.load(Ordering::Acquire)
+                || entry.last_used.load(Ordering::Relaxed) > cutoff
+        });
+        before - cache.len()
+    }
+
+    /// Keys held in memory.
+    pub fn cached(&self) -> usize {
+        self.cache.read().len()
+    }
+
     /// How many keys exist.
     pub fn key_count(&self) -> usize {
         self.keys.load(Ordering::Relaxed)
@@ -493,6 +528,32 @@ mod tests {
             .expect("list")
             .is_empty());
         assert!(!store.revoke(&rec.key_id).await.expect("revoke"));
+    }
+
+    #[tokio::test]
+    async fn idle_clean_unheld_keys_leave_memory_and_come_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
+        for k in [&a, &b] {
+            store
+                .create(k.hash, &record(&k.hash, None), &Usage::default())
+                .await
+                .expect("create");
+        }
+        let entry = store.lookup(&a.hash).expect("read").expect("found");
+        entry.lock().expect("live").usage.used = 42;
+        store.touch(&entry);
+        drop(entry);
+        let held = store.lookup(&b.hash).expect("read").expect("found");
+        // Dirty (queued for the flusher) and held entries stay.
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
+        store.flush_dirty().await.expect("flush");
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
+        assert_eq!(store.cached(), 1, "the held key stays");
+        let again = store.lookup(&a.hash).expect("read").expect("found");
+        assert_eq!(again.lock().expect("live").usage.used, 42);
+        drop(held);
     }
 
     #[tokio::test]
