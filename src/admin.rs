@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -136,6 +137,30 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// The gateway, for a request that carried the root key. Extracted before
+/// the body, so a caller without the key learns nothing about its input.
+pub struct Authorized(pub Arc<Gateway>);
+
+impl FromRequestParts<Arc<Gateway>> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        authorize(gw, &parts.headers)?;
+        Ok(Authorized(gw.clone()))
+    }
+}
+
+/// A JSON body parsed by [`parse_body`].
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, ApiError> {
+        parse_body(req.into_body()).await.map(JsonBody)
+    }
+}
+
 /// The body of `POST /v1/keys`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,12 +176,9 @@ pub struct CreateKey {
 }
 
 async fn create_key(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Body,
+    Authorized(gw): Authorized,
+    JsonBody(req): JsonBody<CreateKey>,
 ) -> Result<Response, ApiError> {
-    authorize(&gw, &headers)?;
-    let req: CreateKey = parse_body(body).await?;
     let answer = issue_key(&gw, req).await?;
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
@@ -210,11 +232,9 @@ pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> 
 }
 
 async fn get_key(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authorized(gw): Authorized,
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&gw, &headers)?;
     let entry = gw
         .store
         .lookup_id(&key_id)?
@@ -231,11 +251,9 @@ async fn get_key(
 }
 
 async fn revoke_key(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authorized(gw): Authorized,
     Path(key_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&gw, &headers)?;
     if gw.store.revoke(&key_id).await? {
         tracing::info!(%key_id, "key revoked");
         Ok(StatusCode::NO_CONTENT)
@@ -266,11 +284,9 @@ const MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 100;
 
 async fn list_keys(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authorized(gw): Authorized,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&gw, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let limit = match query.limit {
         None => DEFAULT_PAGE,
@@ -328,13 +344,10 @@ struct UpdateKey {
 }
 
 async fn update_key(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authorized(gw): Authorized,
     Path(key_id): Path<String>,
-    body: Body,
+    JsonBody(req): JsonBody<UpdateKey>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&gw, &headers)?;
-    let req: UpdateKey = parse_body(body).await?;
     let config = gw.config();
     let new_tier = match &req.tier {
         Some(t) => Some(
@@ -416,13 +429,10 @@ struct ChangeCredits {
 }
 
 async fn change_credits(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    Authorized(gw): Authorized,
     Path(key_id): Path<String>,
-    body: Body,
+    JsonBody(req): JsonBody<ChangeCredits>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&gw, &headers)?;
-    let req: ChangeCredits = parse_body(body).await?;
     write_key(&gw, &key_id, |config, state| {
         let tier = config
             .tier(&state.record.tier)
@@ -457,12 +467,9 @@ struct Verify {
 /// Decides and charges exactly as a proxied request would, without
 /// proxying. Refusals are `200 {"valid": false, "code": ...}`.
 async fn verify(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Body,
+    Authorized(gw): Authorized,
+    JsonBody(req): JsonBody<Verify>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&gw, &headers)?;
-    let req: Verify = parse_body(body).await?;
     let mut pools = Vec::with_capacity(req.pools.len());
     for (name, units) in &req.pools {
         let units = units
