@@ -295,6 +295,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     if !ready {
         bail!("the proxy did not start listening on {proxy_addr}");
     }
+    defer_accept(proxy_addr);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate is serving");
     Ok(Running {
         proxy_addr,
@@ -366,6 +367,56 @@ impl ShutdownSignalWatch for Signals {
 /// Resolves once the stop trigger is set.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Sets `TCP_DEFER_ACCEPT` on Pingora's proxy listener (found by its
+/// address among this process's descriptors, since Pingora does not hand
+/// it out): a connection is accepted only once its request bytes are there.
+///
+/// Pingora drops a connection it has accepted but not yet read a request
+/// from when it stops accepting (a stop, or the hand-over of an upgrade).
+/// With deferred accept such a connection already holds its request, which
+/// Pingora reads before it looks at the stop: no client that connected just
+/// before the hand-over is dropped. The option lives on the socket, so it
+/// carries over to the process that takes the socket in an upgrade.
+fn defer_accept(addr: SocketAddr) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for fd in fds
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        // SAFETY: the descriptor stays open for the duration of this check:
+        // it is one of ours, and only looked at.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let is_listener = socket.is_listener().unwrap_or(false);
+        let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+        if !is_listener || local != Some(addr) {
+            continue;
+        }
+        let seconds: libc::c_int = 5;
+        // SAFETY: a valid descriptor, option and length for an int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                borrowed.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&seconds as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            tracing::info!(
+                fd,
+                "the proxy listener accepts connections once their request has arrived"
+            );
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot defer accept on the proxy listener");
+        }
+    }
 }
 
 /// Serves an axum router on a listener bound at start-up, until shutdown.

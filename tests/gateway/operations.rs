@@ -445,6 +445,10 @@ async fn one_json_access_line_per_request_and_no_secrets() {
     assert!(lines[0]["fields"]["upstream_ms"].as_f64().is_some());
     let all = gateway.logs.lock().join("\n");
     assert!(all.contains("tollgate is serving"));
+    assert!(
+        all.contains("accepts connections once their request has arrived"),
+        "TCP_DEFER_ACCEPT not set"
+    );
     // Pingora's own `log` lines come through the same JSON subscriber.
     assert!(
         all.contains("\"target\":\"pingora_core"),
