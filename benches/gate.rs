@@ -13,7 +13,7 @@ use tollgate::gate::{admit, Demand};
 use tollgate::keys::{self, KeyHash};
 use tollgate::ledger::{KeyRecord, Usage};
 use tollgate::path::normalise;
-use tollgate::store::{hash_to_hex, Store};
+use tollgate::store::Store;
 
 const CONFIG: &str = r#"
 upstreams:
@@ -40,19 +40,13 @@ routes:
 "#;
 
 fn record(tier: &str, hash: &KeyHash) -> KeyRecord {
-    KeyRecord {
-        key_id: "key_bench".into(),
-        hash: hash_to_hex(hash),
-        start: "sk_bench".into(),
-        tier: tier.into(),
-        external_id: None,
-        name: None,
-        meta: Default::default(),
-        enabled: true,
-        expires_at: None,
-        created_at: Timestamp::UNIX_EPOCH,
-        refill_day: None,
-    }
+    KeyRecord::new(
+        "key_bench".into(),
+        hash,
+        "sk_bench",
+        tier,
+        Timestamp::UNIX_EPOCH,
+    )
 }
 
 fn bench(c: &mut Criterion) {

@@ -25,7 +25,7 @@ use crate::gateway::Gateway;
 use crate::keys;
 use crate::ledger::{CreditPolicy, KeyRecord, Usage};
 use crate::reject::Rejection;
-use crate::store::{hash_to_hex, Entry, KeyState, StoreError};
+use crate::store::{Entry, KeyState, StoreError};
 use crate::views;
 
 /// Largest admin request body.
@@ -211,17 +211,13 @@ pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> 
     let now = gw.clock.now();
     let key = keys::generate(&tier.key_prefix);
     let record = KeyRecord {
-        key_id: keys::generate_id(),
-        hash: hash_to_hex(&key.hash),
-        start: key.start,
-        tier: tier.id.clone(),
         external_id: req.external_id,
         name: req.name,
         meta: req.meta.unwrap_or_default(),
         enabled: req.enabled.unwrap_or(true),
         expires_at: req.expires_at,
-        created_at: now,
         refill_day: req.refill_day,
+        ..KeyRecord::new(keys::generate_id(), &key.hash, &key.start, &tier.id, now)
     };
     let mut usage = Usage::new(tier, req.credits, req.refill_day, now);
     gw.store.create(key.hash, &record, &usage).await?;

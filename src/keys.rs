@@ -32,6 +32,22 @@ impl KeyHash {
     pub fn of(key: &str) -> KeyHash {
         KeyHash(Sha256::digest(key.as_bytes()).into())
     }
+
+    /// Lower-case hex, as a key record stores it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(hex: &str) -> Option<KeyHash> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(KeyHash(out))
+    }
 }
 
 /// A freshly minted key. The secret leaves the process once, in the answer
@@ -140,6 +156,14 @@ mod tests {
         ] {
             assert!(!well_formed(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn hashes_round_trip_through_hex() {
+        let hash = KeyHash::of("sk_x_abc");
+        assert_eq!(KeyHash::from_hex(&hash.to_hex()), Some(hash));
+        assert_eq!(KeyHash::from_hex("zz"), None);
+        assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{Credits, Pool, PoolWindow, Tier};
+use crate::keys::KeyHash;
 use crate::window::Window;
 
 /// A key as the operator sees it. Never holds the key itself.
@@ -33,6 +34,31 @@ pub struct KeyRecord {
     pub created_at: Timestamp,
     /// Aligns a monthly credit refill to this day (a customer's billing date).
     pub refill_day: Option<u8>,
+}
+
+impl KeyRecord {
+    /// An enabled key with nothing optional set.
+    pub fn new(
+        key_id: String,
+        hash: &KeyHash,
+        start: &str,
+        tier: &str,
+        created_at: Timestamp,
+    ) -> KeyRecord {
+        KeyRecord {
+            key_id,
+            hash: hash.to_hex(),
+            start: start.to_string(),
+            tier: tier.to_string(),
+            external_id: None,
+            name: None,
+            meta: Map::new(),
+            enabled: true,
+            expires_at: None,
+            created_at,
+            refill_day: None,
+        }
+    }
 }
 
 /// A key's balances and counters.

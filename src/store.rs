@@ -126,21 +126,6 @@ fn external_key(external_id: &str, key_id: &str) -> Vec<u8> {
     k
 }
 
-fn hash_from_hex(hex: &str) -> Option<KeyHash> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(KeyHash(out))
-}
-
-pub fn hash_to_hex(hash: &KeyHash) -> String {
-    hash.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Store {
     /// Opens the store, waiting up to `max_wait` while another process (or
     /// a just-dropped store, whose threads are still closing) holds sled's
@@ -239,7 +224,7 @@ impl Store {
             return Ok(None);
         };
         let record: KeyRecord = from_json(key_id, &bytes)?;
-        let hash = hash_from_hex(&record.hash).ok_or_else(|| StoreError::Corrupt {
+        let hash = KeyHash::from_hex(&record.hash).ok_or_else(|| StoreError::Corrupt {
             key_id: key_id.to_string(),
             reason: "bad hash".into(),
         })?;
@@ -324,7 +309,7 @@ impl Store {
             }
             state.revoked = true;
             let id = key_id.as_bytes();
-            if let Some(hash) = hash_from_hex(&state.record.hash) {
+            if let Some(hash) = KeyHash::from_hex(&state.record.hash) {
                 cache.remove(&hash);
                 self.hashes.remove(hash.0)?;
             }
@@ -467,17 +452,14 @@ mod tests {
 
     fn record(hash: &KeyHash, external: Option<&str>) -> KeyRecord {
         KeyRecord {
-            key_id: keys::generate_id(),
-            hash: hash_to_hex(hash),
-            start: "sk_t".into(),
-            tier: "free".into(),
             external_id: external.map(str::to_string),
-            name: None,
-            meta: Default::default(),
-            enabled: true,
-            expires_at: None,
-            created_at: jiff::Timestamp::UNIX_EPOCH,
-            refill_day: None,
+            ..KeyRecord::new(
+                keys::generate_id(),
+                hash,
+                "sk_t",
+                "free",
+                jiff::Timestamp::UNIX_EPOCH,
+            )
         }
     }
 

@@ -51,19 +51,14 @@ fn ts(s: &str) -> Timestamp {
 }
 
 fn record(tier: &str) -> KeyRecord {
-    KeyRecord {
-        key_id: "key_test".into(),
-        hash: String::new(),
-        start: "sk_test".into(),
-        tier: tier.into(),
-        external_id: None,
-        name: None,
-        meta: Default::default(),
-        enabled: true,
-        expires_at: None,
-        created_at: ts("2026-01-01T00:00:00Z"),
-        refill_day: None,
-    }
+    let hash = crate::keys::KeyHash::of("sk_test");
+    KeyRecord::new(
+        "key_test".into(),
+        &hash,
+        "sk_test",
+        tier,
+        ts("2026-01-01T00:00:00Z"),
+    )
 }
 
 fn usage(config: &Config, tier: &str, now: Timestamp) -> Usage {
