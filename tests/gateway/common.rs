@@ -296,6 +296,14 @@ impl Harness {
             .expect("proxy answers")
     }
 
+    /// `POST path` with `key` and no body.
+    pub async fn post(&self, path: &str, key: &str) -> reqwest::Response {
+        self.keyed(reqwest::Method::POST, path, key)
+            .send()
+            .await
+            .expect("proxy answers")
+    }
+
     /// A request to the admin API with the root key.
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.client

@@ -63,10 +63,7 @@ async fn public_routes_need_no_key_and_get_no_identity() {
 async fn usage_endpoint_is_answered_by_the_gateway_uncharged() {
     let h = Harness::start(PLANS).await;
     let (key, key_id) = h.create_key("free").await;
-    h.keyed(Method::POST, "/api/exports", &key)
-        .send()
-        .await
-        .expect("send");
+    h.post("/api/exports", &key).await;
     assert_eq!(h.get("/api/data", &key).await.status(), 200);
     let before = h.upstream.seen().len();
     let first = h.usage(&key).await;

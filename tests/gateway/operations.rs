@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::Method;
 use serde_json::json;
 
 use crate::common::{eventually, json_of, metric, Binary, Harness, Upstream, ROOT_KEY};
@@ -161,14 +160,7 @@ async fn metrics_count_known_traffic_by_route_tier_and_code() {
     assert_eq!(h.get("/api/data", "sk_free_unknown").await.status(), 401);
     assert_eq!(h.get("/nowhere", &key).await.status(), 404);
     assert_eq!(h.get("/api/ai/chat", &key).await.status(), 403);
-    assert_eq!(
-        h.keyed(Method::POST, "/api/exports", &key)
-            .send()
-            .await
-            .expect("send")
-            .status(),
-        200
-    );
+    assert_eq!(h.post("/api/exports", &key).await.status(), 200);
     assert_eq!(h.get("/api/down", &key).await.status(), 502);
 
     let text = h.scrape().await;

@@ -151,20 +151,9 @@ async fn pool_exhaustion_is_402_quota_exceeded() {
     let h = Harness::start(PLANS).await;
     let (key, _) = h.create_key("free").await;
     for _ in 0..2 {
-        assert_eq!(
-            h.keyed(Method::POST, "/api/exports", &key)
-                .send()
-                .await
-                .expect("send")
-                .status(),
-            200
-        );
+        assert_eq!(h.post("/api/exports", &key).await.status(), 200);
     }
-    let resp = h
-        .keyed(Method::POST, "/api/exports", &key)
-        .send()
-        .await
-        .expect("send");
+    let resp = h.post("/api/exports", &key).await;
     let body = json_of(resp, 402).await;
     assert_eq!(body["code"], "QUOTA_EXCEEDED");
     assert_eq!(body["pool"], "exports");
@@ -256,11 +245,7 @@ async fn unmatched_route_is_404() {
     let body = json_of(h.get("/nothing/here", &key).await, 404).await;
     assert_eq!(body["code"], "ROUTE_NOT_FOUND");
     // POST to a GET-only route does not match it either.
-    let resp = h
-        .keyed(Method::POST, "/api/data", &key)
-        .send()
-        .await
-        .expect("send");
+    let resp = h.post("/api/data", &key).await;
     assert_eq!(resp.status(), 200, "falls through to the /api/* route");
 }
 
