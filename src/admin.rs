@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
 use crate::config::{Config, Credits};
-use crate::gate::{self, Amounts, Demand};
+use crate::gate::{self, Amounts, Demand, MAX_AMOUNT};
 use crate::gateway::Gateway;
 use crate::keys;
 use crate::ledger::{CreditPolicy, KeyRecord, Usage};
@@ -81,11 +81,16 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Gone = e {
+            return ApiError::not_found();
+        }
         tracing::error!(error = %e, "admin store operation failed");
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "STORE_UNAVAILABLE",
-            message: "the store could not complete the operation; nothing was changed".into(),
+            message: format!(
+                "the store could not complete the operation ({e}); nothing was changed"
+            ),
         }
     }
 }
@@ -202,6 +207,11 @@ pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> 
                 "external_id: must be 1-256 characters without control characters",
             ));
         }
+    }
+    if let Some(credits) = req.credits.filter(|c| *c > MAX_AMOUNT) {
+        return Err(ApiError::invalid(format!(
+            "credits: must be an integer from 0 to {MAX_AMOUNT} (2^63-1), got {credits}"
+        )));
     }
     if let Some(day) = req.refill_day.filter(|d| !(1..=31).contains(d)) {
         return Err(ApiError::invalid(format!(
@@ -358,25 +368,26 @@ async fn update_key(
         }
         None => None,
     };
-    write_key(&gw, &key_id, |config, state| {
+    let policy = req.credit_policy.unwrap_or_default();
+    let from = std::sync::OnceLock::new();
+    let answer = write_key(&gw, &key_id, |config, state| {
         let now = gw.clock.now();
         if let Some(new) = new_tier {
             let old = config.tier(&state.record.tier);
             if let Some(old) = old {
                 state.usage.settle(old, state.record.refill_day, now);
             }
-            let policy = req.credit_policy.unwrap_or_default();
             state
                 .usage
                 .change_plan(old, new, policy, state.record.refill_day, now);
-            tracing::info!(%key_id, from = %state.record.tier, to = %new.id, ?policy, "plan changed");
+            let _ = from.set(state.record.tier.clone());
             state.record.tier = new.id.clone();
         }
-        if let Some(name) = req.name {
-            state.record.name = name;
+        if let Some(name) = &req.name {
+            state.record.name = name.clone();
         }
-        if let Some(meta) = req.meta {
-            state.record.meta = meta;
+        if let Some(meta) = &req.meta {
+            state.record.meta = meta.clone();
         }
         if let Some(enabled) = req.enabled {
             state.record.enabled = enabled;
@@ -386,27 +397,30 @@ async fn update_key(
         }
         Ok(())
     })
-    .await
+    .await?;
+    if let (Some(new), Some(from)) = (new_tier, from.get()) {
+        tracing::info!(%key_id, %from, to = %new.id, ?policy, "plan changed");
+    }
+    Ok(answer)
 }
 
-/// Changes a key under its lock, writes it through to the store, and
-/// answers its record once the write is on disk.
+/// Changes a key durably (see [`crate::store::Store::update`]: `change`
+/// may run twice, on a copy and then on the live state) and answers its
+/// record once the change is on disk.
 async fn write_key(
     gw: &Gateway,
     key_id: &str,
-    change: impl FnOnce(&Config, &mut KeyState) -> Result<(), ApiError>,
+    change: impl Fn(&Config, &mut KeyState) -> Result<(), ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let config = gw.config();
     let entry = entry(gw, key_id)?;
+    gw.store
+        .update(&entry, |state| change(&config, state))
+        .await?;
     let view = {
         let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
-        let state = &mut *state;
-        change(&config, state)?;
-        gw.store
-            .write_through(state.record.external_id.as_deref(), state)?;
-        record_view(gw, &config, state)
+        record_view(gw, &config, &mut state)
     };
-    gw.store.sync().await?;
     Ok(Json(view))
 }
 
@@ -429,7 +443,12 @@ async fn change_credits(
     Path(key_id): Path<String>,
     JsonBody(req): JsonBody<ChangeCredits>,
 ) -> Result<Json<Value>, ApiError> {
-    write_key(&gw, &key_id, |config, state| {
+    if req.amount > MAX_AMOUNT {
+        return Err(ApiError::invalid(format!(
+            "amount: must be an integer from 0 to {MAX_AMOUNT} (2^63-1)"
+        )));
+    }
+    let answer = write_key(&gw, &key_id, |config, state| {
         let tier = config
             .tier(&state.record.tier)
             .filter(|t| t.credits != Credits::Unlimited)
@@ -441,13 +460,22 @@ async fn change_credits(
             .settle(tier, state.record.refill_day, gw.clock.now());
         let remaining = state.usage.remaining.unwrap_or(0);
         state.usage.remaining = Some(match req.op {
-            CreditOp::Add => remaining.saturating_add(req.amount),
+            CreditOp::Add => remaining
+                .checked_add(req.amount)
+                .filter(|n| *n <= MAX_AMOUNT)
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "amount: {remaining} + {} would pass the largest balance, {MAX_AMOUNT} (2^63-1)",
+                        req.amount
+                    ))
+                })?,
             CreditOp::Set => req.amount,
         });
-        tracing::info!(%key_id, op = ?req.op, amount = req.amount, "credits changed");
         Ok(())
     })
-    .await
+    .await?;
+    tracing::info!(%key_id, op = ?req.op, amount = req.amount, "credits changed");
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,27 +494,33 @@ async fn verify(
     Authorized(gw): Authorized,
     JsonBody(req): JsonBody<Verify>,
 ) -> Result<Json<Value>, ApiError> {
+    let config = gw.config();
     let mut pools = Vec::with_capacity(req.pools.len());
     for (name, units) in &req.pools {
-        let units = units
-            .as_u64()
-            .filter(|n| *n <= i64::MAX as u64)
-            .ok_or_else(|| {
-                ApiError::invalid(format!("pools.{name}: must be an integer from 0 to 2^63-1"))
-            })?;
+        // A pool the config does not know would be counted for good and
+        // named in metrics: one caller could grow both without bound.
+        if !config.knows_pool(name) {
+            return Err(ApiError::invalid(format!(
+                "pools.{name}: no tier or route in the config defines this pool"
+            )));
+        }
+        let units = units.as_u64().filter(|n| *n <= MAX_AMOUNT).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "pools.{name}: must be an integer from 0 to {MAX_AMOUNT} (2^63-1)"
+            ))
+        })?;
         pools.push((name.clone(), units));
     }
     let cost = req.cost.unwrap_or(1);
-    if cost > i64::MAX as u64 {
-        return Err(ApiError::invalid(
-            "cost: must be an integer from 0 to 2^63-1",
-        ));
+    if cost > MAX_AMOUNT {
+        return Err(ApiError::invalid(format!(
+            "cost: must be an integer from 0 to {MAX_AMOUNT} (2^63-1)"
+        )));
     }
     let demand = Demand {
         feature: req.feature,
         amounts: Ok(Amounts { cost, pools }),
     };
-    let config = gw.config();
     let outcome = (|| {
         let entry = gw.authenticate(&req.key)?;
         if !gw.store.healthy() {

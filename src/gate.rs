@@ -48,8 +48,9 @@ impl Demand {
     }
 }
 
-/// Largest amount a header may carry: 2^63 - 1.
-const MAX_AMOUNT: u64 = i64::MAX as u64;
+/// Largest amount anywhere (a header, a balance, a grant): 2^63 - 1, so
+/// that every amount fits a signed 64-bit integer in any client.
+pub const MAX_AMOUNT: u64 = i64::MAX as u64;
 
 fn resolve(amount: &Amount, headers: &HeaderMap) -> Result<u64, Rejection> {
     match amount {

@@ -14,7 +14,8 @@
 //! - [`reject`]: every rejection and its status, code, body and headers.
 //! - [`clock`]: injectable time.
 //! - [`metrics`]: the Prometheus registry and every metric.
-//! - [`store`]: sled layout, in-memory usage and the write-behind flush.
+//! - [`store`]: keys and usage in memory, written behind to SQLite by one
+//!   writer thread; health on a full disk; migration from sled.
 //! - [`gateway`]: the state every listener shares; key lookup.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
 //! - [`admin`]: the admin API (axum); [`client`]: `tollgate keys`, its CLI client.

@@ -68,6 +68,17 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Copy the store of an earlier tollgate (sled) into this version's
+    /// store format. Run it with the gateway stopped; running it twice
+    /// changes nothing.
+    Migrate {
+        /// The old store directory (store.path of the earlier version).
+        #[arg(long)]
+        from: PathBuf,
+        /// The store directory to write (default: the same directory).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
     /// Serve the built-in echo upstream (for benchmarks and experiments).
     #[command(hide = true)]
     Echo {
@@ -129,6 +140,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The demo's output is its instructions; logs only for trouble.
             init_logging(cli.log_format, "warn");
             tollgate::demo::run(config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { from, to } => {
+            let to = to.unwrap_or_else(|| from.clone());
+            let copied = tollgate::store::migrate::from_sled(&from, &to)?;
+            println!(
+                "copied {copied} keys from {} into {}",
+                from.display(),
+                to.join(tollgate::store::sqlite::FILE).display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Echo { listen } => {

@@ -218,6 +218,14 @@ impl Config {
         self.tiers.get(id)
     }
 
+    /// Whether any tier defines, or any route charges or meters, `pool`.
+    pub fn knows_pool(&self, pool: &str) -> bool {
+        self.tiers.values().any(|t| t.pools.contains_key(pool))
+            || self.routes.iter().any(|r| {
+                r.pools.iter().any(|(p, _)| p == pool) || r.meter.iter().any(|(p, _)| p == pool)
+            })
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&Upstream> {
         self.upstreams.get(name)
     }

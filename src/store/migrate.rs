@@ -1,0 +1,109 @@
+//! `tollgate migrate`: copies the store of an earlier tollgate (sled 0.34)
+//! into this version's SQLite store.
+//!
+//! Earlier versions kept keys in sled trees (`records`: key id → record
+//! JSON, `usage`: key id → usage JSON); the JSON is the same today, so each
+//! key is copied as it is. The copy is built beside the target and moved
+//! into place whole, so a migration cut off half-way leaves nothing a
+//! gateway would start on. Into a store that already exists, keys are
+//! added and a key id already there is kept: running it twice changes
+//! nothing.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use super::sqlite::{self, Row};
+use super::{lock_dir, Store};
+use crate::keys::KeyHash;
+use crate::ledger::KeyRecord;
+
+/// Keys per transaction.
+const BATCH: usize = 1000;
+
+/// Whether `dir` holds a sled store (sled's `conf` and `db` files).
+pub fn holds_sled(dir: &Path) -> bool {
+    dir.join("conf").is_file() && dir.join("db").is_file()
+}
+
+/// Copies every key of the sled store in `from` into the store in `to`
+/// (which may be the same directory). Returns how many keys `from` holds.
+pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
+    if !holds_sled(from) {
+        bail!(
+            "{} does not hold a sled store (no conf and db files)",
+            from.display()
+        );
+    }
+    let sled = sled::Config::new().path(from).open().with_context(|| {
+        format!(
+            "cannot open the sled store {} (is a gateway using it?)",
+            from.display()
+        )
+    })?;
+    let records = sled.open_tree("records")?;
+    let usage = sled.open_tree("usage")?;
+
+    let lock = lock_dir(to).with_context(|| format!("cannot lock {}", to.display()))?;
+    let target = to.join(sqlite::FILE);
+    let staging = to.join("migrating");
+    let building = !target.exists();
+    let store = if building {
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("cannot clear {}", staging.display()))?;
+        }
+        Store::open(&staging)?
+    } else {
+        Store::open_locked(to, lock.try_clone()?)?
+    };
+
+    let mut copied = 0;
+    let mut batch = Vec::with_capacity(BATCH);
+    for item in records.iter() {
+        let (id, record_json) = item?;
+        let key_id = String::from_utf8_lossy(&id).into_owned();
+        let record_text = String::from_utf8(record_json.to_vec())
+            .with_context(|| format!("key {key_id}: the record is not UTF-8"))?;
+        let record: KeyRecord = serde_json::from_str(&record_text)
+            .with_context(|| format!("key {key_id}: cannot read its record"))?;
+        let hash = KeyHash::from_hex(&record.hash)
+            .with_context(|| format!("key {key_id}: its record holds no valid hash"))?;
+        let usage_text = match usage.get(&id)? {
+            Some(bytes) => String::from_utf8(bytes.to_vec())
+                .with_context(|| format!("key {key_id}: the usage is not UTF-8"))?,
+            None => super::to_json(&crate::ledger::Usage::default()),
+        };
+        let row = Row {
+            key_id,
+            record: record_text,
+            usage: usage_text,
+            seq: 0,
+        };
+        batch.push((row, hash, record.external_id));
+        copied += 1;
+        if batch.len() == BATCH {
+            store.import_blocking(std::mem::take(&mut batch))?;
+        }
+    }
+    if !batch.is_empty() {
+        store.import_blocking(batch)?;
+    }
+    // Closes every connection, which folds the WAL into the database file.
+    drop(store);
+    if building {
+        // The database file last: it is what a gateway looks for.
+        for suffix in ["-wal", "-shm", ""] {
+            let from = staging.join(format!("{}{suffix}", sqlite::FILE));
+            if from.exists() {
+                let to = to.join(format!("{}{suffix}", sqlite::FILE));
+                std::fs::rename(&from, &to).with_context(|| {
+                    format!("cannot move {} to {}", from.display(), to.display())
+                })?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    drop(lock);
+    Ok(copied)
+}

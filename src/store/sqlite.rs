@@ -1,0 +1,471 @@
+//! The embedded store's disk: one SQLite database in WAL mode, written by
+//! one thread.
+//!
+//! # Why one writer thread
+//!
+//! Every write (a key created, changed or revoked, a write-behind batch of
+//! usage) is a [`Write`] sent to the writer thread, which owns the only
+//! writing connection. It takes whatever has queued up, applies it in one
+//! transaction and commits once (one fsync for the whole group), then
+//! answers each sender. Nothing else writes, so there is no lock order to
+//! get wrong: async tasks never block on I/O (they await the answer), and
+//! no key lock is ever held while the disk works.
+//!
+//! # Faults
+//!
+//! SQLite's answer to a full disk or an I/O error is an error for that
+//! transaction, which is rolled back whole; the database stays usable and
+//! the next transaction may succeed once space is back. A failed group fails
+//! every write in it (their callers hear 503 and nothing was changed) and
+//! marks the store unhealthy; the flusher decides when it is healthy again.
+//!
+//! # Layout
+//!
+//! One table, `keys`: `key_id` (primary key), `hash` (the key's SHA-256,
+//! unique), `external_id` (indexed with `key_id`, for listing a customer's
+//! keys), `record` and `usage` (JSON of [`crate::ledger::KeyRecord`] and
+//! [`crate::ledger::Usage`]), and `seq`, the order in which the in-memory
+//! states were taken: a write carrying an older `seq` than the row's never
+//! overwrites it, so writes queued in any order leave the newest state.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+/// The database file inside the store directory.
+pub const FILE: &str = "tollgate.sqlite3";
+
+/// Writes that queue up while a group commits go in the next group, up to
+/// this many.
+const MAX_GROUP: usize = 512;
+
+/// How long a connection waits for another one's lock (a reader during a
+/// checkpoint) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    key_id      TEXT PRIMARY KEY NOT NULL,
+    hash        BLOB NOT NULL UNIQUE,
+    external_id TEXT,
+    record      TEXT NOT NULL,
+    usage       TEXT NOT NULL,
+    seq         INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_external ON keys (external_id, key_id)
+    WHERE external_id IS NOT NULL;
+";
+
+/// A key as stored: everything but the hash, which the caller knows.
+pub struct Row {
+    pub key_id: String,
+    pub record: String,
+    pub usage: String,
+    pub seq: u64,
+}
+
+/// One change for the writer.
+pub enum Write {
+    /// A new key. Refused (alone, not its group) if the hash exists.
+    Create {
+        key_id: String,
+        hash: [u8; 32],
+        external_id: Option<String>,
+        record: String,
+        usage: String,
+        seq: u64,
+    },
+    /// A key's record and usage, unless the row holds a newer state.
+    Update {
+        key_id: String,
+        external_id: Option<String>,
+        record: String,
+        usage: String,
+        seq: u64,
+    },
+    /// Usage of many keys (write-behind): `(key id, usage, seq)`. A key
+    /// revoked meanwhile is not brought back.
+    Usage(Vec<(String, String, u64)>),
+    /// A revoked key, gone from every index.
+    Delete { key_id: String },
+    /// Keys copied from another store; a key id already here is left as is.
+    Import(Vec<(Row, [u8; 32], Option<String>)>),
+}
+
+struct Job {
+    write: Write,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+pub struct Disk {
+    file: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    /// Fault injection for tests: every group fails while set.
+    fail: Arc<AtomicBool>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+fn writer_connection(file: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(file)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers never wait for the writer. FULL: a commit is on disk
+    // (the WAL fsynced) when it returns, which is what an acknowledged
+    // admin write promises.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Io(format!(
+            "cannot put {} in WAL mode (got {mode})",
+            file.display()
+        )));
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA journal_size_limit = 8388608;",
+    )?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Io(format!(
+            "{} was written by a newer tollgate (schema {version}; this one knows {SCHEMA_VERSION})",
+            file.display()
+        )));
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    Ok(conn)
+}
+
+fn reader_connection(file: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+impl Disk {
+    /// Opens (creating if absent) the database in `dir` and starts its
+    /// writer. Returns the highest `seq` stored and the number of keys.
+    pub fn open(dir: &Path, healthy: Arc<AtomicBool>) -> Result<(Disk, u64, usize), StoreError> {
+        let file = dir.join(FILE);
+        let conn = writer_connection(&file)?;
+        let (max_seq, keys): (i64, i64) = conn.query_row(
+            "SELECT coalesce(max(seq), 0), count(*) FROM keys",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let fail = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let fail = fail.clone();
+            std::thread::Builder::new()
+                .name("tollgate-store".into())
+                .spawn(move || run_writer(conn, rx, &fail, &healthy))
+                .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?
+        };
+        let disk = Disk {
+            file,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Mutex::new(Vec::new()),
+            fail,
+        };
+        Ok((
+            disk,
+            u64::try_from(max_seq).unwrap_or(0),
+            usize::try_from(keys).unwrap_or(0),
+        ))
+    }
+
+    pub fn inject_failure(&self, fail: bool) {
+        self.fail.store(fail, Ordering::Release);
+    }
+
+    fn submit(
+        &self,
+        write: Write,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let (done, answer) = oneshot::channel();
+        let jobs = self.jobs.lock();
+        let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
+        sender
+            .send(Job { write, done })
+            .map_err(|_| StoreError::Closed)?;
+        Ok(answer)
+    }
+
+    /// Applies `write`; on disk when this returns `Ok`.
+    pub async fn write(&self, write: Write) -> Result<(), StoreError> {
+        let answer = self.submit(write)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Disk::write`] for a thread outside any runtime.
+    pub fn write_blocking(&self, write: Write) -> Result<(), StoreError> {
+        let answer = self.submit(write)?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a reading connection (taken from a pool, opened if none
+    /// is free). Readers see the last committed state and never wait for
+    /// the writer.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.readers.lock().pop();
+        let conn = match conn {
+            Some(conn) => conn,
+            None => reader_connection(&self.file)?,
+        };
+        let out = f(&conn);
+        self.readers.lock().push(conn);
+        Ok(out?)
+    }
+
+    /// The key with this hash.
+    pub fn by_hash(&self, hash: &[u8; 32]) -> Result<Option<Row>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT key_id, record, usage, seq FROM keys WHERE hash = ?1")?
+                .query_row([&hash[..]], row)
+                .optional()
+        })
+    }
+
+    /// The hash of the key with this id.
+    pub fn hash_of(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT hash FROM keys WHERE key_id = ?1")?
+                .query_row([key_id], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    /// Key ids in order after `after`: one customer's, or all.
+    pub fn list_ids(
+        &self,
+        external_id: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| match external_id {
+            Some(ext) => c
+                .prepare_cached(
+                    "SELECT key_id FROM keys WHERE external_id = ?1 AND key_id > ?2 \
+                     ORDER BY key_id LIMIT ?3",
+                )?
+                .query_map(params![ext, after, limit], |r| r.get(0))?
+                .collect(),
+            None => c
+                .prepare_cached(
+                    "SELECT key_id FROM keys WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+                )?
+                .query_map(params![after, limit], |r| r.get(0))?
+                .collect(),
+        })
+    }
+
+    /// Every key, in id order, `limit` at a time after `after` (for copying
+    /// a store whole).
+    pub fn rows_after(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(Row, Vec<u8>, Option<String>)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT key_id, record, usage, seq, hash, external_id FROM keys \
+                 WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |r| {
+                Ok((row(r)?, r.get(4)?, r.get(5)?))
+            })?
+            .collect()
+        })
+    }
+
+    /// Stops the writer once it has applied everything sent so far.
+    pub fn close(&self) {
+        self.jobs.lock().take();
+        if let Some(writer) = self.writer.lock().take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        key_id: r.get(0)?,
+        record: r.get(1)?,
+        usage: r.get(2)?,
+        seq: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+    })
+}
+
+/// The writer thread: group, commit, answer, until every sender is gone.
+fn run_writer(
+    mut conn: Connection,
+    jobs: mpsc::Receiver<Job>,
+    fail: &AtomicBool,
+    healthy: &AtomicBool,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        match commit(&mut conn, &group, fail) {
+            Ok(results) => {
+                for (job, result) in group.into_iter().zip(results) {
+                    let _ = job.done.send(result);
+                }
+            }
+            Err(e) => {
+                healthy.store(false, Ordering::Release);
+                tracing::error!(error = %e, writes = group.len(), "store write failed; nothing of it was applied");
+                for job in group {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Applies a group in one transaction. An error here (I/O, a full disk)
+/// rolls the whole group back; a write refused on its own merits (a
+/// duplicate hash) is rolled back alone and answered with its reason.
+fn commit(
+    conn: &mut Connection,
+    group: &[Job],
+    fail: &AtomicBool,
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    if fail.load(Ordering::Acquire) {
+        return Err(StoreError::Unavailable);
+    }
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(group.len());
+    for job in group {
+        let sp = tx.savepoint()?;
+        match apply(&sp, &job.write)? {
+            Ok(()) => {
+                sp.commit()?;
+                results.push(Ok(()));
+            }
+            // Dropping the savepoint rolls back this write only.
+            Err(refused) => results.push(Err(refused)),
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn seq(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreError>> {
+    match write {
+        Write::Create {
+            key_id,
+            hash,
+            external_id,
+            record,
+            usage,
+            seq: s,
+        } => {
+            let taken: Option<String> = tx
+                .prepare_cached("SELECT key_id FROM keys WHERE hash = ?1 OR key_id = ?2")?
+                .query_row(params![&hash[..], key_id], |r| r.get(0))
+                .optional()?;
+            if taken.is_some() {
+                // 2^-128: only a broken random source gets here.
+                return Ok(Err(StoreError::Corrupt {
+                    key_id: key_id.clone(),
+                    reason: "duplicate key hash or id".into(),
+                }));
+            }
+            tx.prepare_cached(
+                "INSERT INTO keys (key_id, hash, external_id, record, usage, seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                key_id,
+                &hash[..],
+                external_id,
+                record,
+                usage,
+                seq(*s)
+            ])?;
+        }
+        Write::Update {
+            key_id,
+            external_id,
+            record,
+            usage,
+            seq: s,
+        } => {
+            tx.prepare_cached(
+                "UPDATE keys SET external_id = ?2, record = ?3, usage = ?4, seq = ?5 \
+                 WHERE key_id = ?1 AND seq < ?5",
+            )?
+            .execute(params![key_id, external_id, record, usage, seq(*s)])?;
+        }
+        Write::Usage(rows) => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE keys SET usage = ?2, seq = ?3 WHERE key_id = ?1 AND seq < ?3",
+            )?;
+            for (key_id, usage, s) in rows {
+                stmt.execute(params![key_id, usage, seq(*s)])?;
+            }
+        }
+        Write::Delete { key_id } => {
+            tx.prepare_cached("DELETE FROM keys WHERE key_id = ?1")?
+                .execute([key_id])?;
+        }
+        Write::Import(rows) => {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO keys (key_id, hash, external_id, record, usage, seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (row, hash, external_id) in rows {
+                stmt.execute(params![
+                    row.key_id,
+                    &hash[..],
+                    external_id,
+                    row.record,
+                    row.usage,
+                    seq(row.seq)
+                ])?;
+            }
+        }
+    }
+    Ok(Ok(()))
+}
