@@ -21,8 +21,10 @@ pub struct Gateway {
     /// The admin API's bearer secret; `None` refuses every admin call.
     pub root_key: Option<String>,
     pub metrics: Metrics,
-    /// One reload at a time (file watcher and SIGHUP may coincide).
-    pub reload_lock: parking_lot::Mutex<()>,
+    /// One reload at a time (file watcher and SIGHUP may coincide); holds
+    /// the SHA-256 of the bytes the last reload read, so the watcher can
+    /// skip a file that did not change.
+    pub last_reload: parking_lot::Mutex<Option<[u8; 32]>>,
     /// Proxied requests under way, for the drain at shutdown.
     pub in_flight: InFlight,
 }

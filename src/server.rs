@@ -220,7 +220,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         clock: options.clock.clone(),
         root_key: options.root_key.clone(),
         metrics,
-        reload_lock: Mutex::new(()),
+        last_reload: Mutex::new(None),
         in_flight: Default::default(),
     });
 

@@ -385,6 +385,15 @@ pub async fn json_of(resp: reqwest::Response, status: u16) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
 }
 
+/// A client whose every call gives up after 30 s, so a gateway that hangs
+/// fails a test instead of stalling it.
+pub fn bounded_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 /// The real `tollgate` binary, killed when dropped.
 pub struct Binary {
     pub child: std::process::Child,
@@ -405,7 +414,7 @@ impl Drop for Binary {
 impl Binary {
     /// Creates a key through this process's admin API; the whole answer.
     pub async fn create_key(&self, fields: Value) -> Value {
-        reqwest::Client::new()
+        bounded_client()
             .post(format!("http://{}/v1/keys", self.admin))
             .bearer_auth(ROOT_KEY)
             .json(&fields)
@@ -417,9 +426,36 @@ impl Binary {
             .expect("json")
     }
 
+    /// Sends a signal (`"TERM"`, `"KILL"`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{name}");
+    }
+
+    /// Waits (at most 30 s) for the process to exit by itself.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || self.child.wait()),
+        )
+        .await
+        .expect("the gateway exited within 30 s")
+        .expect("join")
+        .expect("wait")
+    }
+
+    /// `kill -9`, and waits until it is gone.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
     /// The usage endpoint's answer for `key`.
     pub async fn usage(&self, key: &str) -> Value {
-        reqwest::Client::new()
+        bounded_client()
             .get(format!("http://{}/_tollgate/usage", self.proxy))
             .bearer_auth(key)
             .send()

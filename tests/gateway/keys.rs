@@ -305,6 +305,91 @@ async fn verify_charges_like_a_proxied_request() {
     );
 }
 
+/// A pool no tier or route defines would be counted for good and become
+/// a metric label: one caller could grow both without bound.
+#[tokio::test]
+async fn verify_refuses_a_pool_the_config_does_not_define() {
+    let h = Harness::start(PLANS).await;
+    let (key, key_id) = h.create_key("free").await;
+    let resp = h
+        .admin(Method::POST, "/v1/verify")
+        .json(&json!({ "key": key, "pools": { "made-up-pool": 1 } }))
+        .send()
+        .await
+        .expect("verify");
+    let answer = json_of(resp, 400).await;
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pools.made-up-pool"),
+        "{answer}"
+    );
+    let metrics = h.scrape().await;
+    assert!(
+        !metrics.contains("made-up-pool"),
+        "a metric series appeared"
+    );
+    let record = h
+        .admin(Method::GET, &format!("/v1/keys/{key_id}"))
+        .send()
+        .await
+        .expect("get");
+    let record = json_of(record, 200).await;
+    assert!(
+        !record.to_string().contains("made-up-pool"),
+        "the pool was stored: {record}"
+    );
+    assert_eq!(record["credits"]["remaining"], 5, "nothing was charged");
+}
+
+/// Every balance stays at most 2^63-1: a grant or a set past it, or an
+/// initial balance past it, is a 400 that changes nothing.
+#[tokio::test]
+async fn balances_never_pass_2_pow_63_minus_1() {
+    const MAX: u64 = i64::MAX as u64;
+    let h = Harness::start(PLANS).await;
+    let (_, key_id) = h.create_key("free").await;
+    let record = json_of(
+        credits(&h, &key_id, json!({ "op": "set", "amount": MAX - 5 })).await,
+        200,
+    )
+    .await;
+    assert_eq!(record["credits"]["remaining"], MAX - 5);
+    let record = json_of(
+        credits(&h, &key_id, json!({ "op": "add", "amount": 5 })).await,
+        200,
+    )
+    .await;
+    assert_eq!(record["credits"]["remaining"], MAX, "up to the cap is fine");
+    for body in [
+        json!({ "op": "add", "amount": 1 }),
+        json!({ "op": "add", "amount": MAX }),
+        json!({ "op": "set", "amount": MAX + 1 }),
+        json!({ "op": "add", "amount": u64::MAX }),
+    ] {
+        let answer = json_of(credits(&h, &key_id, body.clone()).await, 400).await;
+        assert!(
+            answer["message"].as_str().unwrap_or("").contains("amount"),
+            "{body}: {answer}"
+        );
+    }
+    let record = h
+        .admin(Method::GET, &format!("/v1/keys/{key_id}"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(json_of(record, 200).await["credits"]["remaining"], MAX);
+    let resp = h
+        .admin(Method::POST, "/v1/keys")
+        .json(&json!({ "tier": "free", "credits": MAX + 1 }))
+        .send()
+        .await
+        .expect("create");
+    let answer = json_of(resp, 400).await;
+    assert!(answer["message"].as_str().unwrap_or("").contains("credits"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_writes_survive_kill_9() {
     let upstream = crate::common::Upstream::start().await;

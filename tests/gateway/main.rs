@@ -15,6 +15,7 @@ mod openapi;
 mod operations;
 mod paths;
 mod rejections;
+mod store;
 mod streaming;
 mod tls;
 mod upgrade;

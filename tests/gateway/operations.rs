@@ -1,6 +1,7 @@
 //! Operations: live reload (file watcher and SIGHUP), metrics, and the
 //! graceful stop on SIGTERM/SIGINT.
 
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,9 @@ async fn twenty_rewrites_under_load_drop_no_request() {
             }
         })
     };
-    for cost in 1..=20u64 {
+    // From 2: the data route already costs 1, and a rewrite the loop cannot
+    // see applied would merge with the next one into a single reload.
+    for cost in 2..=21u64 {
         std::fs::write(h.config_file(), h.config_text(&plans_costing(cost))).expect("rewrite");
         let want = tollgate::config::Amount::Fixed(cost);
         eventually("the rewrite is applied", || data_cost(&h) == want).await;
@@ -66,15 +69,12 @@ async fn twenty_rewrites_under_load_drop_no_request() {
     );
     assert!(ok.load(Ordering::Relaxed) > 0);
     // The counters move just after the swap that the loop waited for.
-    eventually("20 reloads counted", || reloads(&h, "ok") >= 20).await;
-    eventually("generation counted", || {
-        h.gateway.gateway.metrics.config_generation.get() >= 21
-    })
-    .await;
+    eventually("20 reloads counted", || reloads(&h, "ok") == 20).await;
+    eventually("generation counted", || generation(&h) == 21).await;
     // The new cost is what requests are charged.
     let (priced, _) = h.create_key("free").await;
     let resp = h.get("/api/data", &priced).await;
-    assert_eq!(resp.status(), 402, "cost 20 > the free plan's 5 credits");
+    assert_eq!(resp.status(), 402, "cost 21 > the free plan's 5 credits");
 }
 
 #[tokio::test]
@@ -271,6 +271,109 @@ async fn reload_results_are_counted() {
     assert!(metric(&text, "tollgate_config_generation", &[]) >= 2.0);
 }
 
+/// How long to watch for reloads that must not happen. An absence cannot be
+/// polled for, so this waits: several times the watcher's 150 ms settle time.
+const QUIET: Duration = Duration::from_secs(1);
+
+fn generation(h: &Harness) -> i64 {
+    h.gateway.gateway.metrics.config_generation.get()
+}
+
+/// What a scrape shows of reloads: (ok, error, generation).
+async fn reload_counts(h: &Harness) -> (f64, f64, f64) {
+    let text = h.scrape().await;
+    let reloads = |result| {
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", result)],
+        )
+    };
+    (
+        reloads("ok"),
+        reloads("error"),
+        metric(&text, "tollgate_config_generation", &[]),
+    )
+}
+
+/// Rewrites the config in place so the data route costs `cost`, and waits
+/// until it is applied; afterwards the watcher is certainly running.
+async fn edit(h: &Harness, cost: u64) {
+    std::fs::write(h.config_file(), h.config_text(&plans_costing(cost))).expect("write");
+    let want = tollgate::config::Amount::Fixed(cost);
+    eventually("the edit is applied", || data_cost(h) == want).await;
+}
+
+#[tokio::test]
+async fn reading_the_config_file_does_not_reload_it() {
+    let h = Harness::start_watching(PLANS).await;
+    edit(&h, 2).await;
+    assert_eq!(generation(&h), 2);
+    // What `cat`, a backup tool or an editor opening the file does.
+    for _ in 0..5 {
+        let mut text = String::new();
+        std::fs::File::open(h.config_file())
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .expect("read");
+        assert!(text.contains("cost: 2"));
+    }
+    // chmod and touch(1) change only metadata.
+    let path = h.config_file();
+    let mode = std::fs::metadata(&path).expect("stat").permissions();
+    std::fs::set_permissions(&path, mode).expect("chmod");
+    let now = std::time::SystemTime::now();
+    let times = std::fs::FileTimes::new()
+        .set_accessed(now)
+        .set_modified(now);
+    std::fs::File::open(&path)
+        .and_then(|f| f.set_times(times))
+        .expect("touch");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (1.0, 0.0, 2.0));
+}
+
+#[tokio::test]
+async fn an_editor_save_reloads_exactly_once() {
+    let h = Harness::start_watching(PLANS).await;
+    // Most editors write a new file beside the old one and rename it over.
+    let temp = h.config_file().with_extension("yaml.tmp");
+    std::fs::write(&temp, h.config_text(&plans_costing(2))).expect("write");
+    std::fs::rename(&temp, h.config_file()).expect("rename");
+    eventually("the renamed file is applied", || {
+        data_cost(&h) == tollgate::config::Amount::Fixed(2)
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (1.0, 0.0, 2.0));
+    // Others rewrite it in place.
+    edit(&h, 3).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (2.0, 0.0, 3.0));
+}
+
+#[tokio::test]
+async fn a_broken_file_is_counted_once_per_change() {
+    let h = Harness::start_watching(PLANS).await;
+    let broken = "tiers: { free: [broken yaml";
+    std::fs::write(h.config_file(), broken).expect("write");
+    eventually("the failed reload is counted", || reloads(&h, "error") == 1).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (0.0, 1.0, 1.0));
+    // Saving the same bytes again changes nothing.
+    std::fs::write(h.config_file(), broken).expect("write again");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (0.0, 1.0, 1.0));
+    // A different broken file is a new failure, counted once.
+    std::fs::write(h.config_file(), "tiers: [").expect("write");
+    eventually("the second failure is counted", || {
+        reloads(&h, "error") == 2
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(reload_counts(&h).await, (0.0, 2.0, 1.0));
+    assert_eq!(data_cost(&h), tollgate::config::Amount::Fixed(1));
+}
+
 /// The real binary in front of a test upstream, with the config in a file.
 async fn binary(body: &str) -> (Binary, Upstream, tempfile::TempDir) {
     let upstream = Upstream::start().await;
@@ -285,25 +388,6 @@ async fn binary(body: &str) -> (Binary, Upstream, tempfile::TempDir) {
     std::fs::write(&config, text).expect("write config");
     let env = [("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY))];
     (Binary::serve(&config, &env).await, upstream, dir)
-}
-
-fn signal(child: &std::process::Child, name: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-}
-
-async fn exit_status(mut gateway: Binary) -> std::process::ExitStatus {
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || gateway.child.wait()),
-    )
-    .await
-    .expect("the gateway exited")
-    .expect("join")
-    .expect("wait")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +407,7 @@ async fn sigterm_and_sigint_let_in_flight_requests_finish_then_exit_0() {
             !upstream.seen().is_empty()
         })
         .await;
-        signal(&gateway.child, sig);
+        gateway.signal(sig);
         assert_eq!(
             slow.await
                 .expect("join")
@@ -331,7 +415,7 @@ async fn sigterm_and_sigint_let_in_flight_requests_finish_then_exit_0() {
             200,
             "SIG{sig}"
         );
-        let status = exit_status(gateway).await;
+        let status = gateway.exit_status().await;
         assert!(status.success(), "SIG{sig}: {status:?}");
     }
 }
@@ -358,18 +442,29 @@ async fn sighup_reloads_the_file() {
         }
     };
     assert_eq!(generation().await, 1.0);
-    signal(&gateway.child, "HUP");
-    for _ in 0..1000 {
-        if generation().await >= 2.0 {
-            break;
+    for want in [2.0, 3.0] {
+        gateway.signal("HUP");
+        for _ in 0..1000 {
+            if generation().await >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The reload read the file; that must not look like an edit.
+        tokio::time::sleep(QUIET).await;
+        assert_eq!(
+            generation().await,
+            want,
+            "each SIGHUP reloads the unchanged file exactly once"
+        );
     }
-    assert_eq!(
-        generation().await,
-        2.0,
-        "SIGHUP reloaded the unchanged file once"
-    );
+    let reloaded = gateway
+        .logs
+        .lock()
+        .iter()
+        .filter(|l| l.contains("configuration reloaded"))
+        .count();
+    assert_eq!(reloaded, 2);
     // A key made before and after still works: the store is untouched.
     let created = gateway.create_key(json!({ "tier": "free" })).await;
     assert!(created["key"].is_string());
