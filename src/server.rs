@@ -533,7 +533,7 @@ impl BackgroundService for Flusher {
         }
         if self.exit_when_drained {
             self.handover.release();
-            // Exiting releases sled's lock for a process taking over.
+            // Exiting releases the store's lock for a process taking over.
             std::process::exit(0);
         }
     }

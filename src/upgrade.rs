@@ -7,7 +7,7 @@
 //! 2. the old process passes its listening sockets over that socket, keeps
 //!    serving for Pingora's 5 s hand-over, then stops accepting, lets its
 //!    in-flight requests finish, flushes every charge and exits, which
-//!    releases sled's lock;
+//!    releases the store's lock;
 //! 3. the new process, holding the same listening sockets all along, opens
 //!    the store once the lock is free and starts serving. Connections that
 //!    arrive meanwhile wait in the sockets' backlog: none is refused.

@@ -534,17 +534,9 @@ impl Store {
     /// [`Store::flush_dirty`] for a thread outside any runtime (the last
     /// flush after the server stopped).
     pub fn flush_blocking(&self) -> Result<usize, StoreError> {
-        let _pass = self.flush_pass.blocking_lock();
-        let room = self.check_room();
-        let (rows, taken) = self.snapshot();
-        let written = rows.len();
-        let result = if rows.is_empty() {
-            Ok(())
-        } else {
-            self.disk.write_blocking(Write::Usage(rows))
-        };
-        self.settle_pass(&result, taken, room);
-        result.map(|()| written)
+        tokio::runtime::Builder::new_current_thread()
+            .build()?
+            .block_on(self.flush_dirty())
     }
 }
 
