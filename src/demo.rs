@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use base64::Engine as _;
 use rand::Rng;
 
 use crate::admin::{issue_key, CreateKey};
@@ -29,6 +30,12 @@ fn free_or_any(addr: SocketAddr) -> SocketAddr {
 /// Runs the demo until SIGINT or SIGTERM. `config` replaces the built-in
 /// example.
 pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
+    // The example's webhook signs with this; a demo makes one up.
+    if std::env::var_os(DEMO_SECRET_ENV).is_none() {
+        let bytes: [u8; 24] = rand::rng().random();
+        let secret = base64::engine::general_purpose::STANDARD.encode(bytes);
+        std::env::set_var(DEMO_SECRET_ENV, format!("whsec_{secret}"));
+    }
     let loaded = match config {
         Some(path) => Config::load(path),
         None => Config::parse(EXAMPLE_CONFIG),
@@ -40,6 +47,14 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
     let echo = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let echo_addr = echo.local_addr()?;
     runtime.spawn(crate::echo::serve(echo));
+
+    // Billing events go to a receiver of the demo's own, which prints them.
+    if let Some(hook) = config.reporting.as_mut().and_then(|r| r.webhook.as_mut()) {
+        let receiver = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        hook.url = format!("http://{}/billing", receiver.local_addr()?);
+        let app = axum::Router::new().route("/billing", axum::routing::post(print_events));
+        runtime.spawn(async move { axum::serve(receiver, app).await });
+    }
 
     let store = tempfile::tempdir().context("cannot create a temporary store")?;
     config.store_path = store.path().join("tollgate.db");
@@ -105,6 +120,31 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
     running.wait();
     drop(store);
     Ok(())
+}
+
+/// The env var the example config names for the webhook secret.
+const DEMO_SECRET_ENV: &str = "TOLLGATE_WEBHOOK_SECRET";
+
+/// The demo's webhook receiver: one line per billing event.
+async fn print_events(body: axum::body::Bytes) -> axum::http::StatusCode {
+    let events = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+    for e in events["events"].as_array().into_iter().flatten() {
+        let detail = match e["type"].as_str() {
+            Some("usage.threshold") => format!(
+                "{}% of its credits used",
+                e["threshold"].as_f64().unwrap_or(0.0) * 100.0
+            ),
+            Some("usage.exceeded") => "no credits left".to_string(),
+            _ => format!("units {}", e["units"]),
+        };
+        println!(
+            "billing event  {:<16} key {}  ({})  {detail}",
+            e["type"].as_str().unwrap_or("?"),
+            e["key_id"].as_str().unwrap_or("?"),
+            e["tier"].as_str().unwrap_or("?"),
+        );
+    }
+    axum::http::StatusCode::NO_CONTENT
 }
 
 /// What the demo prints. Each example is a `# <status> <what>` line and

@@ -269,6 +269,19 @@ pub fn admit(
     }
     usage.used = usage.used.saturating_add(credits);
     usage.overage = usage.overage.saturating_add(overage);
+    usage.billing.credits = usage.billing.credits.saturating_add(amounts.cost);
+    usage.billing.overage = usage.billing.overage.saturating_add(overage);
+    if let (Some(reporting), Some(remaining)) = (&config.reporting, usage.remaining) {
+        if tier.credits != Credits::Unlimited {
+            usage.billing.detect(
+                &reporting.thresholds,
+                usage.used,
+                remaining,
+                usage.period_start,
+                now,
+            );
+        }
+    }
 
     let tightest = rates
         .iter()
@@ -305,6 +318,9 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
         usage.used = usage.used.saturating_sub(charge.credits);
         usage.overage = usage.overage.saturating_sub(charge.overage);
     }
+    let cost = charge.credits.saturating_add(charge.overage);
+    usage.billing.credits = usage.billing.credits.saturating_sub(cost);
+    usage.billing.overage = usage.billing.overage.saturating_sub(charge.overage);
     for pc in &charge.pools {
         let Some(state) = usage.pools.get_mut(&pc.pool) else {
             continue;

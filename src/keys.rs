@@ -76,11 +76,16 @@ pub fn generate(prefix: &str) -> NewKey {
 
 /// A public key id, `key_` plus 16 base58 characters.
 pub fn generate_id() -> String {
+    random_id("key")
+}
+
+/// `<prefix>_<random base58>`: ids for keys, events and batches.
+pub fn random_id(prefix: &str) -> String {
     let mut rng = rand::rng();
     let id: String = (0..ID_LEN)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect();
-    format!("key_{id}")
+    format!("{prefix}_{id}")
 }
 
 /// Whether `key` has the shape and checksum of a tollgate key. Cheap; run

@@ -76,6 +76,103 @@ pub struct Usage {
     pub rate: BTreeMap<String, Window>,
     #[serde(default)]
     pub pools: BTreeMap<String, PoolUsage>,
+    /// What billing events have said of this key. Stored apart from the
+    /// rest (see [`crate::store::sqlite::Row::billing`]).
+    #[serde(skip)]
+    pub billing: Billing,
+}
+
+/// A key's billing state, kept in its usage so that it is written in the
+/// same store write as the counters it describes.
+///
+/// Totals only grow (net of refunds). An event reports `total - reported`
+/// and raises `reported` in the same write that puts the event in the
+/// outbox: after any crash, what the counters show and what the events
+/// said agree. A refund of units already reported is netted against the
+/// next ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Billing {
+    /// Credits charged since the key was created (the full cost, overage
+    /// included), net of refunds.
+    #[serde(default)]
+    pub credits: u64,
+    /// Overage units served since the key was created, net of refunds.
+    #[serde(default)]
+    pub overage: u64,
+    /// How much of each total (`credits`, `overage`, a pool's name) events
+    /// have reported.
+    #[serde(default)]
+    pub reported: BTreeMap<String, u64>,
+    /// The credit period `notified` and `exceeded` speak of.
+    #[serde(default)]
+    pub notified_period: Option<Timestamp>,
+    /// Thresholds (in millionths) already notified in that period.
+    #[serde(default)]
+    pub notified: Vec<u32>,
+    /// Whether `usage.exceeded` was notified in that period.
+    #[serde(default)]
+    pub exceeded: bool,
+    /// Thresholds crossed and exhaustion, detected by the gate and not yet
+    /// in the outbox.
+    #[serde(default)]
+    pub detected: Vec<Detected>,
+}
+
+/// Something the gate noticed that billing must hear about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detected {
+    /// `None`: credits hit 0 (`usage.exceeded`); else the threshold crossed.
+    pub threshold: Option<f64>,
+    pub at: Timestamp,
+    pub period_start: Option<Timestamp>,
+}
+
+impl Billing {
+    /// Notes what crossing into this usage means: each threshold of
+    /// `thresholds` (fractions of the period's credits used) once per
+    /// period, and credits reaching 0 once per period.
+    pub fn detect(
+        &mut self,
+        thresholds: &[f64],
+        used: u64,
+        remaining: u64,
+        period_start: Option<Timestamp>,
+        now: Timestamp,
+    ) {
+        if self.notified_period != period_start {
+            self.notified_period = period_start;
+            self.notified.clear();
+            self.exceeded = false;
+        }
+        let allowance = used.saturating_add(remaining);
+        for &t in thresholds {
+            let millionths = (t * 1e6).round() as u32;
+            if allowance > 0
+                && used as f64 >= t * allowance as f64
+                && !self.notified.contains(&millionths)
+            {
+                self.notified.push(millionths);
+                self.detected.push(Detected {
+                    threshold: Some(t),
+                    at: now,
+                    period_start,
+                });
+            }
+        }
+        if remaining == 0 && !self.exceeded {
+            self.exceeded = true;
+            self.detected.push(Detected {
+                threshold: None,
+                at: now,
+                period_start,
+            });
+        }
+    }
+
+    /// `total` not yet reported under `counter`.
+    pub fn unreported(&self, counter: &str, total: u64) -> u64 {
+        total.saturating_sub(self.reported.get(counter).copied().unwrap_or(0))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,7 @@
 //! - [`views`]: the key record and usage JSON.
 //! - [`server`]: assembling and running it all; shutdown.
 //! - [`reload`]: live config: SIGHUP and the file watcher.
+//! - [`report`]: billing events and their delivery (the outbox's reader).
 //! - [`upgrade`]: zero-downtime binary upgrade with the store handed over.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
@@ -40,6 +41,7 @@ pub mod path;
 pub mod proxy;
 pub mod reject;
 pub mod reload;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod upgrade;

@@ -24,6 +24,8 @@ pub const NAMES: &[&str] = &[
     "tollgate_overage_units_total",
     "tollgate_shadow_rejections_total",
     "tollgate_outbox_pending",
+    "tollgate_outbox_oldest_age_seconds",
+    "tollgate_events_total",
     "tollgate_webhook_deliveries_total",
     "tollgate_config_reloads_total",
     "tollgate_config_generation",
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub overage_units: IntCounterVec,
     pub shadow_rejections: IntCounterVec,
     pub outbox_pending: IntGauge,
+    pub outbox_oldest_age: prometheus::Gauge,
+    pub events: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -125,7 +129,15 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let outbox_pending = gauge("tollgate_outbox_pending", "Events waiting in the outbox.")?;
+        let outbox_pending = gauge(
+            "tollgate_outbox_pending",
+            "Events waiting in the outbox for the webhook.",
+        )?;
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "tollgate_outbox_oldest_age_seconds",
+            "Age of the oldest event waiting in the outbox.",
+        )?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
         let config_generation = gauge(
             "tollgate_config_generation",
             "How many configurations have been applied since start (1 = the first).",
@@ -181,6 +193,13 @@ impl Metrics {
                 &["limit"],
             )?,
             outbox_pending,
+            outbox_oldest_age,
+            events: counter(
+                &registry,
+                "tollgate_events_total",
+                "Billing events written to the outbox, by type.",
+                &["type"],
+            )?,
             webhook_deliveries: counter(
                 &registry,
                 "tollgate_webhook_deliveries_total",
@@ -199,6 +218,9 @@ impl Metrics {
             in_flight,
             registry,
         };
+        for kind in crate::report::event::TYPES {
+            metrics.events.with_label_values(&[kind]);
+        }
         for result in ["ok", "error"] {
             metrics.webhook_deliveries.with_label_values(&[result]);
             metrics.config_reloads.with_label_values(&[result]);

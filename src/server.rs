@@ -247,6 +247,10 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             handover: handover.clone(),
         },
     ));
+    server.add_service(background_service(
+        "reporter",
+        crate::report::Reporter::new(gateway.clone()),
+    ));
     if let Some(path) = &options.config_path {
         server.add_service(background_service(
             "config watcher",

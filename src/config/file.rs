@@ -209,6 +209,8 @@ pub struct ReportingFile {
     #[serde(default)]
     pub thresholds: Vec<f64>,
     pub flush_interval: Option<String>,
+    #[serde(default)]
+    pub usage_events: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +226,8 @@ pub struct StripeFile {
     pub api_key_env: String,
     pub base_url: Option<String>,
     pub event_name: Option<String>,
+    #[serde(default)]
+    pub meters: indexmap::IndexMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

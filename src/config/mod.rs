@@ -179,21 +179,49 @@ impl Route {
 pub struct Reporting {
     pub webhook: Option<Webhook>,
     pub stripe: Option<Stripe>,
+    /// Fractions of a period's credits, ascending.
     pub thresholds: Vec<f64>,
     pub flush_interval: Duration,
+    /// Also report every unit charged (`usage` events).
+    pub usage_events: bool,
+}
+
+/// A secret read from the environment. It never prints: `Debug` and
+/// `Display` show a placeholder, so no log line or error can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Webhook {
     pub url: String,
-    pub secret_env: Option<String>,
+    /// Signs every delivery.
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone)]
 pub struct Stripe {
-    pub api_key_env: String,
+    pub api_key: Secret,
     pub base_url: String,
+    /// The meter that receives overage units.
     pub event_name: String,
+    /// Counter (`credits` or a pool) → the meter billing all its units.
+    pub meters: IndexMap<String, String>,
 }
 
 impl Config {

@@ -624,6 +624,20 @@ impl Check<'_> {
         }
     }
 
+    /// The value of the env var `name`, which must be set and not empty.
+    fn secret(&mut self, path: &str, name: &str) -> Option<Secret> {
+        match std::env::var(name) {
+            Ok(value) if !value.is_empty() => Some(Secret::new(value)),
+            _ => {
+                self.error(
+                    path,
+                    format!("the environment variable {name} is not set (it holds the secret)"),
+                );
+                None
+            }
+        }
+    }
+
     fn reporting(&mut self, r: &file::ReportingFile) -> Option<Reporting> {
         let ok_before = self.errors.len();
         for (i, t) in r.thresholds.iter().enumerate() {
@@ -638,24 +652,36 @@ impl Check<'_> {
             Some(t) => self.duration("reporting.flush_interval", t),
             None => Some(DEFAULT_FLUSH_INTERVAL),
         };
-        let webhook = r.webhook.as_ref().map(|w| {
+        let webhook = r.webhook.as_ref().and_then(|w| {
             self.url("reporting.webhook.url", &w.url);
-            Webhook {
+            let secret = match &w.secret_env {
+                Some(name) => self.secret("reporting.webhook.secret_env", name),
+                None => {
+                    self.error(
+                        "reporting.webhook",
+                        "secret_env is required: the name of the env var holding the signing secret",
+                    );
+                    None
+                }
+            };
+            Some(Webhook {
                 url: w.url.clone(),
-                secret_env: w.secret_env.clone(),
-            }
+                secret: secret?,
+            })
         });
-        let stripe = r.stripe.as_ref().map(|s| {
+        let stripe = r.stripe.as_ref().and_then(|s| {
             let base_url = s
                 .base_url
                 .clone()
                 .unwrap_or_else(|| "https://api.stripe.com".into());
             self.url("reporting.stripe.base_url", &base_url);
-            Stripe {
-                api_key_env: s.api_key_env.clone(),
-                base_url,
+            let api_key = self.secret("reporting.stripe.api_key_env", &s.api_key_env);
+            Some(Stripe {
+                api_key: api_key?,
+                base_url: base_url.trim_end_matches('/').to_string(),
                 event_name: s.event_name.clone().unwrap_or_else(|| "api_overage".into()),
-            }
+                meters: s.meters.clone(),
+            })
         });
         if self.errors.len() > ok_before {
             return None;
@@ -668,6 +694,7 @@ impl Check<'_> {
             stripe,
             thresholds,
             flush_interval: flush_interval?,
+            usage_events: r.usage_events,
         })
     }
 

@@ -79,6 +79,7 @@ pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
             record: record_text,
             usage: usage_text,
             seq: 0,
+            billing: super::to_json(&crate::ledger::Billing::default()),
         };
         batch.push((row, hash, record.external_id));
         copied += 1;

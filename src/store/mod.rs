@@ -45,8 +45,12 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::keys::KeyHash;
-use crate::ledger::{KeyRecord, Usage};
-use sqlite::{Disk, Write};
+use crate::ledger::{Billing, KeyRecord, Usage};
+use sqlite::{Disk, Outgoing, UsageRow, Write};
+
+/// Turns a key's unreported units and detected events into outbox rows,
+/// raising the reported marks of `billing` (a copy of the key's) to match.
+pub type MakeEvents<'a> = &'a (dyn Fn(&KeyRecord, &Usage, &mut Billing) -> Vec<Outgoing> + Sync);
 
 /// Below this much free space on the store's filesystem, charges fail
 /// closed before writes start failing, leaving room for the queued usage.
@@ -88,6 +92,18 @@ impl From<std::io::Error> for StoreError {
 }
 
 /// One key's state, shared by every request on that key.
+/// What a write-behind pass took from memory.
+#[derive(Default)]
+struct Snapshot {
+    rows: Vec<UsageRow>,
+    events: Vec<Outgoing>,
+    /// Every key taken, to queue again if the write fails.
+    taken: Vec<Arc<Entry>>,
+    /// Per reported key: the marks its events reached and how many
+    /// detected events they took, to apply once they are on disk.
+    reported: Vec<(Arc<Entry>, std::collections::BTreeMap<String, u64>, usize)>,
+}
+
 #[derive(Clone)]
 pub struct KeyState {
     pub record: KeyRecord,
@@ -100,6 +116,8 @@ pub struct KeyState {
 pub struct Entry {
     state: Mutex<KeyState>,
     dirty: AtomicBool,
+    /// Charged since the last reporting pass took it.
+    unreported: AtomicBool,
     /// When a lookup last found it, in seconds since the store opened.
     last_used: AtomicU64,
     /// One admin write of this key at a time, held across its commit.
@@ -116,6 +134,7 @@ impl Entry {
                 admin_pending: false,
             }),
             dirty: AtomicBool::new(false),
+            unreported: AtomicBool::new(false),
             last_used: AtomicU64::new(now),
             admin: tokio::sync::Mutex::new(()),
         }
@@ -133,6 +152,8 @@ pub struct Store {
     dir: PathBuf,
     cache: RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>>,
     dirty: Mutex<Vec<Arc<Entry>>>,
+    /// Keys charged since the last reporting pass.
+    unreported: Mutex<Vec<Arc<Entry>>>,
     /// False after a failed write, or while the disk is (nearly) full:
     /// charges fail closed.
     healthy: Arc<AtomicBool>,
@@ -211,6 +232,7 @@ impl Store {
             dir: path.to_path_buf(),
             cache: RwLock::new(HashMap::default()),
             dirty: Mutex::new(Vec::new()),
+            unreported: Mutex::new(Vec::new()),
             healthy,
             keys: AtomicUsize::new(keys),
             seq: AtomicU64::new(max_seq + 1),
@@ -250,7 +272,8 @@ impl Store {
                 return Ok(None);
             };
             let record: KeyRecord = from_json(&row.key_id, &row.record)?;
-            let usage: Usage = from_json(&row.key_id, &row.usage)?;
+            let mut usage: Usage = from_json(&row.key_id, &row.usage)?;
+            usage.billing = from_json(&row.key_id, &row.billing)?;
             let mut cache = self.cache.write();
             if let Some(entry) = cache.get(hash) {
                 return Ok(Some(entry.clone()));
@@ -282,6 +305,9 @@ impl Store {
     pub fn touch(&self, entry: &Arc<Entry>) {
         if !entry.dirty.swap(true, Ordering::AcqRel) {
             self.dirty.lock().push(entry.clone());
+        }
+        if !entry.unreported.swap(true, Ordering::AcqRel) {
+            self.unreported.lock().push(entry.clone());
         }
     }
 
@@ -416,6 +442,7 @@ impl Store {
         cache.retain(|_, entry| {
             Arc::strong_count(entry) > 1
                 || entry.dirty.load(Ordering::Acquire)
+                || entry.unreported.load(Ordering::Acquire)
                 || entry.last_used.load(Ordering::Relaxed) > cutoff
         });
         before - cache.len()
@@ -443,12 +470,18 @@ impl Store {
         }
     }
 
-    /// Takes the dirty keys' usage, each under its lock, in the order of
-    /// their changes. A key whose admin write is being committed waits for
-    /// the next pass.
-    fn snapshot(&self) -> (Vec<(String, String, u64)>, Vec<Arc<Entry>>) {
-        let queued = std::mem::take(&mut *self.dirty.lock());
-        let mut taken = Vec::with_capacity(queued.len());
+    /// Takes the dirty keys' usage (and with `report`, every key charged
+    /// since the last reporting pass), each under its lock, in the order
+    /// of their changes. A key whose admin write is being committed waits
+    /// for the next pass.
+    fn snapshot(&self, report: Option<MakeEvents<'_>>) -> Snapshot {
+        let mut queued = std::mem::take(&mut *self.dirty.lock());
+        if report.is_some() {
+            queued.append(&mut std::mem::take(&mut *self.unreported.lock()));
+            let mut seen = std::collections::HashSet::new();
+            queued.retain(|e| seen.insert(Arc::as_ptr(e)));
+        }
+        let mut snap = Snapshot::default();
         let mut states = Vec::with_capacity(queued.len());
         let mut later = Vec::new();
         for entry in queued {
@@ -459,43 +492,77 @@ impl Store {
                 continue;
             }
             entry.dirty.store(false, Ordering::Release);
+            let mut billing = state.usage.billing.clone();
+            if let Some(make) = report {
+                entry.unreported.store(false, Ordering::Release);
+                if !state.revoked {
+                    let events = make(&state.record, &state.usage, &mut billing);
+                    let detected = state.usage.billing.detected.len();
+                    snap.events.extend(events);
+                    snap.reported
+                        .push((entry.clone(), billing.reported.clone(), detected));
+                }
+            }
             if !state.revoked {
+                let seq = self.next_seq();
                 states.push((
                     state.record.key_id.clone(),
                     state.usage.clone(),
-                    self.next_seq(),
+                    billing,
+                    seq,
                 ));
             }
             drop(state);
-            taken.push(entry);
+            snap.taken.push(entry);
         }
-        if !later.is_empty() {
-            self.dirty.lock().extend(later);
+        // Still marked dirty (and unreported): back in the queues they came from.
+        if report.is_some() {
+            self.unreported.lock().extend(later.iter().cloned());
         }
-        let rows = states
+        self.dirty.lock().extend(later);
+        snap.rows = states
             .into_iter()
-            .map(|(id, usage, seq)| (id, to_json(&usage), seq))
+            .map(|(key_id, usage, billing, seq)| UsageRow {
+                key_id,
+                usage: to_json(&usage),
+                billing: to_json(&billing),
+                seq,
+            })
             .collect();
-        (rows, taken)
+        snap
     }
 
     /// After a write-behind pass: a failure keeps its keys dirty for the
     /// next pass (a duplicate in the queue only means one extra write) and
     /// makes the store unhealthy; a success with room on the disk makes it
     /// healthy again.
-    fn settle_pass(&self, result: &Result<(), StoreError>, taken: Vec<Arc<Entry>>, room: bool) {
+    fn settle_pass(&self, result: &Result<(), StoreError>, snap: Snapshot, room: bool) {
         match result {
-            Ok(()) if room => {
-                if !self.healthy.swap(true, Ordering::AcqRel) {
+            Ok(()) => {
+                // The events are in the outbox: the live state learns what
+                // they reported.
+                for (entry, reported, detected) in snap.reported {
+                    let mut state = entry.state.lock();
+                    let billing = &mut state.usage.billing;
+                    for (counter, mark) in reported {
+                        let live = billing.reported.entry(counter).or_default();
+                        *live = (*live).max(mark);
+                    }
+                    billing
+                        .detected
+                        .drain(..detected.min(billing.detected.len()));
+                }
+                if room && !self.healthy.swap(true, Ordering::AcqRel) {
                     tracing::info!("the store writes again; charges resume");
                 }
             }
-            Ok(()) => {}
             Err(_) => {
-                for entry in &taken {
+                for entry in &snap.taken {
                     entry.dirty.store(true, Ordering::Release);
+                    entry.unreported.store(true, Ordering::Release);
                 }
-                self.dirty.lock().extend(taken);
+                self.unreported.lock().extend(snap.taken.iter().cloned());
+                self.dirty.lock().extend(snap.taken);
                 self.healthy.store(false, Ordering::Release);
             }
         }
@@ -518,17 +585,76 @@ impl Store {
     /// Writes every dirty key's usage and commits. Returns how many keys
     /// were written. See the module's "Health" for what a failure does.
     pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
+        self.pass(None).await.map(|(written, _)| written)
+    }
+
+    /// A write-behind pass that also reports: every key charged since the
+    /// last such pass goes through `make`, and the events it makes go to
+    /// the outbox in the same transaction as the usage they come from.
+    /// Returns the events written.
+    pub async fn report(&self, make: MakeEvents<'_>) -> Result<usize, StoreError> {
+        self.pass(Some(make)).await.map(|(_, events)| events)
+    }
+
+    async fn pass(&self, report: Option<MakeEvents<'_>>) -> Result<(usize, usize), StoreError> {
         let _pass = self.flush_pass.lock().await;
         let room = self.check_room();
-        let (rows, taken) = self.snapshot();
-        let written = rows.len();
-        let result = if rows.is_empty() {
+        let mut snap = self.snapshot(report);
+        let (written, events) = (snap.rows.len(), snap.events.len());
+        let result = if snap.rows.is_empty() && snap.events.is_empty() {
             Ok(())
         } else {
-            self.disk.write(Write::Usage(rows)).await
+            let rows = std::mem::take(&mut snap.rows);
+            let events = std::mem::take(&mut snap.events);
+            self.disk.write(Write::Usage { rows, events }).await
         };
-        self.settle_pass(&result, taken, room);
-        result.map(|()| written)
+        self.settle_pass(&result, snap, room);
+        result.map(|()| (written, events))
+    }
+
+    /// The batch of `sink` to send next: the one already under way (its id
+    /// kept across retries and restarts), or a new one of at most `max` of
+    /// the oldest events, whose id is on disk before it is returned.
+    pub async fn outbox_batch(
+        &self,
+        sink: &'static str,
+        max: usize,
+    ) -> Result<Option<sqlite::Batch>, StoreError> {
+        if let Some(batch) = self.disk.outbox_batch(sink)? {
+            return Ok(Some(batch));
+        }
+        let events = self.disk.outbox_unbatched(sink, max)?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let id = crate::keys::random_id("batch");
+        let (seqs, events): (Vec<i64>, Vec<String>) = events.into_iter().unzip();
+        self.disk
+            .write(Write::Batch {
+                sink,
+                batch: id.clone(),
+                seqs,
+            })
+            .await?;
+        Ok(Some(sqlite::Batch { id, events }))
+    }
+
+    /// A batch was delivered: its events leave the outbox.
+    pub async fn outbox_delivered(
+        &self,
+        sink: &'static str,
+        batch: &str,
+    ) -> Result<(), StoreError> {
+        self.disk
+            .write(Write::Delivered {
+                sink,
+                batch: batch.to_string(),
+            })
+            .await
+    }
+
+    pub fn outbox_stats(&self, sink: &str) -> Result<sqlite::OutboxStats, StoreError> {
+        self.disk.outbox_stats(sink)
     }
 
     /// [`Store::flush_dirty`] for a thread outside any runtime (the last
@@ -623,9 +749,11 @@ mod tests {
         store.touch(&entry);
         drop(entry);
         let held = store.lookup(&b.hash).expect("read").expect("found");
-        // Dirty (queued for the flusher) and held entries stay.
+        // Dirty (queued for the flusher), unreported and held entries stay.
         assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
         store.flush_dirty().await.expect("flush");
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
+        store.report(&|_, _, _| Vec::new()).await.expect("report");
         assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
         assert_eq!(store.cached(), 1, "the held key stays");
         let again = store.lookup(&a.hash).expect("read").expect("found");

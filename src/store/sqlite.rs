@@ -53,7 +53,7 @@ const MAX_GROUP: usize = 512;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -66,7 +66,24 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_by_external ON keys (external_id, key_id)
     WHERE external_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    event      TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    batch      TEXT,
+    parked     TEXT,
+    UNIQUE (sink, id)
+);
+CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (sink, batch);
 ";
+
+/// Columns added after schema 1, for stores written by it.
+const MIGRATIONS: &[&str] = &[
+    "ALTER TABLE keys ADD COLUMN billing TEXT NOT NULL DEFAULT '{}'",
+    "ALTER TABLE keys ADD COLUMN billing_seq INTEGER NOT NULL DEFAULT 0",
+];
 
 /// A key as stored: everything but the hash, which the caller knows.
 pub struct Row {
@@ -74,6 +91,30 @@ pub struct Row {
     pub record: String,
     pub usage: String,
     pub seq: u64,
+    /// The key's billing state ([`crate::ledger::Billing`]): written only
+    /// by write-behind passes, in order of its own `seq`, never by admin
+    /// writes, so an admin write cannot roll back what events reported.
+    pub billing: String,
+}
+
+/// An event on its way to the outbox, one per sink that will send it.
+pub struct Outgoing {
+    pub sink: &'static str,
+    pub id: String,
+    pub event: String,
+    pub created_ms: i64,
+}
+
+/// Events of one sink sent together, under one id kept across retries.
+pub struct Batch {
+    pub id: String,
+    pub events: Vec<String>,
+}
+
+/// What one sink's outbox holds.
+pub struct OutboxStats {
+    pub pending: u64,
+    pub oldest_ms: Option<i64>,
 }
 
 /// One change for the writer.
@@ -95,13 +136,33 @@ pub enum Write {
         usage: String,
         seq: u64,
     },
-    /// Usage of many keys (write-behind): `(key id, usage, seq)`. A key
-    /// revoked meanwhile is not brought back.
-    Usage(Vec<(String, String, u64)>),
+    /// Usage of many keys (write-behind), and the events that came from
+    /// it, in one transaction. A key revoked meanwhile is not brought back.
+    Usage {
+        rows: Vec<UsageRow>,
+        events: Vec<Outgoing>,
+    },
+    /// Gives a sink's oldest unbatched events a batch id (before the first
+    /// attempt, so retries after a restart reuse it).
+    Batch {
+        sink: &'static str,
+        batch: String,
+        seqs: Vec<i64>,
+    },
+    /// A batch was delivered: its events leave the outbox.
+    Delivered { sink: &'static str, batch: String },
     /// A revoked key, gone from every index.
     Delete { key_id: String },
     /// Keys copied from another store; a key id already here is left as is.
     Import(Vec<(Row, [u8; 32], Option<String>)>),
+}
+
+/// One key's usage in a write-behind pass; `billing` when it changed.
+pub struct UsageRow {
+    pub key_id: String,
+    pub usage: String,
+    pub billing: String,
+    pub seq: u64,
 }
 
 struct Job {
@@ -149,6 +210,15 @@ fn writer_connection(file: &Path) -> Result<Connection, StoreError> {
         )));
     }
     conn.execute_batch(SCHEMA)?;
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('keys')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !columns.iter().any(|c| c == "billing") {
+        for step in MIGRATIONS {
+            conn.execute_batch(step)?;
+        }
+    }
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     Ok(conn)
 }
@@ -169,7 +239,7 @@ impl Disk {
         let file = dir.join(FILE);
         let conn = writer_connection(&file)?;
         let (max_seq, keys): (i64, i64) = conn.query_row(
-            "SELECT coalesce(max(seq), 0), count(*) FROM keys",
+            "SELECT coalesce(max(max(seq, billing_seq)), 0), count(*) FROM keys",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -242,9 +312,11 @@ impl Disk {
     /// The key with this hash.
     pub fn by_hash(&self, hash: &[u8; 32]) -> Result<Option<Row>, StoreError> {
         self.read(|c| {
-            c.prepare_cached("SELECT key_id, record, usage, seq FROM keys WHERE hash = ?1")?
-                .query_row([&hash[..]], row)
-                .optional()
+            c.prepare_cached(
+                "SELECT key_id, record, usage, seq, billing FROM keys WHERE hash = ?1",
+            )?
+            .query_row([&hash[..]], row)
+            .optional()
         })
     }
 
@@ -293,13 +365,65 @@ impl Disk {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|c| {
             c.prepare_cached(
-                "SELECT key_id, record, usage, seq, hash, external_id FROM keys \
+                "SELECT key_id, record, usage, seq, billing, hash, external_id FROM keys \
                  WHERE key_id > ?1 ORDER BY key_id LIMIT ?2",
             )?
             .query_map(params![after, limit], |r| {
-                Ok((row(r)?, r.get(4)?, r.get(5)?))
+                Ok((row(r)?, r.get(5)?, r.get(6)?))
             })?
             .collect()
+        })
+    }
+
+    /// The batch of `sink` already under way (retried with its id), if any.
+    pub fn outbox_batch(&self, sink: &str) -> Result<Option<Batch>, StoreError> {
+        self.read(|c| {
+            let batch: Option<String> = c
+                .prepare_cached(
+                    "SELECT batch FROM outbox WHERE sink = ?1 AND batch IS NOT NULL \
+                     AND parked IS NULL ORDER BY seq LIMIT 1",
+                )?
+                .query_row([sink], |r| r.get(0))
+                .optional()?;
+            let Some(id) = batch else { return Ok(None) };
+            let events = c
+                .prepare_cached(
+                    "SELECT event FROM outbox WHERE sink = ?1 AND batch = ?2 ORDER BY seq",
+                )?
+                .query_map(params![sink, id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(Batch { id, events }))
+        })
+    }
+
+    /// The oldest events of `sink` in no batch yet: `(seq, event)`.
+    pub fn outbox_unbatched(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT seq, event FROM outbox WHERE sink = ?1 AND batch IS NULL \
+                 AND parked IS NULL ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![sink, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+        })
+    }
+
+    pub fn outbox_stats(&self, sink: &str) -> Result<OutboxStats, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT count(*), min(created_ms) FROM outbox WHERE sink = ?1 AND parked IS NULL",
+            )?
+            .query_row([sink], |r| {
+                Ok(OutboxStats {
+                    pending: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    oldest_ms: r.get(1)?,
+                })
+            })
         })
     }
 
@@ -324,6 +448,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         record: r.get(1)?,
         usage: r.get(2)?,
         seq: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+        billing: r.get(4)?,
     })
 }
 
@@ -438,13 +563,36 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             )?
             .execute(params![key_id, external_id, record, usage, seq(*s)])?;
         }
-        Write::Usage(rows) => {
-            let mut stmt = tx.prepare_cached(
+        Write::Usage { rows, events } => {
+            let mut usage = tx.prepare_cached(
                 "UPDATE keys SET usage = ?2, seq = ?3 WHERE key_id = ?1 AND seq < ?3",
             )?;
-            for (key_id, usage, s) in rows {
-                stmt.execute(params![key_id, usage, seq(*s)])?;
+            let mut billing = tx.prepare_cached(
+                "UPDATE keys SET billing = ?2, billing_seq = ?3 \
+                 WHERE key_id = ?1 AND billing_seq < ?3",
+            )?;
+            for row in rows {
+                usage.execute(params![row.key_id, row.usage, seq(row.seq)])?;
+                billing.execute(params![row.key_id, row.billing, seq(row.seq)])?;
             }
+            let mut outbox = tx.prepare_cached(
+                "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for e in events {
+                outbox.execute(params![e.sink, e.id, e.event, e.created_ms])?;
+            }
+        }
+        Write::Batch { sink, batch, seqs } => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET batch = ?3 WHERE sink = ?1 AND seq = ?2 AND batch IS NULL",
+            )?;
+            for s in seqs {
+                stmt.execute(params![sink, s, batch])?;
+            }
+        }
+        Write::Delivered { sink, batch } => {
+            tx.prepare_cached("DELETE FROM outbox WHERE sink = ?1 AND batch = ?2")?
+                .execute(params![sink, batch])?;
         }
         Write::Delete { key_id } => {
             tx.prepare_cached("DELETE FROM keys WHERE key_id = ?1")?
@@ -452,8 +600,9 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
         }
         Write::Import(rows) => {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO keys (key_id, hash, external_id, record, usage, seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO keys \
+                 (key_id, hash, external_id, record, usage, seq, billing, billing_seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
             )?;
             for (row, hash, external_id) in rows {
                 stmt.execute(params![
@@ -462,7 +611,8 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
                     external_id,
                     row.record,
                     row.usage,
-                    seq(row.seq)
+                    seq(row.seq),
+                    row.billing,
                 ])?;
             }
         }

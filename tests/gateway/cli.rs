@@ -25,6 +25,7 @@ fn run(command: &str, text: &str) -> (Option<i32>, String) {
 fn the_example_config_checks_clean() {
     let out = Command::new(BIN)
         .args(["check-config", "--config", "config/tollgate.yaml"])
+        .env("TOLLGATE_WEBHOOK_SECRET", "whsec_c2VjcmV0")
         .output()
         .expect("run");
     assert!(

@@ -150,6 +150,124 @@ async fn answer(State(state): State<Arc<UpstreamState>>, req: Request) -> Respon
     resp.body(Body::from(body.to_string())).expect("response")
 }
 
+/// The webhook secret tests configure (`secret_env: TOLLGATE_TEST_WEBHOOK_SECRET`).
+pub const WEBHOOK_SECRET: &str = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0xMjM0NQ==";
+
+/// Sets the webhook secret's env var (the same value in every test, so
+/// tests running at once agree).
+pub fn set_webhook_secret() {
+    std::env::set_var("TOLLGATE_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET);
+}
+
+/// One POST the receiver got.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+impl Delivery {
+    pub fn events(&self) -> Vec<Value> {
+        let v: Value = serde_json::from_slice(&self.body).expect("a JSON body");
+        v["events"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    deliveries: Mutex<Vec<Delivery>>,
+    /// The status to answer (200 when 0).
+    status: std::sync::atomic::AtomicU16,
+    /// Answer only after 15 s (past tollgate's 10 s timeout).
+    hang: std::sync::atomic::AtomicBool,
+}
+
+/// A real webhook receiver: records every delivery, answers as told.
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    state: Arc<ReceiverState>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/billing", self.addr)
+    }
+
+    /// Answers every delivery with `status` from now on.
+    pub fn answer(&self, status: u16) {
+        self.state
+            .status
+            .store(status, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Lets deliveries hang past the gateway's timeout (or not).
+    pub fn hang(&self, hang: bool) {
+        self.state
+            .hang
+            .store(hang, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.state.deliveries.lock().clone()
+    }
+
+    /// Every event in a delivery the receiver accepted (2xx), once per id.
+    pub fn events(&self) -> Vec<Value> {
+        let mut seen = std::collections::HashSet::new();
+        self.deliveries()
+            .iter()
+            .filter(|d| (200..300).contains(&d.status))
+            .flat_map(Delivery::events)
+            .filter(|e| seen.insert(e["id"].as_str().unwrap_or_default().to_string()))
+            .collect()
+    }
+
+    /// The events of `kind` for `key_id`, once per id.
+    pub fn events_of(&self, kind: &str, key_id: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["type"] == kind && e["key_id"] == key_id)
+            .collect()
+    }
+}
+
+async fn receive(State(state): State<Arc<ReceiverState>>, req: Request) -> StatusCode {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 16 * 1024 * 1024).await else {
+        return StatusCode::BAD_REQUEST;
+    };
+    if state.hang.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+    let status = match state.status.load(std::sync::atomic::Ordering::Acquire) {
+        0 => StatusCode::OK,
+        n => StatusCode::from_u16(n).unwrap_or(StatusCode::OK),
+    };
+    state.deliveries.lock().push(Delivery {
+        headers: parts.headers,
+        body,
+        status: status.as_u16(),
+    });
+    status
+}
+
 /// A gateway in front of an [`Upstream`].
 pub struct Harness {
     pub gateway: Running,

@@ -5,6 +5,7 @@
 mod common;
 
 mod admin_api;
+mod billing;
 mod cli;
 mod demo;
 mod forwarding;

@@ -1,0 +1,197 @@
+//! The reporter: turns metered usage into billing events and delivers them
+//! (SPEC §5).
+//!
+//! Every `reporting.flush_interval` it runs a reporting pass of the store
+//! ([`crate::store::Store::report`]): each key charged since the last pass
+//! goes through [`event::make`], and the events land in the store's outbox
+//! in the same transaction as the usage they come from. Then each sink
+//! sends what its outbox holds, in batches of at most [`BATCH`], oldest
+//! first, each batch under an id that is on disk before the first attempt
+//! and kept across retries and restarts (at least once; receivers
+//! de-duplicate by event id or batch id). A failed attempt backs off
+//! exponentially with jitter, capped at [`MAX_BACKOFF`]. The request path
+//! never waits on any of it.
+//!
+//! - [`event`]: what events a key's state calls for (pure);
+//! - [`webhook`]: the signed webhook sink.
+
+pub mod event;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use rand::Rng;
+
+use crate::gateway::Gateway;
+use crate::ledger::{Billing, KeyRecord, Usage};
+
+/// Most events one delivery carries.
+pub const BATCH: usize = 100;
+/// The longest wait between two attempts at a failing sink.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often to run when no `reporting` is configured.
+const IDLE: Duration = Duration::from_secs(5);
+
+pub const WEBHOOK: &str = "webhook";
+
+/// Exponential backoff with jitter: after `n` failures, a wait drawn from
+/// `[d/2, d]` with `d = base * 2^n`, at most [`MAX_BACKOFF`].
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    fn ready(&self) -> bool {
+        self.until.is_none_or(|t| tokio::time::Instant::now() >= t)
+    }
+
+    fn failed(&mut self, base: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let exp = base.saturating_mul(1u32 << self.failures.min(16));
+        let cap = exp.min(MAX_BACKOFF);
+        let wait = rand::rng().random_range(cap / 2..=cap);
+        self.until = Some(tokio::time::Instant::now() + wait);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+pub struct Reporter {
+    gateway: Arc<Gateway>,
+    client: reqwest::Client,
+}
+
+impl Reporter {
+    pub fn new(gateway: Arc<Gateway>) -> Reporter {
+        Reporter {
+            gateway,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// One round: a reporting pass, then each sink's deliveries.
+    async fn round(&self, webhook_backoff: &mut Backoff) {
+        let gw = &self.gateway;
+        let config = gw.config();
+        // Without reporting the pass still runs, with nowhere to send: it
+        // lets charged keys leave memory, and units accrued while billing
+        // is off are not billed later when it is turned on.
+        let reporting = config.reporting.as_ref();
+        let mut sinks = Vec::new();
+        if reporting.is_some_and(|r| r.webhook.is_some()) {
+            sinks.push(WEBHOOK);
+        }
+        let plan = event::Plan {
+            sinks,
+            usage_events: reporting.is_some_and(|r| r.usage_events),
+            now: gw.clock.now(),
+        };
+        let types = parking_lot::Mutex::new(Vec::new());
+        let make = |record: &KeyRecord, usage: &Usage, billing: &mut Billing| {
+            event::make(&plan, record, usage, billing, &mut types.lock())
+        };
+        match gw.store.report(&make).await {
+            Ok(_) => {
+                for kind in types.into_inner() {
+                    gw.metrics.events.with_label_values(&[kind]).inc();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reporting pass failed; its events will be made on the next")
+            }
+        }
+        let Some(reporting) = reporting else {
+            return;
+        };
+        if let Some(hook) = &reporting.webhook {
+            if webhook_backoff.ready() {
+                self.deliver_webhook(hook, reporting.flush_interval, webhook_backoff)
+                    .await;
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Sends the webhook outbox until it is empty or an attempt fails.
+    async fn deliver_webhook(
+        &self,
+        hook: &crate::config::Webhook,
+        base: Duration,
+        backoff: &mut Backoff,
+    ) {
+        let store = &self.gateway.store;
+        let metrics = &self.gateway.metrics;
+        loop {
+            let batch = match store.outbox_batch(WEBHOOK, BATCH).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the outbox");
+                    return;
+                }
+            };
+            match webhook::send(&self.client, hook, &batch).await {
+                Ok(()) => {
+                    metrics.webhook_deliveries.with_label_values(&["ok"]).inc();
+                    backoff.succeeded();
+                    if let Err(e) = store.outbox_delivered(WEBHOOK, &batch.id).await {
+                        // Sent again later: receivers de-duplicate.
+                        tracing::warn!(error = %e, batch = %batch.id, "delivered, but cannot mark it so");
+                        return;
+                    }
+                }
+                Err(reason) => {
+                    metrics
+                        .webhook_deliveries
+                        .with_label_values(&["error"])
+                        .inc();
+                    let wait = backoff.failed(base);
+                    tracing::warn!(batch = %batch.id, events = batch.events.len(), %reason, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.gateway.metrics;
+        if let Ok(stats) = self.gateway.store.outbox_stats(WEBHOOK) {
+            m.outbox_pending
+                .set(i64::try_from(stats.pending).unwrap_or(i64::MAX));
+            let age = stats.oldest_ms.map_or(0.0, |oldest| {
+                let now = self.gateway.clock.now().as_millisecond();
+                (now - oldest).max(0) as f64 / 1000.0
+            });
+            m.outbox_oldest_age.set(age);
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reporter {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut webhook = Backoff::default();
+        loop {
+            let interval = self
+                .gateway
+                .config()
+                .reporting
+                .as_ref()
+                .map_or(IDLE, |r| r.flush_interval);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            self.round(&mut webhook).await;
+        }
+    }
+}

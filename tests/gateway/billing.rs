@@ -1,0 +1,443 @@
+//! Usage billing (SPEC §5): events made from metered usage, written to the
+//! outbox with the usage they come from, delivered to a real webhook
+//! receiver with both signatures, at least once, through receiver outages,
+//! hangs and `kill -9`.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::common::{
+    eventually, json_of, metric, set_webhook_secret, Binary, Harness, Receiver, Upstream, ROOT_KEY,
+    WEBHOOK_SECRET,
+};
+
+/// Plans for billing: a pay-as-you-go plan that goes past 0, a capped one.
+const PLANS: &str = r#"
+tiers:
+  payg:
+    credits: 2
+    overage: allow
+    features: [api]
+  capped:
+    credits: 10
+    pools:
+      tokens: { limit: 1000, window: 1h }
+    features: [api]
+routes:
+  - { name: down, path: /api/down, upstream: dead, feature: api }
+  - { name: tokens, path: /api/tokens, upstream: main, feature: api, pools: { tokens: { header: x-tokens } } }
+  - { name: api, path: /api/*, upstream: main, feature: api }
+"#;
+
+fn reporting(receiver: &Receiver, extra: &str) -> String {
+    format!(
+        r#"{PLANS}
+reporting:
+  webhook: {{ url: "{}", secret_env: TOLLGATE_TEST_WEBHOOK_SECRET }}
+  flush_interval: 100ms
+{extra}
+"#,
+        receiver.url()
+    )
+}
+
+async fn gateway(receiver: &Receiver, extra: &str) -> Harness {
+    set_webhook_secret();
+    Harness::start(&reporting(receiver, extra)).await
+}
+
+/// The overage units delivered for `key_id`, once per event id.
+fn overage_delivered(receiver: &Receiver, key_id: &str) -> u64 {
+    receiver
+        .events_of("overage", key_id)
+        .iter()
+        .map(|e| e["units"].as_u64().expect("units"))
+        .sum()
+}
+
+async fn key_record(h: &Harness, key_id: &str) -> Value {
+    let resp = h
+        .admin(reqwest::Method::GET, &format!("/v1/keys/{key_id}"))
+        .send()
+        .await
+        .expect("admin");
+    json_of(resp, 200).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_thresholds_and_exhaustion_are_delivered_signed_twice() {
+    let receiver = Receiver::start().await;
+    let h = gateway(&receiver, "  thresholds: [0.5, 1.0]").await;
+    let created = h
+        .create_key_with(json!({ "tier": "payg", "external_id": "cus_7", "meta": { "plan": "x" } }))
+        .await;
+    let (key, key_id) = (
+        created["key"].as_str().expect("key").to_string(),
+        created["key_id"].as_str().expect("id").to_string(),
+    );
+    for _ in 0..5 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    eventually("3 overage units delivered", || {
+        overage_delivered(&receiver, &key_id) == 3
+    })
+    .await;
+    eventually("threshold and exceeded events", || {
+        receiver.events_of("usage.threshold", &key_id).len() == 2
+            && receiver.events_of("usage.exceeded", &key_id).len() == 1
+    })
+    .await;
+
+    let overage = &receiver.events_of("overage", &key_id)[0];
+    for field in [
+        "id",
+        "type",
+        "at",
+        "key_id",
+        "external_id",
+        "tier",
+        "meta",
+        "units",
+        "period_start",
+    ] {
+        assert!(
+            overage.get(field).is_some(),
+            "overage event lacks {field}: {overage}"
+        );
+    }
+    assert_eq!(overage["external_id"], "cus_7");
+    assert_eq!(overage["tier"], "payg");
+    assert_eq!(overage["meta"], json!({ "plan": "x" }));
+    assert_eq!(overage["at"], "2026-03-10T12:00:00Z", "the gateway's clock");
+    let mut thresholds: Vec<f64> = receiver
+        .events_of("usage.threshold", &key_id)
+        .iter()
+        .map(|e| e["threshold"].as_f64().expect("threshold"))
+        .collect();
+    thresholds.sort_by(f64::total_cmp);
+    assert_eq!(thresholds, [0.5, 1.0]);
+
+    // Every delivery carries both signatures of the same body.
+    let deliveries = receiver.deliveries();
+    assert!(!deliveries.is_empty());
+    let verifier = standardwebhooks::Webhook::new(WEBHOOK_SECRET).expect("secret");
+    for d in &deliveries {
+        verifier
+            .verify(&d.body, &d.headers)
+            .unwrap_or_else(|e| panic!("Standard Webhooks signature: {e:?}"));
+        let header = |name: &str| d.headers[name].to_str().expect("ascii").to_string();
+        assert_eq!(header("idempotency-key"), header("webhook-id"));
+        let ours = header("tollgate-signature");
+        let (t, v1) = ours
+            .strip_prefix("t=")
+            .and_then(|rest| rest.split_once(",v1="))
+            .expect("t=<unix>,v1=<hex>");
+        let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).expect("key");
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(&d.body);
+        let expected: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v1, expected, "Tollgate-Signature");
+    }
+    // Nothing more to say: no more events, however long it waits.
+    let before = receiver.events().len();
+    assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    eventually("the fourth unit", || {
+        overage_delivered(&receiver, &key_id) == 4
+    })
+    .await;
+    assert_eq!(
+        receiver.events().len(),
+        before + 1,
+        "only the new overage unit"
+    );
+    assert_eq!(key_record(&h, &key_id).await["overage"]["units"], 4);
+    let text = h.scrape().await;
+    assert!(metric(&text, "tollgate_events_total", &[("type", "overage")]) >= 2.0);
+    assert!(
+        metric(
+            &text,
+            "tollgate_webhook_deliveries_total",
+            &[("result", "ok")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_refunded_after_an_upstream_failure_is_not_reported() {
+    let receiver = Receiver::start().await;
+    let h = gateway(&receiver, "").await;
+    let (key, key_id) = h.create_key("payg").await;
+    for _ in 0..2 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    // Past 0 now: these would be overage, but the upstream is down.
+    for _ in 0..3 {
+        assert_eq!(h.get("/api/down", &key).await.status(), 502);
+    }
+    assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    eventually("one overage unit", || {
+        overage_delivered(&receiver, &key_id) == 1
+    })
+    .await;
+    assert_eq!(key_record(&h, &key_id).await["overage"]["units"], 1);
+    assert_eq!(overage_delivered(&receiver, &key_id), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_events_count_every_counter_net_of_refunds() {
+    let receiver = Receiver::start().await;
+    let h = gateway(&receiver, "  usage_events: true").await;
+    let (key, key_id) = h.create_key("capped").await;
+    for tokens in ["100", "250"] {
+        let resp = h
+            .keyed(reqwest::Method::GET, "/api/tokens", &key)
+            .header("x-tokens", tokens)
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(h.get("/api/down", &key).await.status(), 502);
+    let total = |counter: &str| -> u64 {
+        receiver
+            .events_of("usage", &key_id)
+            .iter()
+            .filter_map(|e| e["units"][counter].as_u64())
+            .sum()
+    };
+    eventually("usage units", || {
+        total("credits") == 2 && total("tokens") == 350
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_fails_then_recovers_gets_every_unit_with_batches_keeping_their_ids() {
+    let receiver = Receiver::start().await;
+    receiver.answer(503);
+    let h = gateway(&receiver, "").await;
+    let (key, key_id) = h.create_key("payg").await;
+    for _ in 0..12 {
+        // The proxy answers as usual while the receiver fails.
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    eventually("three failed attempts", || receiver.deliveries().len() >= 3).await;
+    let text = h.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "tollgate_webhook_deliveries_total",
+            &[("result", "error")]
+        ) >= 3.0
+    );
+    assert!(metric(&text, "tollgate_outbox_pending", &[]) >= 1.0);
+    receiver.answer(200);
+    eventually("10 overage units", || {
+        overage_delivered(&receiver, &key_id) == 10
+    })
+    .await;
+    // A retried batch kept its id.
+    let ids: Vec<String> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| d.headers["webhook-id"].to_str().expect("id").to_string())
+        .collect();
+    let first = &ids[0];
+    assert!(
+        ids.iter().filter(|id| *id == first).count() >= 2,
+        "the first batch was retried under its id: {ids:?}"
+    );
+    eventually("the outbox empties", || {
+        h.gateway
+            .gateway
+            .store
+            .outbox_stats("webhook")
+            .map(|s| s.pending)
+            .ok()
+            == Some(0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_hangs_past_the_timeout_is_retried() {
+    let receiver = Receiver::start().await;
+    receiver.hang(true);
+    let h = gateway(&receiver, "").await;
+    let (key, key_id) = h.create_key("payg").await;
+    for _ in 0..4 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    // The first attempt hangs; requests go on meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    receiver.hang(false);
+    for _ in 0..2 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    for _ in 0..2000 {
+        if overage_delivered(&receiver, &key_id) == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        overage_delivered(&receiver, &key_id),
+        4,
+        "every unit, after the 10 s timeout"
+    );
+    let text = h.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "tollgate_webhook_deliveries_total",
+            &[("result", "error")]
+        ) >= 1.0
+    );
+}
+
+/// The real binary, reporting to `receiver`, with its config and store in
+/// `dir`.
+async fn serve_reporting(
+    dir: &std::path::Path,
+    upstream: &Upstream,
+    receiver: &Receiver,
+) -> Binary {
+    let config = dir.join("tollgate.yaml");
+    let text = crate::common::config_text(
+        upstream.addr,
+        crate::common::dead_address(),
+        &dir.join("store"),
+        &reporting(receiver, ""),
+    );
+    std::fs::write(&config, text).expect("write config");
+    let env = [
+        ("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY)),
+        (
+            "TOLLGATE_TEST_WEBHOOK_SECRET",
+            std::ffi::OsStr::new(WEBHOOK_SECRET),
+        ),
+    ];
+    Binary::serve(&config, &env).await
+}
+
+async fn record_overage(gateway: &Binary, key_id: &str) -> u64 {
+    crate::common::bounded_client()
+        .get(format!("http://{}/v1/keys/{key_id}", gateway.admin))
+        .bearer_auth(ROOT_KEY)
+        .send()
+        .await
+        .expect("admin")
+        .json::<Value>()
+        .await
+        .expect("json")["overage"]["units"]
+        .as_u64()
+        .expect("units")
+}
+
+/// 40 overage requests and `kill -9` at once: whatever the write-behind
+/// kept, the units the key record shows after the restart are exactly the
+/// units delivered, once per id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_record_and_the_delivered_events_agree() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for round in 0..3 {
+        let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+        let created = gateway.create_key(json!({ "tier": "payg" })).await;
+        let (key, key_id) = (
+            created["key"].as_str().expect("key").to_string(),
+            created["key_id"].as_str().expect("id").to_string(),
+        );
+        let client = crate::common::bounded_client();
+        let sends = (0..42).map(|_| {
+            client
+                .get(format!("http://{}/api/data", gateway.proxy))
+                .bearer_auth(&key)
+                .send()
+        });
+        for resp in futures::future::join_all(sends).await {
+            assert_eq!(resp.expect("proxy").status(), 200);
+        }
+        // Round 0 dies at once; later rounds a little later, so that some
+        // rounds keep the usage and some do not.
+        tokio::time::sleep(Duration::from_millis(150 * round)).await;
+        gateway.kill_9();
+
+        let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+        let shown = record_overage(&gateway, &key_id).await;
+        assert!(shown <= 40, "round {round}: {shown} overage units");
+        for _ in 0..1000 {
+            if overage_delivered(&receiver, &key_id) >= shown {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And no more than that arrives afterwards.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            overage_delivered(&receiver, &key_id),
+            shown,
+            "round {round}: delivered units == the record's"
+        );
+        gateway.kill_9();
+    }
+}
+
+/// Events pending when the gateway dies are delivered by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_pending_at_kill_9_are_delivered_after_the_restart() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start().await;
+    receiver.answer(503);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+    let created = gateway.create_key(json!({ "tier": "payg" })).await;
+    let (key, key_id) = (
+        created["key"].as_str().expect("key").to_string(),
+        created["key_id"].as_str().expect("id").to_string(),
+    );
+    let client = crate::common::bounded_client();
+    for _ in 0..7 {
+        let resp = client
+            .get(format!("http://{}/api/data", gateway.proxy))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(resp.status(), 200);
+    }
+    eventually("failed attempts carrying all 5 units", || {
+        let mut seen = std::collections::HashSet::new();
+        let units: u64 = receiver
+            .deliveries()
+            .iter()
+            .flat_map(|d| d.events())
+            .filter(|e| e["type"] == "overage" && seen.insert(e["id"].to_string()))
+            .filter_map(|e| e["units"].as_u64())
+            .sum();
+        units == 5
+    })
+    .await;
+    assert_eq!(
+        overage_delivered(&receiver, &key_id),
+        0,
+        "nothing accepted yet"
+    );
+    gateway.kill_9();
+    receiver.answer(200);
+    let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+    eventually("the 5 units after the restart", || {
+        overage_delivered(&receiver, &key_id) == 5
+    })
+    .await;
+    drop(gateway);
+}
