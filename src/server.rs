@@ -71,6 +71,8 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
+    /// Told when the shutdown sequence is over (or the server thread ended).
+    done: std::sync::mpsc::Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -83,11 +85,12 @@ impl Running {
         }
     }
 
-    /// Waits until the gateway stops by itself (a signal).
-    pub fn wait(mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    /// Waits until the gateway has stopped by itself (a signal) and its
+    /// shutdown sequence is over: requests drained, the store flushed, the
+    /// reporter's last attempt made. Pingora may still be sitting out its
+    /// grace period; the caller (the binary's `main`) ends the process.
+    pub fn wait(self) {
+        let _ = self.done.recv();
     }
 }
 
@@ -238,13 +241,14 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         "metrics",
         HttpService::new(metrics_listener, metrics_router(gateway.clone())),
     ));
+    let (done_tx, done) = std::sync::mpsc::channel();
     server.add_service(background_service(
         "usage flusher",
         Flusher {
             gateway: gateway.clone(),
             drain_timeout: options.drain_timeout,
-            exit_when_drained: options.handle_signals,
             handover: handover.clone(),
+            done: done_tx.clone(),
         },
     ));
     server.add_service(background_service(
@@ -282,6 +286,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             }
             handover.release();
             drop(reservation);
+            let _ = done_tx.send(());
         })?;
 
     // Ready when the proxy accepts; Pingora binds on its own runtime.
@@ -307,6 +312,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         metrics_addr,
         gateway,
         stop,
+        done,
         thread: Some(thread),
     })
 }
@@ -481,15 +487,21 @@ fn metrics_router(gateway: Arc<Gateway>) -> axum::Router {
     axum::Router::new().route("/metrics", axum::routing::get(scrape))
 }
 
-/// Writes dirty usage behind every [`FLUSH_INTERVAL`]. At shutdown it waits
-/// for in-flight requests (up to the drain timeout), flushes once more, and
-/// for the binary ends the process at once rather than sit out the rest of
-/// Pingora's grace period.
+/// How long the reporter's last attempt at shutdown may take; what it
+/// cannot send stays in the outbox for the next start.
+const LAST_REPORT: Duration = Duration::from_secs(3);
+
+/// Writes dirty usage behind every [`FLUSH_INTERVAL`], and owns the
+/// shutdown sequence: once Pingora has stopped accepting, wait for
+/// in-flight requests (up to the drain timeout), flush the store, give the
+/// reporter a bounded last attempt, release the upgrade hand-over, and tell
+/// [`Running::wait`], whose caller ends the process (rather than sit out
+/// the rest of Pingora's grace period). No task ends the process itself.
 struct Flusher {
     gateway: Arc<Gateway>,
     drain_timeout: Duration,
-    exit_when_drained: bool,
     handover: upgrade::Handover,
+    done: std::sync::mpsc::Sender<()>,
 }
 
 #[async_trait]
@@ -535,10 +547,10 @@ impl BackgroundService for Flusher {
             Ok(_) => tracing::info!("drained; usage flushed"),
             Err(e) => tracing::error!(error = %e, "final usage flush failed"),
         }
-        if self.exit_when_drained {
-            self.handover.release();
-            // Exiting releases the store's lock for a process taking over.
-            std::process::exit(0);
-        }
+        crate::report::Reporter::new(self.gateway.clone())
+            .last_attempt(LAST_REPORT)
+            .await;
+        self.handover.release();
+        let _ = self.done.send(());
     }
 }

@@ -121,6 +121,21 @@ impl Reporter {
         self.update_gauges();
     }
 
+    /// One last round at shutdown, after the final flush, bounded by
+    /// `within`: what it cannot send stays in the outbox for the next start.
+    pub async fn last_attempt(&self, within: Duration) {
+        let mut backoff = Backoff::default();
+        if tokio::time::timeout(within, self.round(&mut backoff))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                within_ms = within.as_millis() as u64,
+                "the reporter's last attempt ran out of time; what it did not send stays in the outbox"
+            );
+        }
+    }
+
     /// Sends the webhook outbox until it is empty or an attempt fails.
     async fn deliver_webhook(
         &self,

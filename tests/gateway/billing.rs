@@ -33,11 +33,15 @@ routes:
 "#;
 
 fn reporting(receiver: &Receiver, extra: &str) -> String {
+    reporting_every(receiver, "100ms", extra)
+}
+
+fn reporting_every(receiver: &Receiver, interval: &str, extra: &str) -> String {
     format!(
         r#"{PLANS}
 reporting:
   webhook: {{ url: "{}", secret_env: TOLLGATE_TEST_WEBHOOK_SECRET }}
-  flush_interval: 100ms
+  flush_interval: {interval}
 {extra}
 "#,
         receiver.url()
@@ -310,12 +314,21 @@ async fn serve_reporting(
     upstream: &Upstream,
     receiver: &Receiver,
 ) -> Binary {
+    serve_reporting_every(dir, upstream, receiver, "100ms").await
+}
+
+async fn serve_reporting_every(
+    dir: &std::path::Path,
+    upstream: &Upstream,
+    receiver: &Receiver,
+    interval: &str,
+) -> Binary {
     let config = dir.join("tollgate.yaml");
     let text = crate::common::config_text(
         upstream.addr,
         crate::common::dead_address(),
         &dir.join("store"),
-        &reporting(receiver, ""),
+        &reporting_every(receiver, interval, ""),
     );
     std::fs::write(&config, text).expect("write config");
     let env = [
@@ -437,6 +450,65 @@ async fn events_pending_at_kill_9_are_delivered_after_the_restart() {
     let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
     eventually("the 5 units after the restart", || {
         overage_delivered(&receiver, &key_id) == 5
+    })
+    .await;
+    drop(gateway);
+}
+
+/// SIGTERM: drain, flush, then one bounded last attempt of the reporter,
+/// then exit 0. With an hourly reporter only that last attempt can have
+/// delivered the events. A receiver that hangs does not hold the exit up:
+/// its events wait in the outbox for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_then_reports_once_more_then_exits_0() {
+    let upstream = Upstream::start().await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = crate::common::bounded_client();
+    let overage_requests = |gateway: &Binary, key: &str| {
+        let (url, key) = (
+            format!("http://{}/api/data", gateway.proxy),
+            key.to_string(),
+        );
+        let client = client.clone();
+        async move {
+            for _ in 0..5 {
+                let resp = client
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("proxy");
+                assert_eq!(resp.status(), 200);
+            }
+        }
+    };
+
+    let gateway = serve_reporting_every(dir.path(), &upstream, &receiver, "1h").await;
+    let created = gateway.create_key(json!({ "tier": "payg" })).await;
+    let (key, key_id) = (
+        created["key"].as_str().expect("key").to_string(),
+        created["key_id"].as_str().expect("id").to_string(),
+    );
+    overage_requests(&gateway, &key).await;
+    gateway.signal("TERM");
+    assert!(gateway.exit_status().await.success());
+    assert_eq!(
+        overage_delivered(&receiver, &key_id),
+        3,
+        "sent by the last attempt"
+    );
+
+    // A receiver that hangs: the exit does not wait for it.
+    receiver.hang(true);
+    let gateway = serve_reporting_every(dir.path(), &upstream, &receiver, "1h").await;
+    overage_requests(&gateway, &key).await;
+    gateway.signal("TERM");
+    assert!(gateway.exit_status().await.success());
+    receiver.hang(false);
+    let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+    eventually("the units left in the outbox, after the restart", || {
+        overage_delivered(&receiver, &key_id) == 8
     })
     .await;
     drop(gateway);
