@@ -569,6 +569,67 @@ async fn verify(
     }))
 }
 
+/// Parked events one listing shows per sink.
+const MAX_PARKED: usize = 1000;
+
+/// What each sink's outbox holds: pending count, oldest pending age, and
+/// the parked events with why.
+fn outbox_view(gw: &Gateway) -> Result<Value, ApiError> {
+    let now = gw.clock.now().as_millisecond();
+    let mut sinks = Map::new();
+    for sink in [crate::report::WEBHOOK, crate::report::STRIPE] {
+        let stats = gw.store.outbox_stats(sink)?;
+        let parked: Vec<Value> = gw
+            .store
+            .outbox_parked(sink, MAX_PARKED)?
+            .into_iter()
+            .map(|(id, reason, event)| {
+                let event = serde_json::from_str(&event).unwrap_or(Value::Null);
+                json!({ "id": id, "reason": reason, "event": event })
+            })
+            .collect();
+        let age = stats
+            .oldest_ms
+            .map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        sinks.insert(
+            sink.to_string(),
+            json!({ "pending": stats.pending, "oldest_age_seconds": age, "parked_count": stats.parked, "parked": parked }),
+        );
+    }
+    Ok(json!({ "sinks": sinks }))
+}
+
+async fn outbox(Authorized(gw): Authorized) -> Result<Json<Value>, ApiError> {
+    outbox_view(&gw).map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryParked {
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Parked events (the ids given, or all) go back in the queue.
+async fn retry_outbox(
+    Authorized(gw): Authorized,
+    JsonBody(req): JsonBody<RetryParked>,
+) -> Result<Json<Value>, ApiError> {
+    let ids = match (req.ids, req.all) {
+        (None, true) => None,
+        (Some(ids), false) if !ids.is_empty() => Some(ids),
+        _ => {
+            return Err(ApiError::invalid(
+                "give either ids (a non-empty list of parked event ids) or all: true",
+            ))
+        }
+    };
+    gw.store.outbox_unpark(ids).await?;
+    tracing::info!("parked events put back in the outbox");
+    outbox_view(&gw).map(Json)
+}
+
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -603,6 +664,8 @@ admin_routes! {
     delete "/v1/keys/{key_id}" => revoke_key;
     post "/v1/keys/{key_id}/credits" => change_credits;
     post "/v1/verify" => verify;
+    get "/v1/outbox" => outbox;
+    post "/v1/outbox/retry" => retry_outbox;
 }
 
 /// The admin API's routes.

@@ -27,6 +27,7 @@ pub const NAMES: &[&str] = &[
     "tollgate_outbox_oldest_age_seconds",
     "tollgate_events_total",
     "tollgate_webhook_deliveries_total",
+    "tollgate_stripe_meter_events_total",
     "tollgate_config_reloads_total",
     "tollgate_config_generation",
     "tollgate_keys",
@@ -70,6 +71,7 @@ pub struct Metrics {
     pub outbox_pending: IntGauge,
     pub outbox_oldest_age: prometheus::Gauge,
     pub events: IntCounterVec,
+    pub stripe_meter_events: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -131,7 +133,7 @@ impl Metrics {
         };
         let outbox_pending = gauge(
             "tollgate_outbox_pending",
-            "Events waiting in the outbox for the webhook.",
+            "Events waiting in the outbox, every sink (parked ones not counted).",
         )?;
         let outbox_oldest_age = prometheus::Gauge::new(
             "tollgate_outbox_oldest_age_seconds",
@@ -200,6 +202,12 @@ impl Metrics {
                 "Billing events written to the outbox, by type.",
                 &["type"],
             )?,
+            stripe_meter_events: counter(
+                &registry,
+                "tollgate_stripe_meter_events_total",
+                "Stripe meter events by result: ok, retry (429, 5xx, no answer), parked.",
+                &["result"],
+            )?,
             webhook_deliveries: counter(
                 &registry,
                 "tollgate_webhook_deliveries_total",
@@ -220,6 +228,9 @@ impl Metrics {
         };
         for kind in crate::report::event::TYPES {
             metrics.events.with_label_values(&[kind]);
+        }
+        for result in ["ok", "retry", "parked"] {
+            metrics.stripe_meter_events.with_label_values(&[result]);
         }
         for result in ["ok", "error"] {
             metrics.webhook_deliveries.with_label_values(&[result]);

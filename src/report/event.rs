@@ -11,6 +11,10 @@ use crate::keys;
 use crate::ledger::{Billing, KeyRecord, Usage};
 use crate::store::sqlite::Outgoing;
 
+/// The sinks, as named in the outbox.
+pub const WEBHOOK: &str = "webhook";
+pub const STRIPE: &str = "stripe";
+
 /// The event types, as their `type` field and metric label.
 pub const OVERAGE: &str = "overage";
 pub const THRESHOLD: &str = "usage.threshold";
@@ -23,10 +27,22 @@ pub const CREDITS: &str = "credits";
 
 /// What a reporting pass makes events for, and where they go.
 pub struct Plan {
-    /// The sinks configured now; each gets every event.
-    pub sinks: Vec<&'static str>,
+    /// Whether the webhook gets every event.
+    pub webhook: bool,
+    /// Stripe's meters, when the Stripe sink is configured.
+    pub stripe: Option<StripeMeters>,
+    /// Whether the webhook gets `usage` events (they are made anyway when
+    /// Stripe has `meters`).
     pub usage_events: bool,
     pub now: Timestamp,
+}
+
+/// Which Stripe meter bills what.
+pub struct StripeMeters {
+    /// Receives overage units.
+    pub overage: String,
+    /// Counter → meter, billing every unit of that counter (`usage` events).
+    pub meters: Vec<(String, String)>,
 }
 
 /// The events `record`'s state calls for, one [`Outgoing`] per sink each;
@@ -70,7 +86,8 @@ pub fn make(
         events.push(e);
         billing.reported.insert(OVERAGE.into(), billing.overage);
     }
-    if plan.usage_events {
+    let stripe_meters = plan.stripe.as_ref().is_some_and(|s| !s.meters.is_empty());
+    if plan.usage_events || stripe_meters {
         let mut totals: BTreeMap<String, u64> = usage
             .pools
             .iter()
@@ -92,7 +109,7 @@ pub fn make(
         }
     }
     let created_ms = plan.now.as_millisecond();
-    let mut out = Vec::with_capacity(events.len() * plan.sinks.len());
+    let mut out = Vec::with_capacity(events.len());
     for e in events {
         let kind = match e.get("type").and_then(Value::as_str) {
             Some(OVERAGE) => OVERAGE,
@@ -106,17 +123,75 @@ pub fn make(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let text = Value::Object(e).to_string();
-        for sink in &plan.sinks {
+        if let Some(stripe) = &plan.stripe {
+            for (identifier, call) in stripe_calls(stripe, kind, &id, &e) {
+                out.push(Outgoing {
+                    sink: STRIPE,
+                    id: identifier,
+                    event: call.to_string(),
+                    created_ms,
+                });
+            }
+        }
+        if plan.webhook && (kind != USAGE || plan.usage_events) {
             out.push(Outgoing {
-                sink,
-                id: id.clone(),
-                event: text.clone(),
+                sink: WEBHOOK,
+                id,
+                event: Value::Object(e).to_string(),
                 created_ms,
             });
         }
     }
     out
+}
+
+/// The Stripe meter events an event calls for: `(identifier, call)`. An
+/// overage event is one, to the overage meter; a `usage` event one per
+/// counter that has a meter. The customer is the key's
+/// `meta.stripe_customer_id` (`null` when it has none: the sink parks it).
+fn stripe_calls(
+    stripe: &StripeMeters,
+    kind: &str,
+    id: &str,
+    e: &Map<String, Value>,
+) -> Vec<(String, Value)> {
+    let at = e
+        .get("at")
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map_or(0, Timestamp::as_second);
+    let customer = e
+        .get("meta")
+        .and_then(|m| m.get("stripe_customer_id"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let call = |identifier: String, meter: &str, value: &Value| {
+        let body = json!({
+            "identifier": identifier,
+            "event_name": meter,
+            "customer": customer,
+            "value": value,
+            "timestamp": at,
+            "event_id": id,
+            "key_id": e.get("key_id"),
+        });
+        (identifier, body)
+    };
+    match kind {
+        OVERAGE => e
+            .get("units")
+            .map(|units| vec![call(id.to_string(), &stripe.overage, units)])
+            .unwrap_or_default(),
+        USAGE => stripe
+            .meters
+            .iter()
+            .filter_map(|(counter, meter)| {
+                let units = e.get("units")?.get(counter)?;
+                Some(call(format!("{id}.{counter}"), meter, units))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -134,7 +209,8 @@ mod tests {
 
     fn plan(usage_events: bool) -> Plan {
         Plan {
-            sinks: vec!["webhook"],
+            webhook: true,
+            stripe: None,
             usage_events,
             now: "2026-03-10T12:00:05Z".parse().expect("time"),
         }

@@ -13,9 +13,11 @@
 //! never waits on any of it.
 //!
 //! - [`event`]: what events a key's state calls for (pure);
-//! - [`webhook`]: the signed webhook sink.
+//! - [`webhook`]: the signed webhook sink;
+//! - [`stripe`]: Stripe Billing meter events.
 
 pub mod event;
+pub mod stripe;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -36,7 +38,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often to run when no `reporting` is configured.
 const IDLE: Duration = Duration::from_secs(5);
 
-pub const WEBHOOK: &str = "webhook";
+pub use event::{STRIPE, WEBHOOK};
 
 /// Exponential backoff with jitter: after `n` failures, a wait drawn from
 /// `[d/2, d]` with `d = base * 2^n`, at most [`MAX_BACKOFF`].
@@ -65,6 +67,13 @@ impl Backoff {
     }
 }
 
+/// Each sink backs off on its own.
+#[derive(Default)]
+struct Backoffs {
+    webhook: Backoff,
+    stripe: Backoff,
+}
+
 pub struct Reporter {
     gateway: Arc<Gateway>,
     client: reqwest::Client,
@@ -79,19 +88,25 @@ impl Reporter {
     }
 
     /// One round: a reporting pass, then each sink's deliveries.
-    async fn round(&self, webhook_backoff: &mut Backoff) {
+    async fn round(&self, backoff: &mut Backoffs) {
         let gw = &self.gateway;
         let config = gw.config();
         // Without reporting the pass still runs, with nowhere to send: it
         // lets charged keys leave memory, and units accrued while billing
         // is off are not billed later when it is turned on.
         let reporting = config.reporting.as_ref();
-        let mut sinks = Vec::new();
-        if reporting.is_some_and(|r| r.webhook.is_some()) {
-            sinks.push(WEBHOOK);
-        }
         let plan = event::Plan {
-            sinks,
+            webhook: reporting.is_some_and(|r| r.webhook.is_some()),
+            stripe: reporting
+                .and_then(|r| r.stripe.as_ref())
+                .map(|s| event::StripeMeters {
+                    overage: s.event_name.clone(),
+                    meters: s
+                        .meters
+                        .iter()
+                        .map(|(c, m)| (c.clone(), m.clone()))
+                        .collect(),
+                }),
             usage_events: reporting.is_some_and(|r| r.usage_events),
             now: gw.clock.now(),
         };
@@ -113,8 +128,14 @@ impl Reporter {
             return;
         };
         if let Some(hook) = &reporting.webhook {
-            if webhook_backoff.ready() {
-                self.deliver_webhook(hook, reporting.flush_interval, webhook_backoff)
+            if backoff.webhook.ready() {
+                self.deliver_webhook(hook, reporting.flush_interval, &mut backoff.webhook)
+                    .await;
+            }
+        }
+        if let Some(stripe) = &reporting.stripe {
+            if backoff.stripe.ready() {
+                self.deliver_stripe(stripe, reporting.flush_interval, &mut backoff.stripe)
                     .await;
             }
         }
@@ -124,7 +145,7 @@ impl Reporter {
     /// One last round at shutdown, after the final flush, bounded by
     /// `within`: what it cannot send stays in the outbox for the next start.
     pub async fn last_attempt(&self, within: Duration) {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoffs::default();
         if tokio::time::timeout(within, self.round(&mut backoff))
             .await
             .is_err()
@@ -177,24 +198,90 @@ impl Reporter {
         }
     }
 
+    /// Sends Stripe's outbox one meter event at a time until it is empty,
+    /// Stripe asks to wait (429, 5xx, no answer), or the pass is done.
+    /// Events Stripe refuses for good are parked.
+    async fn deliver_stripe(
+        &self,
+        stripe: &crate::config::Stripe,
+        base: Duration,
+        backoff: &mut Backoff,
+    ) {
+        let store = &self.gateway.store;
+        let metrics = &self.gateway.metrics;
+        let calls = match store.outbox_next(STRIPE, BATCH) {
+            Ok(calls) => calls,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                return;
+            }
+        };
+        let mut sent = Vec::new();
+        for (id, call) in calls {
+            let call: serde_json::Value = serde_json::from_str(&call).unwrap_or_default();
+            match stripe::send(&self.client, stripe, &call).await {
+                stripe::Outcome::Sent => {
+                    metrics.stripe_meter_events.with_label_values(&["ok"]).inc();
+                    backoff.succeeded();
+                    sent.push(id);
+                }
+                stripe::Outcome::Retry(reason) => {
+                    metrics
+                        .stripe_meter_events
+                        .with_label_values(&["retry"])
+                        .inc();
+                    let wait = backoff.failed(base);
+                    tracing::warn!(event = %id, %reason, retry_in_ms = wait.as_millis() as u64, "Stripe meter event not sent");
+                    break;
+                }
+                stripe::Outcome::Park(reason) => {
+                    metrics
+                        .stripe_meter_events
+                        .with_label_values(&["parked"])
+                        .inc();
+                    tracing::warn!(event = %id, %reason, "Stripe meter event parked: see GET /v1/outbox");
+                    if let Err(e) = store.outbox_park(STRIPE, &id, &reason).await {
+                        tracing::warn!(error = %e, event = %id, "cannot park the event");
+                        break;
+                    }
+                }
+            }
+        }
+        if !sent.is_empty() {
+            if let Err(e) = store.outbox_sent(STRIPE, sent).await {
+                // Sent again later: Stripe de-duplicates by identifier.
+                tracing::warn!(error = %e, "sent to Stripe, but cannot mark it so");
+            }
+        }
+    }
+
     fn update_gauges(&self) {
         let m = &self.gateway.metrics;
-        if let Ok(stats) = self.gateway.store.outbox_stats(WEBHOOK) {
-            m.outbox_pending
-                .set(i64::try_from(stats.pending).unwrap_or(i64::MAX));
-            let age = stats.oldest_ms.map_or(0.0, |oldest| {
-                let now = self.gateway.clock.now().as_millisecond();
-                (now - oldest).max(0) as f64 / 1000.0
-            });
-            m.outbox_oldest_age.set(age);
+        let mut pending = 0u64;
+        let mut oldest: Option<i64> = None;
+        for sink in [WEBHOOK, STRIPE] {
+            if let Ok(stats) = self.gateway.store.outbox_stats(sink) {
+                pending += stats.pending;
+                oldest = match (oldest, stats.oldest_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         }
+        m.outbox_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        let age = oldest.map_or(0.0, |oldest| {
+            let now = self.gateway.clock.now().as_millisecond();
+            (now - oldest).max(0) as f64 / 1000.0
+        });
+        m.outbox_oldest_age.set(age);
     }
 }
 
 #[async_trait]
 impl BackgroundService for Reporter {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut webhook = Backoff::default();
+        let mut backoff = Backoffs::default();
         loop {
             let interval = self
                 .gateway
@@ -206,7 +293,7 @@ impl BackgroundService for Reporter {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            self.round(&mut webhook).await;
+            self.round(&mut backoff).await;
         }
     }
 }

@@ -657,6 +657,61 @@ impl Store {
         self.disk.outbox_stats(sink)
     }
 
+    /// The oldest events of `sink` waiting to be sent one by one:
+    /// `(id, event)`.
+    pub fn outbox_next(&self, sink: &str, max: usize) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .disk
+            .outbox_unbatched(sink, max)?
+            .into_iter()
+            .filter_map(|(_, event)| {
+                let id = serde_json::from_str::<serde_json::Value>(&event).ok()?["identifier"]
+                    .as_str()?
+                    .to_string();
+                Some((id, event))
+            })
+            .collect())
+    }
+
+    /// Events of `sink` sent one by one: they leave the outbox.
+    pub async fn outbox_sent(
+        &self,
+        sink: &'static str,
+        ids: Vec<String>,
+    ) -> Result<(), StoreError> {
+        self.disk.write(Write::Sent { sink, ids }).await
+    }
+
+    /// An event `sink` refuses for good: parked until an operator retries it.
+    pub async fn outbox_park(
+        &self,
+        sink: &'static str,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.disk
+            .write(Write::Park {
+                sink,
+                id: id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+    }
+
+    /// Parked events of `sink`: `(id, reason, event)`.
+    pub fn outbox_parked(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        self.disk.outbox_parked(sink, limit)
+    }
+
+    /// Puts parked events (these ids, or all) back in the queue.
+    pub async fn outbox_unpark(&self, ids: Option<Vec<String>>) -> Result<(), StoreError> {
+        self.disk.write(Write::Unpark { ids }).await
+    }
+
     /// [`Store::flush_dirty`] for a thread outside any runtime (the last
     /// flush after the server stopped).
     pub fn flush_blocking(&self) -> Result<usize, StoreError> {

@@ -115,6 +115,7 @@ pub struct Batch {
 pub struct OutboxStats {
     pub pending: u64,
     pub oldest_ms: Option<i64>,
+    pub parked: u64,
 }
 
 /// One change for the writer.
@@ -151,6 +152,19 @@ pub enum Write {
     },
     /// A batch was delivered: its events leave the outbox.
     Delivered { sink: &'static str, batch: String },
+    /// These events were delivered one by one: they leave the outbox.
+    Sent {
+        sink: &'static str,
+        ids: Vec<String>,
+    },
+    /// An event the sink refuses for good waits for an operator.
+    Park {
+        sink: &'static str,
+        id: String,
+        reason: String,
+    },
+    /// Parked events (these, or all) go back in the queue.
+    Unpark { ids: Option<Vec<String>> },
     /// A revoked key, gone from every index.
     Delete { key_id: String },
     /// Keys copied from another store; a key id already here is left as is.
@@ -396,6 +410,25 @@ impl Disk {
         })
     }
 
+    /// Parked events of `sink`: `(id, reason, event)`, oldest first.
+    pub fn outbox_parked(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT id, parked, event FROM outbox WHERE sink = ?1 AND parked IS NOT NULL \
+                 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![sink, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect()
+        })
+    }
+
     /// The oldest events of `sink` in no batch yet: `(seq, event)`.
     pub fn outbox_unbatched(
         &self,
@@ -416,12 +449,16 @@ impl Disk {
     pub fn outbox_stats(&self, sink: &str) -> Result<OutboxStats, StoreError> {
         self.read(|c| {
             c.prepare_cached(
-                "SELECT count(*), min(created_ms) FROM outbox WHERE sink = ?1 AND parked IS NULL",
+                "SELECT count(*) FILTER (WHERE parked IS NULL), \
+                        min(created_ms) FILTER (WHERE parked IS NULL), \
+                        count(*) FILTER (WHERE parked IS NOT NULL) \
+                 FROM outbox WHERE sink = ?1",
             )?
             .query_row([sink], |r| {
                 Ok(OutboxStats {
                     pending: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
                     oldest_ms: r.get(1)?,
+                    parked: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
                 })
             })
         })
@@ -593,6 +630,30 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
         Write::Delivered { sink, batch } => {
             tx.prepare_cached("DELETE FROM outbox WHERE sink = ?1 AND batch = ?2")?
                 .execute(params![sink, batch])?;
+        }
+        Write::Sent { sink, ids } => {
+            let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE sink = ?1 AND id = ?2")?;
+            for id in ids {
+                stmt.execute(params![sink, id])?;
+            }
+        }
+        Write::Park { sink, id, reason } => {
+            tx.prepare_cached("UPDATE outbox SET parked = ?3 WHERE sink = ?1 AND id = ?2")?
+                .execute(params![sink, id, reason])?;
+        }
+        Write::Unpark { ids: None } => {
+            tx.prepare_cached(
+                "UPDATE outbox SET parked = NULL, batch = NULL WHERE parked IS NOT NULL",
+            )?
+            .execute([])?;
+        }
+        Write::Unpark { ids: Some(ids) } => {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE outbox SET parked = NULL, batch = NULL WHERE id = ?1 AND parked IS NOT NULL",
+            )?;
+            for id in ids {
+                stmt.execute([id])?;
+            }
         }
         Write::Delete { key_id } => {
             tx.prepare_cached("DELETE FROM keys WHERE key_id = ?1")?

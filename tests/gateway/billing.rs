@@ -513,3 +513,308 @@ async fn sigterm_flushes_then_reports_once_more_then_exits_0() {
     .await;
     drop(gateway);
 }
+
+/// The Stripe key tests configure (`api_key_env: TOLLGATE_TEST_STRIPE_KEY`).
+const STRIPE_KEY: &str = "sk_test_tollgate_0123456789";
+
+#[derive(Default)]
+struct StripeState {
+    /// Accepted meter events by identifier: (event_name, customer, value).
+    accepted: parking_lot::Mutex<std::collections::HashMap<String, (String, String, u64)>>,
+    /// Everything that broke Stripe's contract.
+    violations: parking_lot::Mutex<Vec<String>>,
+    calls: std::sync::atomic::AtomicUsize,
+    /// Calls under way per (customer, meter), and the most ever at once.
+    in_flight: parking_lot::Mutex<std::collections::HashMap<(String, String), usize>>,
+    most_at_once: std::sync::atomic::AtomicUsize,
+    /// Whether `cus_refused` exists yet.
+    refused_exists: std::sync::atomic::AtomicBool,
+}
+
+/// A local stand-in for Stripe's meter-event endpoint, as strict as the
+/// real one: method, path, key, content type and every form field; 429 on
+/// every third call, as Stripe does under load; 400 for an unknown customer.
+struct FakeStripe {
+    url: String,
+    state: std::sync::Arc<StripeState>,
+}
+
+impl FakeStripe {
+    async fn start() -> FakeStripe {
+        let state = std::sync::Arc::new(StripeState::default());
+        let app = axum::Router::new()
+            .fallback(stripe_endpoint)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeStripe { url, state }
+    }
+
+    /// The sum of accepted values for a meter and customer.
+    fn total(&self, meter: &str, customer: &str) -> u64 {
+        self.state
+            .accepted
+            .lock()
+            .values()
+            .filter(|(m, c, _)| m == meter && c == customer)
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+}
+
+async fn stripe_endpoint(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<StripeState>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let mut wrong = Vec::new();
+    if parts.method != axum::http::Method::POST {
+        wrong.push(format!("method {}", parts.method));
+    }
+    if parts.uri.path() != "/v1/billing/meter_events" {
+        wrong.push(format!("path {}", parts.uri.path()));
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    if header("authorization") != format!("Bearer {STRIPE_KEY}") {
+        wrong.push("authorization".into());
+    }
+    if !header("content-type").starts_with("application/x-www-form-urlencoded") {
+        wrong.push(format!("content-type {}", header("content-type")));
+    }
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let mut names: Vec<&str> = form.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    let expected = [
+        "event_name",
+        "identifier",
+        "payload[stripe_customer_id]",
+        "payload[value]",
+        "timestamp",
+    ];
+    if names != expected {
+        wrong.push(format!("fields {names:?}"));
+    }
+    let value = field("payload[value]").and_then(|v| v.parse::<u64>().ok());
+    let timestamp = field("timestamp").and_then(|v| v.parse::<i64>().ok());
+    if value.is_none() || timestamp.is_none_or(|t| t <= 0) {
+        wrong.push(format!("value {value:?} / timestamp {timestamp:?}"));
+    }
+    let (meter, customer, identifier) = (
+        field("event_name").unwrap_or_default(),
+        field("payload[stripe_customer_id]").unwrap_or_default(),
+        field("identifier").unwrap_or_default(),
+    );
+    if !wrong.is_empty() {
+        state.violations.lock().extend(wrong);
+        return (axum::http::StatusCode::BAD_REQUEST, "bad request").into_response();
+    }
+    let lane = (customer.clone(), meter.clone());
+    let now = {
+        let mut in_flight = state.in_flight.lock();
+        let n = in_flight.entry(lane.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    state
+        .most_at_once
+        .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+    // Long enough that concurrent calls would overlap.
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    if let Some(n) = state.in_flight.lock().get_mut(&lane) {
+        *n -= 1;
+    }
+    let call = state
+        .calls
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+        + 1;
+    let error = |status: u16, message: &str| {
+        let status = axum::http::StatusCode::from_u16(status).expect("status");
+        (
+            status,
+            axum::Json(json!({ "error": { "message": message } })),
+        )
+            .into_response()
+    };
+    if call % 3 == 0 {
+        return error(429, "Too many requests in a short period of time.");
+    }
+    if customer == "cus_refused"
+        && !state
+            .refused_exists
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return error(400, "No such customer: 'cus_refused'");
+    }
+    state
+        .accepted
+        .lock()
+        .insert(identifier, (meter, customer, value.unwrap_or(0)));
+    axum::Json(json!({ "object": "billing.meter_event" })).into_response()
+}
+
+/// Overage goes to the overage meter, `meters` bill every unit of their
+/// counters, a 429 is retried, calls for one customer and meter are never
+/// concurrent, and events Stripe refuses or that have no customer are
+/// parked, listed and retried on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_meter_events_are_exact_serial_and_parked_when_refused() {
+    std::env::set_var("TOLLGATE_TEST_STRIPE_KEY", STRIPE_KEY);
+    let stripe = FakeStripe::start().await;
+    let h = Harness::start(&format!(
+        r#"{PLANS}
+reporting:
+  stripe:
+    api_key_env: TOLLGATE_TEST_STRIPE_KEY
+    base_url: "{}"
+    event_name: api_overage
+    meters: {{ credits: api_calls, tokens: ai_tokens }}
+  flush_interval: 100ms
+"#,
+        stripe.url
+    ))
+    .await;
+    async fn key(h: &Harness, tier: &str, customer: Option<&str>) -> String {
+        let meta = customer.map_or(json!({}), |c| json!({ "stripe_customer_id": c }));
+        let created = h
+            .create_key_with(json!({ "tier": tier, "meta": meta }))
+            .await;
+        created["key"].as_str().expect("key").to_string()
+    }
+    let (a, none, refused, d) = (
+        key(&h, "payg", Some("cus_A")).await,
+        key(&h, "payg", None).await,
+        key(&h, "payg", Some("cus_refused")).await,
+        key(&h, "capped", Some("cus_D")).await,
+    );
+    for k in [&a, &none, &refused] {
+        for _ in 0..5 {
+            assert_eq!(h.get("/api/data", k).await.status(), 200);
+        }
+    }
+    for tokens in ["100", "250"] {
+        let resp = h
+            .keyed(reqwest::Method::GET, "/api/tokens", &d)
+            .header("x-tokens", tokens)
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(resp.status(), 200);
+    }
+    let parked = || async {
+        let resp = h
+            .admin(reqwest::Method::GET, "/v1/outbox")
+            .send()
+            .await
+            .expect("outbox");
+        json_of(resp, 200).await["sinks"]["stripe"]["parked"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    for _ in 0..1000 {
+        let done = stripe.total("api_overage", "cus_A") == 3
+            && stripe.total("api_calls", "cus_A") == 5
+            && stripe.total("api_calls", "cus_D") == 2
+            && stripe.total("ai_tokens", "cus_D") == 350
+            && parked().await.len() == 4;
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stripe.total("api_overage", "cus_A"), 3);
+    assert_eq!(stripe.total("api_calls", "cus_A"), 5);
+    assert_eq!(stripe.total("api_calls", "cus_D"), 2);
+    assert_eq!(stripe.total("ai_tokens", "cus_D"), 350);
+    let listed = parked().await;
+    assert_eq!(
+        listed.len(),
+        4,
+        "two events each of the keys without a usable customer: {listed:?}"
+    );
+    assert!(listed.iter().any(|p| p["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("stripe_customer_id")));
+    assert!(listed.iter().any(|p| p["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("No such customer")));
+    let violations = stripe.state.violations.lock().clone();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert_eq!(
+        stripe
+            .state
+            .most_at_once
+            .load(std::sync::atomic::Ordering::Acquire),
+        1
+    );
+    let text = h.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "tollgate_stripe_meter_events_total",
+            &[("result", "retry")]
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "tollgate_stripe_meter_events_total",
+            &[("result", "parked")]
+        ) >= 4.0
+    );
+
+    // The customer exists now: retry everything parked. The events of the
+    // key without a customer come back parked; the others go through.
+    stripe
+        .state
+        .refused_exists
+        .store(true, std::sync::atomic::Ordering::Release);
+    let resp = h
+        .admin(reqwest::Method::POST, "/v1/outbox/retry")
+        .json(&json!({ "all": true }))
+        .send()
+        .await
+        .expect("retry");
+    json_of(resp, 200).await;
+    eventually("the refused customer's events delivered", || {
+        stripe.total("api_overage", "cus_refused") == 3
+            && stripe.total("api_calls", "cus_refused") == 5
+    })
+    .await;
+    for _ in 0..500 {
+        if parked().await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        parked().await.len(),
+        2,
+        "the key without a customer stays parked"
+    );
+    let resp = h
+        .admin(reqwest::Method::POST, "/v1/outbox/retry")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("retry");
+    json_of(resp, 400).await;
+}

@@ -255,6 +255,15 @@ impl Doc {
             });
             out.insert(name.to_string(), value);
         }
+        // A body that must say something: its first boolean, set.
+        if out.is_empty() && schema["minProperties"].as_u64() >= Some(1) {
+            let props = schema["properties"].as_object().expect("properties");
+            let (name, _) = props
+                .iter()
+                .find(|(_, p)| self.resolve(p)["type"] == "boolean")
+                .unwrap_or_else(|| panic!("{} {}: no boolean to set", op.method, op.path));
+            out.insert(name.clone(), json!(true));
+        }
         Some(Value::Object(out))
     }
 }
