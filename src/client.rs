@@ -1,5 +1,5 @@
-//! `tollgate keys ...`: a command-line client of a running gateway's admin
-//! API. Prints the API's JSON answers; any failure is one line on stderr and
+//! `tollgate keys ...` and `tollgate outbox ...`: a command-line client of
+//! a running gateway's admin API. Prints the API's JSON answers; any failure is one line on stderr and
 //! a non-zero exit.
 
 use std::path::PathBuf;
@@ -9,8 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::config::Config;
 
+/// Where the admin API is: shared by `tollgate keys` and `tollgate outbox`.
 #[derive(Debug, Args)]
-pub struct KeysCommand {
+pub struct AdminArgs {
     /// The admin API, e.g. http://127.0.0.1:9090 [default: the config's
     /// listen.admin]
     #[arg(long, global = true)]
@@ -18,8 +19,35 @@ pub struct KeysCommand {
     /// Where to read the admin address and the root key's env var name.
     #[arg(long, short, global = true, default_value = "config/tollgate.yaml")]
     config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysCommand {
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     action: KeysAction,
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxCommand {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    action: Option<OutboxAction>,
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxAction {
+    /// Per sink: events pending, the oldest one's age, parked events and why
+    /// (the default).
+    Show,
+    /// Put parked events back in the queue: these ids, or --all.
+    Retry {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,9 +197,9 @@ impl Admin {
 }
 
 /// Where the admin API is and what its root key is.
-fn connect(cmd: &KeysCommand) -> Result<Admin, ClientError> {
+fn connect(cmd: &AdminArgs) -> Result<Admin, ClientError> {
     let config = if cmd.config.exists() {
-        Some(Config::load(&cmd.config).map_err(|e| {
+        Some(Config::load_for_client(&cmd.config).map_err(|e| {
             ClientError(format!(
                 "{}: {}",
                 cmd.config.display(),
@@ -210,7 +238,7 @@ fn connect(cmd: &KeysCommand) -> Result<Admin, ClientError> {
 /// Runs one `keys` command; returns the JSON to print.
 pub async fn run(cmd: KeysCommand) -> Result<Value, ClientError> {
     use reqwest::Method;
-    let admin = connect(&cmd)?;
+    let admin = connect(&cmd.admin)?;
     match cmd.action {
         KeysAction::Create {
             tier,
@@ -344,6 +372,29 @@ pub async fn run(cmd: KeysCommand) -> Result<Value, ClientError> {
                 .call(Method::DELETE, &format!("/v1/keys/{key_id}"), None)
                 .await?;
             Ok(json!({ "key_id": key_id, "revoked": true }))
+        }
+    }
+}
+
+/// Runs one `outbox` command; returns the JSON to print.
+pub async fn run_outbox(cmd: OutboxCommand) -> Result<Value, ClientError> {
+    use reqwest::Method;
+    let admin = connect(&cmd.admin)?;
+    match cmd.action.unwrap_or(OutboxAction::Show) {
+        OutboxAction::Show => admin.call(Method::GET, "/v1/outbox", None).await,
+        OutboxAction::Retry { ids, all } => {
+            let body = if all {
+                json!({ "all": true })
+            } else if ids.is_empty() {
+                return Err(ClientError(
+                    "name the parked event ids to retry, or --all".into(),
+                ));
+            } else {
+                json!({ "ids": ids })
+            };
+            admin
+                .call(Method::POST, "/v1/outbox/retry", Some(body))
+                .await
         }
     }
 }

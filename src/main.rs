@@ -61,6 +61,9 @@ enum Command {
     },
     /// Manage keys through a running gateway's admin API (prints JSON).
     Keys(tollgate::client::KeysCommand),
+    /// Show the billing outbox (pending and parked events per sink), or
+    /// retry parked events, through the admin API (prints JSON).
+    Outbox(tollgate::client::OutboxCommand),
     /// A self-contained quick start: the example config in front of a
     /// built-in echo upstream, a temporary store, one key per plan.
     Demo {
@@ -109,6 +112,25 @@ fn load(path: &std::path::Path) -> Result<Config, tollgate::config::ConfigErrors
     Ok(loaded.config)
 }
 
+/// Runs a client call and prints its JSON answer, or one error line.
+fn print_answer(
+    call: impl std::future::Future<Output = Result<serde_json::Value, tollgate::client::ClientError>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(call) {
+        Ok(answer) => {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
@@ -121,21 +143,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Keys(cmd) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            match runtime.block_on(tollgate::client::run(cmd)) {
-                Ok(answer) => {
-                    println!("{}", serde_json::to_string_pretty(&answer)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
+        Command::Keys(cmd) => print_answer(tollgate::client::run(cmd)),
+        Command::Outbox(cmd) => print_answer(tollgate::client::run_outbox(cmd)),
         Command::Demo { config } => {
             // The demo's output is its instructions; logs only for trouble.
             init_logging(cli.log_format, "warn");

@@ -92,3 +92,49 @@ fn a_yaml_syntax_error_names_its_line() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("line "), "{stderr}");
 }
+
+/// A secret the config names but the environment does not hold is an
+/// error naming the field and the variable; a Stripe meter on a counter
+/// nothing has is a warning.
+#[test]
+fn reporting_secrets_must_be_set_and_meters_must_meter_something() {
+    let text = r#"
+upstreams: { main: { url: "http://127.0.0.1:3000" } }
+tiers: { free: { credits: 10 } }
+routes: [ { name: a, path: /a, upstream: main } ]
+reporting:
+  webhook: { url: "http://127.0.0.1:4000/billing", secret_env: TOLLGATE_TEST_UNSET_SECRET_VAR }
+  stripe:
+    api_key_env: TOLLGATE_TEST_UNSET_STRIPE_VAR
+    meters: { credits: api_calls, gpu-seconds: gpu }
+"#;
+    let (code, stderr) = run("check-config", text);
+    assert_eq!(code, Some(1), "{stderr}");
+    for expected in [
+        "reporting.webhook.secret_env",
+        "TOLLGATE_TEST_UNSET_SECRET_VAR is not set",
+        "reporting.stripe.api_key_env",
+        "TOLLGATE_TEST_UNSET_STRIPE_VAR",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    let set = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg({
+            let dir = tempfile::tempdir().expect("tempdir").keep();
+            let path = dir.join("tollgate.yaml");
+            std::fs::write(&path, text).expect("write");
+            path
+        })
+        .env("TOLLGATE_TEST_UNSET_SECRET_VAR", "whsec_c2VjcmV0")
+        .env("TOLLGATE_TEST_UNSET_STRIPE_VAR", "sk_test_x")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&set.stderr);
+    assert!(set.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reporting.stripe.meters.gpu-seconds")
+            && !stderr.contains("meters.credits"),
+        "{stderr}"
+    );
+}

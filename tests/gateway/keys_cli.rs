@@ -1,4 +1,5 @@
-//! `tollgate keys ...` against a running gateway: JSON out, one-line errors.
+//! `tollgate keys ...` and `tollgate outbox ...` against a running gateway:
+//! JSON out, one-line errors.
 
 use std::process::Command;
 
@@ -10,9 +11,14 @@ use crate::PLANS;
 /// Runs `tollgate keys <args> --admin-url <admin>`; returns the exit code,
 /// stdout parsed as JSON (or Null) and stderr.
 async fn keys(admin: &str, args: &[&str]) -> (Option<i32>, Value, String) {
+    cli(admin, "keys", args).await
+}
+
+/// Runs `tollgate <command> <args> --admin-url <admin>`.
+async fn cli(admin: &str, command_name: &str, args: &[&str]) -> (Option<i32>, Value, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     command
-        .arg("keys")
+        .arg(command_name)
         .args(args)
         .args([
             "--admin-url",
@@ -121,4 +127,37 @@ async fn a_gateway_that_is_down_is_a_one_line_error() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_command_shows_and_retries() {
+    let h = Harness::start(PLANS).await;
+    let admin = h.admin_url("");
+    let (code, shown, err) = cli(&admin, "outbox", &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(shown["sinks"]["webhook"]["pending"], 0);
+    assert_eq!(shown["sinks"]["stripe"]["parked"], serde_json::json!([]));
+    let (code, _, err) = cli(&admin, "outbox", &["retry", "--all"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&admin, "outbox", &["retry"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--all"), "{err}");
+}
+
+/// The client reads addresses from the config; the gateway's secrets need
+/// not be set where it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reads_a_config_whose_secrets_are_not_set_here() {
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["outbox", "--config", "config/tollgate.yaml"])
+            .env("TOLLGATE_ROOT_KEY", ROOT_KEY)
+            .env_remove("TOLLGATE_WEBHOOK_SECRET")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the admin API"), "{err}");
 }
