@@ -208,5 +208,9 @@ fn instructions(
     for (what, command) in examples {
         let _ = writeln!(out, "# {what}\n{command}\n");
     }
+    let _ = writeln!(
+        out,
+        "Billing events (80% and 100% of credits used, credits exhausted) print here as\nthe built-in webhook receiver gets them, within 5 s.\n"
+    );
     out
 }
