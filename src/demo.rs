@@ -3,6 +3,7 @@
 //! set up; Ctrl-C ends it and removes the store.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
@@ -137,7 +138,9 @@ async fn print_events(body: axum::body::Bytes) -> axum::http::StatusCode {
             Some("usage.exceeded") => "no credits left".to_string(),
             _ => format!("units {}", e["units"]),
         };
-        println!(
+        // A closed stdout (the demo piped into `head`) is no reason to fail.
+        let _ = writeln!(
+            std::io::stdout(),
             "billing event  {:<16} key {}  ({})  {detail}",
             e["type"].as_str().unwrap_or("?"),
             e["key_id"].as_str().unwrap_or("?"),

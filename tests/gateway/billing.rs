@@ -446,12 +446,26 @@ async fn events_pending_at_kill_9_are_delivered_after_the_restart() {
         "nothing accepted yet"
     );
     gateway.kill_9();
+    let batch_ids = |accepted: bool| -> std::collections::HashSet<String> {
+        receiver
+            .deliveries()
+            .iter()
+            .filter(|d| (200..300).contains(&d.status) == accepted)
+            .map(|d| d.headers["webhook-id"].to_str().expect("id").to_string())
+            .collect()
+    };
+    let failed_before = batch_ids(false);
     receiver.answer(200);
     let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
     eventually("the 5 units after the restart", || {
         overage_delivered(&receiver, &key_id) == 5
     })
     .await;
+    assert!(
+        batch_ids(true).is_subset(&failed_before),
+        "the batches kept their ids across the restart: {failed_before:?} then {:?}",
+        batch_ids(true)
+    );
     drop(gateway);
 }
 
@@ -817,4 +831,41 @@ reporting:
         .await
         .expect("retry");
     json_of(resp, 400).await;
+}
+
+/// A reload whose webhook secret is not in the environment is an error:
+/// the old config keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_an_unset_secret_keeps_the_old_config() {
+    let receiver = Receiver::start().await;
+    set_webhook_secret();
+    let h = Harness::start_watching(&reporting(&receiver, "")).await;
+    let (key, _) = h.create_key("payg").await;
+    let broken = h.config_text(&reporting(&receiver, "")).replace(
+        "TOLLGATE_TEST_WEBHOOK_SECRET",
+        "TOLLGATE_TEST_NEVER_SET_SECRET",
+    );
+    std::fs::write(h.config_file(), broken).expect("write");
+    for _ in 0..1000 {
+        if metric(
+            &h.scrape().await,
+            "tollgate_config_reloads_total",
+            &[("result", "error")],
+        ) >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = h.scrape().await;
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "error")]
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "tollgate_config_generation", &[]), 1.0);
+    assert_eq!(h.get("/api/data", &key).await.status(), 200);
 }

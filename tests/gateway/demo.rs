@@ -55,10 +55,14 @@ async fn the_demo_runs_and_its_examples_are_true() {
         .spawn()
         .expect("spawn demo");
     let stdout = child.stdout.take().expect("stdout");
+    // Every line after the examples, read on as the demo prints them.
+    let later = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let sink = later.clone();
     let examples = tokio::task::spawn_blocking(move || {
         let mut examples = Vec::new();
         let mut promise: Option<(u16, Option<String>)> = None;
-        for line in BufReader::new(stdout).lines() {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
             let line = line.expect("line");
             if let Some(comment) = line.strip_prefix("# ") {
                 let mut words = comment.split_whitespace();
@@ -76,6 +80,11 @@ async fn the_demo_runs_and_its_examples_are_true() {
                 }
             }
         }
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().push(line);
+            }
+        });
         examples
     })
     .await
@@ -104,6 +113,34 @@ async fn the_demo_runs_and_its_examples_are_true() {
             assert!(body.contains(code.as_str()), "{}: {body}", example.command);
         }
     }
+
+    // Billing happens where a newcomer sees it: 8,000 credits on the Pro
+    // key (of 10,000) crosses its 80% threshold, and the demo's receiver
+    // prints the event.
+    let pro = examples
+        .iter()
+        .find(|e| e.command.contains("/api/ai/chat") && e.status == 200)
+        .expect("the Pro example");
+    let (headers, url) = parse_curl(&pro.command);
+    let search = url.replace("/api/ai/chat", "/api/search");
+    let mut req = client.get(&search).header("x-cost", "8000");
+    for (name, value) in headers.into_iter().filter(|(n, _)| n == "Authorization") {
+        req = req.header(name, value);
+    }
+    assert_eq!(req.send().await.expect("demo answers").status(), 200);
+    let printed = || {
+        later
+            .lock()
+            .iter()
+            .any(|l| l.starts_with("billing event") && l.contains("usage.threshold"))
+    };
+    for _ in 0..1500 {
+        if printed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(printed(), "no billing event printed: {:?}", later.lock());
 
     // Ctrl-C ends it cleanly.
     let pid = child.id().to_string();

@@ -148,9 +148,16 @@ async fn the_outbox_command_shows_and_retries() {
 /// not be set where it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_reads_a_config_whose_secrets_are_not_set_here() {
-    let out = tokio::task::spawn_blocking(|| {
+    let nobody = format!("http://{}", crate::common::dead_address());
+    let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["outbox", "--config", "config/tollgate.yaml"])
+            .args([
+                "outbox",
+                "--config",
+                "config/tollgate.yaml",
+                "--admin-url",
+                &nobody,
+            ])
             .env("TOLLGATE_ROOT_KEY", ROOT_KEY)
             .env_remove("TOLLGATE_WEBHOOK_SECRET")
             .output()
