@@ -224,17 +224,21 @@ pub struct Stripe {
     pub meters: IndexMap<String, String>,
 }
 
+/// A config file's text, or the one error saying why it cannot be read.
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: String::new(),
-                line: None,
-                message: format!("cannot read {}: {e}", path.display()),
-            }])
-        })?;
-        Self::parse(&text)
+        Self::parse(&read(path)?)
     }
 
     /// Validates config text, reading the secrets it names from the
@@ -247,14 +251,7 @@ impl Config {
     /// which needs addresses, not the gateway's secrets: they are left
     /// empty and need not be set.
     pub fn load_for_client(path: &Path) -> Result<Loaded, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: String::new(),
-                line: None,
-                message: format!("cannot read {}: {e}", path.display()),
-            }])
-        })?;
-        validate::parse(&text, validate::Secrets::Skip)
+        validate::parse(&read(path)?, validate::Secrets::Skip)
     }
 
     pub fn tier(&self, id: &str) -> Option<&Tier> {

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use jiff::Timestamp;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rand::Rng;
@@ -42,23 +43,30 @@ pub use event::{STRIPE, WEBHOOK};
 
 /// Exponential backoff with jitter: after `n` failures, a wait drawn from
 /// `[d/2, d]` with `d = base * 2^n`, at most [`MAX_BACKOFF`].
+///
+/// Waits are measured on the gateway's clock, so tests can let a receiver
+/// fail for minutes by moving time. A clock that jumps back before the
+/// failure ends the wait rather than stretch it.
 #[derive(Default)]
 struct Backoff {
     failures: u32,
-    until: Option<tokio::time::Instant>,
+    /// When the last attempt failed, and how long to wait after it.
+    waiting: Option<(Timestamp, Duration)>,
 }
 
 impl Backoff {
-    fn ready(&self) -> bool {
-        self.until.is_none_or(|t| tokio::time::Instant::now() >= t)
+    fn ready(&self, now: Timestamp) -> bool {
+        self.waiting.is_none_or(|(failed_at, wait)| {
+            now < failed_at || now.duration_since(failed_at).unsigned_abs() >= wait
+        })
     }
 
-    fn failed(&mut self, base: Duration) -> Duration {
+    fn failed(&mut self, base: Duration, now: Timestamp) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let exp = base.saturating_mul(1u32 << self.failures.min(16));
         let cap = exp.min(MAX_BACKOFF);
         let wait = rand::rng().random_range(cap / 2..=cap);
-        self.until = Some(tokio::time::Instant::now() + wait);
+        self.waiting = Some((now, wait));
         wait
     }
 
@@ -128,13 +136,13 @@ impl Reporter {
             return;
         };
         if let Some(hook) = &reporting.webhook {
-            if backoff.webhook.ready() {
+            if backoff.webhook.ready(gw.clock.now()) {
                 self.deliver_webhook(hook, reporting.flush_interval, &mut backoff.webhook)
                     .await;
             }
         }
         if let Some(stripe) = &reporting.stripe {
-            if backoff.stripe.ready() {
+            if backoff.stripe.ready(gw.clock.now()) {
                 self.deliver_stripe(stripe, reporting.flush_interval, &mut backoff.stripe)
                     .await;
             }
@@ -190,7 +198,7 @@ impl Reporter {
                         .webhook_deliveries
                         .with_label_values(&["error"])
                         .inc();
-                    let wait = backoff.failed(base);
+                    let wait = backoff.failed(base, self.gateway.clock.now());
                     tracing::warn!(batch = %batch.id, events = batch.events.len(), %reason, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
                     return;
                 }
@@ -230,7 +238,7 @@ impl Reporter {
                         .stripe_meter_events
                         .with_label_values(&["retry"])
                         .inc();
-                    let wait = backoff.failed(base);
+                    let wait = backoff.failed(base, self.gateway.clock.now());
                     tracing::warn!(event = %id, %reason, retry_in_ms = wait.as_millis() as u64, "Stripe meter event not sent");
                     break;
                 }
@@ -295,5 +303,31 @@ impl BackgroundService for Reporter {
             }
             self.round(&mut backoff).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap_on_the_given_clock() {
+        let base = Duration::from_secs(1);
+        let t0: Timestamp = "2026-11-17T15:00:00Z".parse().expect("time");
+        let mut backoff = Backoff::default();
+        assert!(backoff.ready(t0));
+        for n in 1..=20u32 {
+            let wait = backoff.failed(base, t0);
+            let cap = base.saturating_mul(1 << n.min(16)).min(MAX_BACKOFF);
+            assert!(wait >= cap / 2 && wait <= cap, "failure {n}: {wait:?}");
+            assert!(!backoff.ready(t0));
+            let just_before = t0 + (wait - Duration::from_millis(1));
+            assert!(!backoff.ready(just_before));
+            assert!(backoff.ready(t0 + wait));
+        }
+        // A clock set back before the failure does not stretch the wait.
+        assert!(backoff.ready(t0 - Duration::from_secs(1)));
+        backoff.succeeded();
+        assert!(backoff.ready(t0));
     }
 }

@@ -53,6 +53,32 @@ async fn gateway(receiver: &Receiver, extra: &str) -> Harness {
     Harness::start(&reporting(receiver, extra)).await
 }
 
+/// One request on the tokens route per amount, each charged to the pool.
+async fn spend_tokens(h: &Harness, key: &str, amounts: &[u64]) {
+    for tokens in amounts {
+        let resp = h
+            .keyed(reqwest::Method::GET, "/api/tokens", key)
+            .header("x-tokens", tokens.to_string())
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(resp.status(), 200);
+    }
+}
+
+/// Waits until `check` holds, moving the gateway's clock half a second per
+/// poll: the reporter's backoff waits on that clock.
+async fn retried_until(h: &Harness, what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if check() {
+            return;
+        }
+        h.advance(Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
 /// The overage units delivered for `key_id`, once per event id.
 fn overage_delivered(receiver: &Receiver, key_id: &str) -> u64 {
     receiver
@@ -200,15 +226,7 @@ async fn usage_events_count_every_counter_net_of_refunds() {
     let receiver = Receiver::start().await;
     let h = gateway(&receiver, "  usage_events: true").await;
     let (key, key_id) = h.create_key("capped").await;
-    for tokens in ["100", "250"] {
-        let resp = h
-            .keyed(reqwest::Method::GET, "/api/tokens", &key)
-            .header("x-tokens", tokens)
-            .send()
-            .await
-            .expect("proxy");
-        assert_eq!(resp.status(), 200);
-    }
+    spend_tokens(&h, &key, &[100, 250]).await;
     assert_eq!(h.get("/api/down", &key).await.status(), 502);
     let total = |counter: &str| -> u64 {
         receiver
@@ -233,7 +251,10 @@ async fn a_receiver_that_fails_then_recovers_gets_every_unit_with_batches_keepin
         // The proxy answers as usual while the receiver fails.
         assert_eq!(h.get("/api/data", &key).await.status(), 200);
     }
-    eventually("three failed attempts", || receiver.deliveries().len() >= 3).await;
+    retried_until(&h, "three failed attempts", || {
+        receiver.deliveries().len() >= 3
+    })
+    .await;
     let text = h.scrape().await;
     assert!(
         metric(
@@ -244,7 +265,7 @@ async fn a_receiver_that_fails_then_recovers_gets_every_unit_with_batches_keepin
     );
     assert!(metric(&text, "tollgate_outbox_pending", &[]) >= 1.0);
     receiver.answer(200);
-    eventually("10 overage units", || {
+    retried_until(&h, "10 overage units", || {
         overage_delivered(&receiver, &key_id) == 10
     })
     .await;
@@ -272,6 +293,49 @@ async fn a_receiver_that_fails_then_recovers_gets_every_unit_with_batches_keepin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_for_twenty_minutes_is_retried_at_most_five_minutes_apart() {
+    let receiver = Receiver::start().await;
+    receiver.answer(503);
+    let h = gateway(&receiver, "").await;
+    let (key, key_id) = h.create_key("payg").await;
+    for _ in 0..5 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    eventually("a first failed attempt", || {
+        !receiver.deliveries().is_empty()
+    })
+    .await;
+    // Minutes pass on the gateway's clock. Backoff doubles, but never waits
+    // longer than 5 minutes, so each 5-minute step brings another attempt;
+    // the proxy answers as usual meanwhile.
+    for step in 1..=4 {
+        let before = receiver.deliveries().len();
+        h.advance(Duration::from_secs(301));
+        eventually(&format!("an attempt after step {step}"), || {
+            receiver.deliveries().len() > before
+        })
+        .await;
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    assert_eq!(overage_delivered(&receiver, &key_id), 0);
+    receiver.answer(200);
+    h.advance(Duration::from_secs(301));
+    eventually("every overage unit", || {
+        overage_delivered(&receiver, &key_id) == 7
+    })
+    .await;
+    let ids: std::collections::BTreeSet<String> = receiver
+        .deliveries()
+        .iter()
+        .map(|d| d.headers["webhook-id"].to_str().expect("id").to_string())
+        .collect();
+    assert!(
+        ids.len() <= 2,
+        "twenty minutes of retries kept the batch ids: {ids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_hangs_past_the_timeout_is_retried() {
     let receiver = Receiver::start().await;
     receiver.hang(true);
@@ -290,6 +354,7 @@ async fn a_receiver_that_hangs_past_the_timeout_is_retried() {
         if overage_delivered(&receiver, &key_id) == 4 {
             break;
         }
+        h.advance(Duration::from_millis(100));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
@@ -721,15 +786,7 @@ reporting:
             assert_eq!(h.get("/api/data", k).await.status(), 200);
         }
     }
-    for tokens in ["100", "250"] {
-        let resp = h
-            .keyed(reqwest::Method::GET, "/api/tokens", &d)
-            .header("x-tokens", tokens)
-            .send()
-            .await
-            .expect("proxy");
-        assert_eq!(resp.status(), 200);
-    }
+    spend_tokens(&h, &d, &[100, 250]).await;
     let parked = || async {
         let resp = h
             .admin(reqwest::Method::GET, "/v1/outbox")
@@ -750,6 +807,7 @@ reporting:
         if done {
             break;
         }
+        h.advance(Duration::from_millis(500));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stripe.total("api_overage", "cus_A"), 3);
@@ -808,7 +866,7 @@ reporting:
         .await
         .expect("retry");
     json_of(resp, 200).await;
-    eventually("the refused customer's events delivered", || {
+    retried_until(&h, "the refused customer's events delivered", || {
         stripe.total("api_overage", "cus_refused") == 3
             && stripe.total("api_calls", "cus_refused") == 5
     })
@@ -817,6 +875,7 @@ reporting:
         if parked().await.len() == 2 {
             break;
         }
+        h.advance(Duration::from_millis(500));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(

@@ -163,7 +163,16 @@ async fn metrics_count_known_traffic_by_route_tier_and_code() {
     assert_eq!(h.post("/api/exports", &key).await.status(), 200);
     assert_eq!(h.get("/api/down", &key).await.status(), 502);
 
-    let text = h.scrape().await;
+    // A request is counted when its log phase runs, which may be just after
+    // its client has the answer.
+    let mut text = h.scrape().await;
+    for _ in 0..500 {
+        if metric(&text, "tollgate_requests_total", &[]) >= 9.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        text = h.scrape().await;
+    }
     let requests = |labels: &[(&str, &str)]| metric(&text, "tollgate_requests_total", labels);
     assert_eq!(
         requests(&[("route", "data"), ("tier", "free"), ("code", "OK")]),
