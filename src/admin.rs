@@ -549,18 +549,24 @@ async fn verify(
         gw.metrics.record_charge(&config, admission);
     }
     Ok(Json(match outcome {
-        Ok((admission, (key_id, external_id))) => json!({
-            "valid": true,
-            "code": null,
-            "key_id": key_id,
-            "external_id": external_id,
-            "tier": admission.tier,
-            "remaining": admission.remaining,
-            "charged": { "credits": admission.charge.credits, "overage": admission.charge.overage },
-            "rate_limits": admission.rates.iter().map(|r| (r.name.clone(), json!({
-                "limit": r.limit, "remaining": r.remaining, "reset": r.reset,
-            }))).collect::<Map<String, Value>>(),
-        }),
+        Ok((admission, (key_id, external_id))) => {
+            let tier = config.tier_at(admission.tier);
+            json!({
+                "valid": true,
+                "code": null,
+                "key_id": key_id,
+                "external_id": external_id,
+                "tier": tier.map(|t| t.id.as_str()),
+                "remaining": admission.remaining,
+                "charged": { "credits": admission.charge.credits, "overage": admission.charge.overage },
+                "rate_limits": admission.rates.iter().filter_map(|r| {
+                    let (name, _) = tier?.rate_limits.get_index(r.index)?;
+                    Some((name.clone(), json!({
+                        "limit": r.limit, "remaining": r.remaining, "reset": r.reset,
+                    })))
+                }).collect::<Map<String, Value>>(),
+            })
+        }
         Err(rejection) => {
             let mut body = rejection.body();
             body["valid"] = Value::Bool(false);

@@ -88,6 +88,7 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
             config_path: None,
             handle_signals: true,
             drain_timeout: std::time::Duration::from_secs(5),
+            work_stealing: false,
             upgrade: false,
         },
     )?;

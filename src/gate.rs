@@ -12,7 +12,7 @@ use http::HeaderMap;
 use jiff::Timestamp;
 
 use crate::config::{Amount, Config, Credits, Overage, PoolWindow, Route, Tier};
-use crate::ledger::{duration_ms, millis, KeyRecord, Usage};
+use crate::ledger::{duration_ms, millis, slot, KeyRecord, Usage};
 use crate::reject::Rejection;
 
 /// What a request asks of a key.
@@ -114,7 +114,8 @@ pub enum Slot {
 /// The state of one rate limit after a request, for response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateStatus {
-    pub name: String,
+    /// The limit's index in its tier's `rate_limits`.
+    pub index: usize,
     pub limit: u64,
     pub remaining: u64,
     /// Seconds until the count next drops.
@@ -125,7 +126,8 @@ pub struct RateStatus {
 /// An allowed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
-    pub tier: String,
+    /// The key's tier: its index in [`Config::tiers`].
+    pub tier: usize,
     pub charge: Charge,
     /// Credits left after the charge; `None` when unlimited.
     pub remaining: Option<u64>,
@@ -151,11 +153,13 @@ pub fn admit(
     if let Some(expired_at) = record.expires_at.filter(|at| *at <= now) {
         return Err(Rejection::Expired { expired_at });
     }
-    let tier = config
-        .tier(&record.tier)
-        .ok_or_else(|| Rejection::TierNotFound {
-            tier: record.tier.clone(),
-        })?;
+    let (tier_index, _, tier) =
+        config
+            .tiers
+            .get_full(&record.tier)
+            .ok_or_else(|| Rejection::TierNotFound {
+                tier: record.tier.clone(),
+            })?;
     if let Some(feature) = demand.feature.as_deref().filter(|f| !tier.has_feature(f)) {
         return Err(Rejection::FeatureNotAvailable {
             required: feature.to_string(),
@@ -171,7 +175,7 @@ pub fn admit(
     // Check everything first; nothing below mutates a balance until all pass.
     for (name, rl) in &tier.rate_limits {
         let window_ms = duration_ms(rl.window);
-        let window = usage.rate.entry(name.clone()).or_default();
+        let window = slot(&mut usage.rate, name);
         window.used(window_ms, now_ms);
         let wait = window.wait_ms(1, rl.limit.get(), window_ms, now_ms);
         if wait != Some(0) {
@@ -190,7 +194,7 @@ pub fn admit(
             continue;
         };
         let limit = pool.limit.get();
-        let state = usage.pools.entry(name.clone()).or_default();
+        let state = slot(&mut usage.pools, name);
         let (used, resets_at) = state.standing(pool, *units, now);
         if used.saturating_add(*units) > limit {
             if pool.shadow {
@@ -224,16 +228,16 @@ pub fn admit(
 
     // Everything passed: charge it all.
     let mut rates = Vec::with_capacity(tier.rate_limits.len());
-    for (name, rl) in &tier.rate_limits {
+    for (index, (name, rl)) in tier.rate_limits.iter().enumerate() {
         let window_ms = duration_ms(rl.window);
-        let window = usage.rate.entry(name.clone()).or_default();
+        let window = slot(&mut usage.rate, name);
         window.add(1, window_ms, now_ms);
         let used = window.used(window_ms, now_ms);
         let reset_ms = window
             .oldest_expiry_ms(window_ms)
             .map_or(0, |at| (at - now_ms).max(0));
         rates.push(RateStatus {
-            name: name.clone(),
+            index,
             limit: rl.limit.get(),
             remaining: rl.limit.get().saturating_sub(used),
             reset: secs_ceil(reset_ms),
@@ -242,7 +246,7 @@ pub fn admit(
     }
     let mut pools = Vec::with_capacity(amounts.pools.len());
     for (name, units) in &amounts.pools {
-        let state = usage.pools.entry(name.clone()).or_default();
+        let state = slot(&mut usage.pools, name);
         state.total = state.total.saturating_add(*units);
         let slot = match tier.pools.get(name).map(|p| p.window) {
             Some(PoolWindow::Rolling(window)) => {
@@ -288,7 +292,7 @@ pub fn admit(
         .min_by_key(|r| (r.remaining, std::cmp::Reverse(r.reset)))
         .cloned();
     Ok(Admission {
-        tier: tier.id.clone(),
+        tier: tier_index,
         charge: Charge {
             credits,
             overage,
@@ -339,7 +343,7 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
 /// Charges pool units reported by the upstream after the response. The work
 /// is done, so this never refuses; it may take a pool past its limit.
 pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now: Timestamp) {
-    let state = usage.pools.entry(pool.to_string()).or_default();
+    let state = slot(&mut usage.pools, pool);
     state.total = state.total.saturating_add(units);
     match tier.and_then(|t| t.pools.get(pool)).map(|p| p.window) {
         Some(PoolWindow::Rolling(window)) => {

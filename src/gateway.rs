@@ -1,5 +1,5 @@
-//! The state every listener shares: the live config, the store and the
-//! clock; and the key lookup both the proxy and the admin API use.
+//! The state every listener shares: the live config generation, the store
+//! and the clock; and the key lookup both the proxy and the admin API use.
 
 use std::sync::Arc;
 
@@ -9,13 +9,42 @@ use http::HeaderMap;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::keys::{self, KeyHash};
-use crate::metrics::Metrics;
+use crate::metrics::{Handles, Metrics};
 use crate::reject::Rejection;
 use crate::store::{Entry, Store};
+use crate::upstream::Peers;
+
+/// One generation of the configuration, with what serving it needs that
+/// the file does not say: the upstreams' resolved peers and the metric
+/// series its routes and tiers count in. Derefs to the [`Config`].
+pub struct Generation {
+    pub config: Config,
+    pub peers: Peers,
+    pub handles: Handles,
+}
+
+impl Generation {
+    /// Resolves the upstreams (blocking) and the metric handles of `config`.
+    pub fn new(config: Config, metrics: &Metrics) -> Generation {
+        Generation {
+            peers: Peers::resolve(&config),
+            handles: Handles::new(metrics, &config),
+            config,
+        }
+    }
+}
+
+impl std::ops::Deref for Generation {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
 
 pub struct Gateway {
     /// Swapped whole on reload; a request keeps the snapshot it started with.
-    pub config: ArcSwap<Config>,
+    pub config: ArcSwap<Generation>,
     pub store: Arc<Store>,
     pub clock: SharedClock,
     /// The admin API's bearer secret; `None` refuses every admin call.
@@ -134,8 +163,14 @@ impl Gateway {
         }
     }
 
-    pub fn config(&self) -> Arc<Config> {
+    pub fn config(&self) -> Arc<Generation> {
         self.config.load_full()
+    }
+
+    /// Makes `config` the live configuration.
+    pub fn install(&self, config: Config) {
+        self.config
+            .store(Arc::new(Generation::new(config, &self.metrics)));
     }
 }
 

@@ -16,6 +16,18 @@ use crate::config::{Credits, Pool, PoolWindow, Tier};
 use crate::keys::KeyHash;
 use crate::window::Window;
 
+/// The value under `name`, created empty if absent: without allocating a
+/// name for the lookup, as `BTreeMap::entry` would on every request.
+pub fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, name: &str) -> &'m mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_string(), V::default());
+    }
+    match map.get_mut(name) {
+        Some(value) => value,
+        None => unreachable!("inserted above"),
+    }
+}
+
 /// A key as the operator sees it. Never holds the key itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -252,7 +264,7 @@ impl Usage {
         for (name, pool) in &tier.pools {
             if let PoolWindow::Calendar(interval) = pool.window {
                 let boundary = interval.period_start(now);
-                let state = self.pools.entry(name.clone()).or_default();
+                let state = slot(&mut self.pools, name);
                 if boundary.is_some() && state.period_start < boundary {
                     state.used = 0;
                     state.period_start = boundary;

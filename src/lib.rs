@@ -16,12 +16,14 @@
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`store`]: keys and usage in memory, written behind to SQLite by one
 //!   writer thread; health on a full disk; migration from sled.
-//! - [`gateway`]: the state every listener shares; key lookup.
+//! - [`gateway`]: the state every listener shares (the live config generation); key lookup.
+//! - [`upstream`]: upstream peers, resolved at load and in the background.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
 //! - [`admin`]: the admin API (axum); [`client`]: `tollgate keys`, its CLI client.
 //! - [`views`]: the key record and usage JSON.
 //! - [`server`]: assembling and running it all; shutdown.
 //! - [`reload`]: live config: SIGHUP and the file watcher.
+//! - [`log`]: logging, through a buffer written out in the background.
 //! - [`report`]: billing events and their delivery (the outbox's reader).
 //! - [`upgrade`]: zero-downtime binary upgrade with the store handed over.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
@@ -36,6 +38,7 @@ pub mod gate;
 pub mod gateway;
 pub mod keys;
 pub mod ledger;
+pub mod log;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
@@ -45,5 +48,6 @@ pub mod report;
 pub mod server;
 pub mod store;
 pub mod upgrade;
+pub mod upstream;
 pub mod views;
 pub mod window;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use tollgate::clock::SystemClock;
 
@@ -14,6 +14,7 @@ use tollgate::clock::SystemClock;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tollgate::config::Config;
+use tollgate::log;
 use tollgate::server::{self, Options};
 
 #[derive(Parser)]
@@ -24,16 +25,10 @@ use tollgate::server::{self, Options};
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = log::Format::Text)]
+    log_format: log::Format,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -91,18 +86,6 @@ enum Command {
 }
 
 /// Logs to stderr; `RUST_LOG` filters, else `default`.
-fn init_logging(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Loads a config, printing warnings; errors go back to the caller.
 fn load(path: &std::path::Path) -> Result<Config, tollgate::config::ConfigErrors> {
     let loaded = Config::load(path)?;
@@ -147,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Outbox(cmd) => print_answer(tollgate::client::run_outbox(cmd)),
         Command::Demo { config } => {
             // The demo's output is its instructions; logs only for trouble.
-            init_logging(cli.log_format, "warn");
+            let _log = log::init(cli.log_format, "warn");
             tollgate::demo::run(config.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -162,7 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Echo { listen } => {
-            init_logging(cli.log_format, "info");
+            let _log = log::init(cli.log_format, "info");
             tokio::runtime::Runtime::new()?.block_on(tollgate::echo::run(listen))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -179,7 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             };
-            init_logging(cli.log_format, "info");
+            let _log = log::init(cli.log_format, "info");
             let root_key = std::env::var(&config.root_key_env)
                 .ok()
                 .filter(|k| !k.is_empty());
@@ -194,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config_path: Some(path),
                     handle_signals: true,
                     drain_timeout: std::time::Duration::from_secs(drain_timeout),
+                    work_stealing: false,
                     upgrade,
                 },
             )

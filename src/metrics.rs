@@ -6,9 +6,11 @@
 //! is created at zero, at start-up and on reload, so dashboards and alerts
 //! see them before the first request.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::config::Config;
@@ -289,7 +291,10 @@ impl Metrics {
     /// Counts what an allowed request (or verify call) was charged, net of
     /// any refund.
     pub fn record_charge(&self, config: &Config, admission: &crate::gate::Admission) {
-        let tier = tier_label(config, Some(&admission.tier));
+        let tier = config
+            .tiers
+            .get_index(admission.tier)
+            .map_or(NONE, |(name, _)| name.as_str());
         let charge = &admission.charge;
         self.credits_charged
             .with_label_values(&[tier])
@@ -299,13 +304,104 @@ impl Metrics {
                 .with_label_values(&[tier])
                 .inc_by(charge.overage);
         }
-        for pc in &charge.pools {
+        self.record_pools(admission);
+    }
+
+    /// Counts the pool units an allowed request was charged, and the shadow
+    /// limits it went past.
+    pub fn record_pools(&self, admission: &crate::gate::Admission) {
+        for pc in &admission.charge.pools {
             self.pool_charged
                 .with_label_values(&[&pc.pool])
                 .inc_by(pc.units);
         }
         for name in &admission.shadowed {
             self.shadow_rejections.with_label_values(&[name]).inc();
+        }
+    }
+}
+
+/// The series one config generation's requests count in, resolved once
+/// per generation instead of looked up by label (a hash and a lock) on
+/// every request. Routes and tiers are the config's indices; the last
+/// index of each stands for `none`.
+pub struct Handles {
+    routes: usize,
+    tiers: usize,
+    durations: Vec<Histogram>,
+    /// `(route, tier, code)`, created on first use.
+    requests: Vec<OnceLock<IntCounter>>,
+    requests_vec: IntCounterVec,
+    credits: Vec<IntCounter>,
+    overage: Vec<IntCounter>,
+    route_names: Vec<String>,
+    tier_names: Vec<String>,
+}
+
+impl Handles {
+    /// The handles of `config`'s series; creates them at zero first.
+    pub fn new(metrics: &Metrics, config: &Config) -> Handles {
+        metrics.prepare(config);
+        let mut route_names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+        route_names.push(NONE.to_string());
+        let mut tier_names: Vec<String> = config.tiers.keys().cloned().collect();
+        tier_names.push(NONE.to_string());
+        let per_tier = |vec: &IntCounterVec| -> Vec<IntCounter> {
+            tier_names
+                .iter()
+                .map(|t| vec.with_label_values(&[t]))
+                .collect()
+        };
+        Handles {
+            routes: route_names.len(),
+            tiers: tier_names.len(),
+            durations: route_names
+                .iter()
+                .map(|r| metrics.request_duration.with_label_values(&[r]))
+                .collect(),
+            requests: (0..route_names.len() * tier_names.len() * CODES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            requests_vec: metrics.requests.clone(),
+            credits: per_tier(&metrics.credits_charged),
+            overage: per_tier(&metrics.overage_units),
+            route_names,
+            tier_names,
+        }
+    }
+
+    fn route(&self, route: Option<usize>) -> usize {
+        route
+            .filter(|r| *r < self.routes - 1)
+            .unwrap_or(self.routes - 1)
+    }
+
+    fn tier(&self, tier: Option<usize>) -> usize {
+        tier.filter(|t| *t < self.tiers - 1)
+            .unwrap_or(self.tiers - 1)
+    }
+
+    /// Counts a finished request and its duration.
+    pub fn request(&self, route: Option<usize>, tier: Option<usize>, code: &str, seconds: f64) {
+        let (r, t) = (self.route(route), self.tier(tier));
+        self.durations[r].observe(seconds);
+        let c = CODES.iter().position(|c| *c == code).unwrap_or(0);
+        let counter = self.requests[(r * self.tiers + t) * CODES.len() + c].get_or_init(|| {
+            self.requests_vec.with_label_values(&[
+                &self.route_names[r],
+                &self.tier_names[t],
+                CODES[c],
+            ])
+        });
+        counter.inc();
+    }
+
+    /// Counts the credits and overage a request was charged, net of refunds.
+    pub fn charge(&self, tier: Option<usize>, credits: u64, overage: u64) {
+        let t = self.tier(tier);
+        self.credits[t].inc_by(credits);
+        if overage > 0 {
+            self.overage[t].inc_by(overage);
         }
     }
 }

@@ -12,6 +12,8 @@
 //! - `response_filter`: usage and rate-limit headers.
 //! - `fail_to_proxy`: the upstream did not answer; refund and answer 502.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,12 +27,23 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Config, Route};
 use crate::gate::{self, Admission, Demand};
-use crate::gateway::{presented_key, Gateway, InFlightGuard, KeySource};
-use crate::metrics::{tier_label, NONE};
+use crate::gateway::{presented_key, Gateway, Generation, InFlightGuard, KeySource};
+use crate::metrics::NONE;
 use crate::path::{normalise, PathError};
 use crate::reject::Rejection;
 use crate::store::Entry;
 use crate::views;
+
+// Header names, spelt once.
+const X_USAGE_REMAINING: &str = "x-usage-remaining";
+const RATELIMIT_LIMIT: &str = "ratelimit-limit";
+const RATELIMIT_REMAINING: &str = "ratelimit-remaining";
+const RATELIMIT_RESET: &str = "ratelimit-reset";
+const RATELIMIT_POLICY: &str = "ratelimit-policy";
+const RATELIMIT: &str = "ratelimit";
+const X_TOLLGATE_KEY_ID: &str = "x-tollgate-key-id";
+const X_TOLLGATE_EXTERNAL_ID: &str = "x-tollgate-external-id";
+const X_TOLLGATE_TIER: &str = "x-tollgate-tier";
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
@@ -49,16 +62,18 @@ pub struct Ctx {
     /// When the request went upstream, for the access log.
     upstream_started: Option<Instant>,
     upstream_ms: Option<f64>,
-    config: Option<Arc<Config>>,
+    config: Option<Arc<Generation>>,
     route: Option<usize>,
-    /// Canonical path plus the original query: what is forwarded.
-    target: String,
+    /// Canonical path plus the original query, when it differs from what
+    /// the client sent: what is forwarded instead.
+    target: Option<String>,
     key_source: Option<KeySource>,
     entry: Option<Arc<Entry>>,
     key_id: Option<String>,
     external_id: Option<String>,
-    /// The key's tier, once known (for logs and metrics).
-    tier: Option<String>,
+    /// The index of the key's tier in the config, once known and if the
+    /// config has it (for logs and metrics).
+    tier: Option<usize>,
     admission: Option<Admission>,
     /// The request's outcome code: a rejection code, or `OK`.
     pub code: &'static str,
@@ -104,12 +119,12 @@ async fn reject(session: &mut Session, ctx: &mut Ctx, rejection: Rejection) -> R
 impl Proxy {
     /// Matches the canonical path. An encoded slash is allowed only when the
     /// route it then matches says so.
-    fn route(
+    fn route<'a>(
         &self,
         config: &Config,
         method: &Method,
-        raw: &str,
-    ) -> Result<(String, Option<usize>), Rejection> {
+        raw: &'a str,
+    ) -> Result<(Cow<'a, str>, Option<usize>), Rejection> {
         let index = |path: &str| config.routes.iter().position(|r| r.matches(method, path));
         match normalise(raw, false) {
             Ok(path) => {
@@ -200,7 +215,7 @@ impl Proxy {
             let state = &mut *state;
             ctx.key_id = Some(state.record.key_id.clone());
             ctx.external_id = state.record.external_id.clone();
-            ctx.tier = Some(state.record.tier.clone());
+            ctx.tier = config.tiers.get_index_of(&state.record.tier);
             gate::admit(config, &state.record, &mut state.usage, &demand, now)
         };
         // Even a rejection may have settled a refill worth keeping.
@@ -216,7 +231,7 @@ impl Proxy {
         };
         let Some(config) = &ctx.config else { return };
         if let Some(mut state) = entry.lock() {
-            let tier = config.tier(&admission.tier);
+            let tier = config.tier_at(admission.tier);
             gate::refund(tier, &mut state.usage, &admission.charge);
             if admission.remaining.is_some() {
                 admission.remaining = state.usage.remaining;
@@ -231,6 +246,10 @@ impl Proxy {
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
+    /// No modules: Pingora adds a (disabled) compression module by default,
+    /// which costs a boxed filter call per request and does nothing.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             _in_flight: InFlightGuard::enter(self.gateway.clone()),
@@ -239,7 +258,7 @@ impl ProxyHttp for Proxy {
             upstream_ms: None,
             config: None,
             route: None,
-            target: String::new(),
+            target: None,
             key_source: None,
             entry: None,
             key_id: None,
@@ -253,24 +272,34 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.gateway.config();
         ctx.config = Some(config.clone());
-        let req = session.req_header();
-        let method = req.method.clone();
-        let query = req.uri.query().map(str::to_string);
-        let (path, route) = match self.route(&config, &method, req.uri.path()) {
+        let found = {
+            let req = session.req_header();
+            self.route(&config, &req.method, req.uri.path())
+                .map(|(path, route)| {
+                    let usage = path == config.usage_path && req.method == Method::GET;
+                    // Forwarded as received unless normalising changed it.
+                    let target = match path {
+                        Cow::Borrowed(_) => None,
+                        Cow::Owned(path) => Some(match req.uri.query() {
+                            Some(q) => format!("{path}?{q}"),
+                            None => path,
+                        }),
+                    };
+                    (route, target, usage)
+                })
+        };
+        let (route, target, usage) = match found {
             Ok(found) => found,
             Err(rejection) => return reject(session, ctx, rejection).await,
         };
-        if path == config.usage_path && method == Method::GET {
+        if usage {
             return self.usage(session, ctx, &config).await;
         }
         let Some(index) = route else {
             return reject(session, ctx, Rejection::RouteNotFound).await;
         };
         ctx.route = Some(index);
-        ctx.target = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
+        ctx.target = target;
         let route = &config.routes[index];
         if !route.auth {
             return Ok(false);
@@ -285,26 +314,18 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let upstream = ctx
-            .route()
-            .and_then(|r| ctx.config.as_ref()?.upstream(&r.upstream))
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route without upstream"))?;
-        let addr = match upstream.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => std::net::SocketAddr::new(ip, upstream.port),
-            Err(_) => tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
-                .await
-                .ok()
-                .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| {
-                    Error::explain(ErrorType::ConnectNoRoute, "upstream host did not resolve")
-                        .into_up()
-                })?,
+        let (Some(generation), Some(route)) = (&ctx.config, ctx.route()) else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "route without upstream",
+            ));
         };
-        let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.total_connection_timeout = Some(upstream.connect_timeout);
-        peer.options.read_timeout = Some(upstream.read_timeout);
-        Ok(Box::new(peer))
+        // Resolved when the config was loaded (and in the background since),
+        // never here.
+        let peer = generation.peers.get(route.upstream_index).ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, "upstream host did not resolve").into_up()
+        })?;
+        Ok(Box::new((*peer).clone()))
     }
 
     async fn upstream_request_filter(
@@ -313,11 +334,14 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let uri = ctx
-            .target
-            .parse::<http::Uri>()
-            .map_err(|e| Error::because(ErrorType::InternalError, "canonical path", e))?;
-        upstream_request.set_uri(uri);
+        // Not taken: Pingora calls this again when it retries on another
+        // connection, and every attempt must forward the canonical path.
+        if let Some(target) = &ctx.target {
+            let uri = target
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InternalError, "canonical path", e))?;
+            upstream_request.set_uri(uri);
+        }
         ctx.upstream_started = Some(Instant::now());
         let spoofed: Vec<_> = upstream_request
             .headers
@@ -344,16 +368,18 @@ impl ProxyHttp for Proxy {
         }
         if let Some(admission) = &ctx.admission {
             if let Some(id) = &ctx.key_id {
-                upstream_request.insert_header("x-tollgate-key-id", id.as_str())?;
+                upstream_request.insert_header(X_TOLLGATE_KEY_ID, id.as_str())?;
             }
             if let Some(ext) = ctx
                 .external_id
                 .as_deref()
                 .and_then(|e| HeaderValue::from_str(e).ok())
             {
-                upstream_request.insert_header("x-tollgate-external-id", ext)?;
+                upstream_request.insert_header(X_TOLLGATE_EXTERNAL_ID, ext)?;
             }
-            upstream_request.insert_header("x-tollgate-tier", admission.tier.as_str())?;
+            if let Some(tier) = ctx.config.as_ref().and_then(|c| c.tier_at(admission.tier)) {
+                upstream_request.insert_header(X_TOLLGATE_TIER, tier.id.as_str())?;
+            }
         }
         Ok(())
     }
@@ -422,30 +448,31 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some(admission) = &ctx.admission else {
+        let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
             return Ok(());
         };
         if let Some(remaining) = admission.remaining {
-            upstream_response.insert_header("x-usage-remaining", remaining.to_string())?;
+            upstream_response.insert_header(X_USAGE_REMAINING, HeaderValue::from(remaining))?;
         }
         if let Some(t) = &admission.tightest {
-            upstream_response.insert_header("ratelimit-limit", t.limit.to_string())?;
-            upstream_response.insert_header("ratelimit-remaining", t.remaining.to_string())?;
-            upstream_response.insert_header("ratelimit-reset", t.reset.to_string())?;
+            upstream_response.insert_header(RATELIMIT_LIMIT, HeaderValue::from(t.limit))?;
+            upstream_response.insert_header(RATELIMIT_REMAINING, HeaderValue::from(t.remaining))?;
+            upstream_response.insert_header(RATELIMIT_RESET, HeaderValue::from(t.reset))?;
         }
-        if !admission.rates.is_empty() {
-            let policy: Vec<String> = admission
-                .rates
-                .iter()
-                .map(|r| format!("\"{}\";q={};w={}", r.name, r.limit, r.window_secs))
-                .collect();
-            let state: Vec<String> = admission
-                .rates
-                .iter()
-                .map(|r| format!("\"{}\";r={};t={}", r.name, r.remaining, r.reset))
-                .collect();
-            upstream_response.insert_header("ratelimit-policy", policy.join(", "))?;
-            upstream_response.insert_header("ratelimit", state.join(", "))?;
+        let tier = config.tier_at(admission.tier);
+        if let Some((tier, policy)) = tier.and_then(|t| Some((t, t.rate_limit_policy.clone()?))) {
+            let mut state = String::with_capacity(48 * admission.rates.len());
+            for r in &admission.rates {
+                let Some((name, _)) = tier.rate_limits.get_index(r.index) else {
+                    continue;
+                };
+                let sep = if state.is_empty() { "" } else { ", " };
+                let _ = write!(state, "{sep}\"{name}\";r={};t={}", r.remaining, r.reset);
+            }
+            upstream_response.insert_header(RATELIMIT_POLICY, policy)?;
+            if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
+                upstream_response.insert_header(RATELIMIT, state)?;
+            }
         }
         Ok(())
     }
@@ -511,32 +538,29 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed().as_secs_f64();
+        let Some(config) = &ctx.config else { return };
         let route = ctx.route().map_or(NONE, |r| r.name.as_str());
-        if let Some(config) = &ctx.config {
-            let metrics = &self.gateway.metrics;
-            let tier = tier_label(config, ctx.tier.as_deref());
-            metrics
-                .requests
-                .with_label_values(&[route, tier, ctx.code])
-                .inc();
-            metrics
-                .request_duration
-                .with_label_values(&[route])
-                .observe(elapsed);
-            if let Some(admission) = &ctx.admission {
-                metrics.record_charge(config, admission);
-            }
+        let tier = ctx
+            .tier
+            .and_then(|t| config.tiers.get_index(t))
+            .map_or(NONE, |(name, _)| name.as_str());
+        config
+            .handles
+            .request(ctx.route, ctx.tier, ctx.code, elapsed);
+        if let Some(admission) = &ctx.admission {
+            config
+                .handles
+                .charge(ctx.tier, admission.charge.credits, admission.charge.overage);
+            self.gateway.metrics.record_pools(admission);
         }
-        tracing::info!(
-            target: "tollgate::access",
+        crate::log::access(&crate::log::Access {
             route,
-            tier = ctx.tier.as_deref().unwrap_or(NONE),
-            code = ctx.code,
+            tier,
+            code: ctx.code,
             status,
-            latency_ms = elapsed * 1000.0,
-            upstream_ms = ctx.upstream_ms,
-            error = error.map(|e| e.etype().as_str()),
-            "request"
-        );
+            latency_ms: elapsed * 1000.0,
+            upstream_ms: ctx.upstream_ms,
+            error: error.map(|e| e.etype().as_str()),
+        });
     }
 }

@@ -94,8 +94,7 @@ fn apply(gateway: &Gateway, path: &Path, read: std::io::Result<Vec<u8>>) -> bool
             if old.store_path != loaded.config.store_path {
                 tracing::warn!("store.path changed: it applies only after a restart");
             }
-            metrics.prepare(&loaded.config);
-            gateway.config.store(Arc::new(loaded.config));
+            gateway.install(loaded.config);
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             metrics.config_generation.inc();
             tracing::info!(path = %path.display(), generation = metrics.config_generation.get(), "configuration reloaded");

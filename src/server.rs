@@ -16,7 +16,8 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::{ListenerConfig, TcpSocketOptions};
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -25,7 +26,7 @@ use tokio::sync::watch;
 use crate::admin;
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Generation};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload;
@@ -52,6 +53,14 @@ pub struct Options {
     pub root_key: Option<String>,
     /// Proxy worker threads.
     pub threads: usize,
+    /// One work-stealing runtime for the workers instead of one
+    /// current-thread runtime each. The binary runs without (about 9% less
+    /// CPU per request, BENCHMARKS.md). A process that starts gateways one
+    /// after another, like the in-process tests, needs it: Pingora 0.9.1's
+    /// current-thread runtimes find their handles through a thread-local
+    /// table keyed by recycled thread ids, so a later gateway's worker can
+    /// pick up a stopped gateway's handles and never run its tasks.
+    pub work_stealing: bool,
     /// Where the config came from, for reloads; `None` disables reloading.
     pub config_path: Option<PathBuf>,
     /// Also stop on SIGTERM/SIGINT and reload on SIGHUP, and exit the
@@ -141,6 +150,9 @@ fn bind_shared(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     bind().with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+/// The proxy listener's write buffer per connection.
+const PROXY_WRITE_BUFFER: usize = 16 * 1024;
+
 /// Starts a gateway and returns once its proxy accepts connections.
 pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.store_path).with_context(|| {
@@ -155,6 +167,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     }
     let conf = ServerConf {
         threads: options.threads.max(1),
+        work_stealing: options.work_stealing,
         // Pingora sleeps this long after a stop before ending its runtimes
         // (default 300 s). The drainer below exits sooner, as soon as the
         // last in-flight request is done.
@@ -215,10 +228,9 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     }
 
     let metrics = Metrics::new().context("cannot register metrics")?;
-    metrics.prepare(&config);
     metrics.config_generation.set(1);
     let gateway = Arc::new(Gateway {
-        config: ArcSwap::from_pointee(config),
+        config: ArcSwap::from_pointee(Generation::new(config, &metrics)),
         store: Arc::new(store),
         clock: options.clock.clone(),
         root_key: options.root_key.clone(),
@@ -231,7 +243,14 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
     let mut socket_options = TcpSocketOptions::default();
     socket_options.so_reuseport = Some(reservation.is_some());
-    proxy.add_tcp_with_settings(&proxy_addr.to_string(), socket_options);
+    proxy.add_listener(
+        ListenerConfig::tcp(proxy_addr.to_string())
+            .tcp_socket_options(socket_options)
+            // Room for an answer's header and a small body in one `send`
+            // (Pingora's default is one MSS, 1460 bytes). Streamed bodies
+            // are still flushed chunk by chunk.
+            .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER)),
+    );
     server.add_service(proxy);
     server.add_service(background_service(
         "admin api",
@@ -254,6 +273,12 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     server.add_service(background_service(
         "reporter",
         crate::report::Reporter::new(gateway.clone()),
+    ));
+    server.add_service(background_service(
+        "upstream resolver",
+        crate::upstream::Resolver {
+            gateway: gateway.clone(),
+        },
     ));
     if let Some(path) = &options.config_path {
         server.add_service(background_service(

@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Credits, Tier};
-use crate::ledger::{credit_limit, duration_ms, millis, KeyRecord, Usage};
+use crate::ledger::{credit_limit, duration_ms, millis, slot, KeyRecord, Usage};
 
 /// `60s`, `500ms`: the way the config file writes windows.
 pub fn window_text(d: std::time::Duration) -> String {
@@ -27,7 +27,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
         .iter()
         .map(|(name, rl)| {
             let window_ms = duration_ms(rl.window);
-            let window = usage.rate.entry(name.clone()).or_default();
+            let window = slot(&mut usage.rate, name);
             let used = window.used(window_ms, now_ms);
             let state = json!({
                 "limit": rl.limit.get(),
@@ -44,7 +44,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
 fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, pool) in &tier.pools {
-        let state = usage.pools.entry(name.clone()).or_default();
+        let state = slot(&mut usage.pools, name);
         let limit = pool.limit.get();
         let (used, resets_at) = state.standing(pool, 0, now);
         out.insert(

@@ -103,6 +103,9 @@ pub struct Tier {
     pub credits: Credits,
     pub refill: Option<Refill>,
     pub rate_limits: IndexMap<String, RateLimit>,
+    /// The draft `RateLimit-Policy` header for `rate_limits`, built once:
+    /// it depends only on the tier.
+    pub rate_limit_policy: Option<http::HeaderValue>,
     pub pools: IndexMap<String, Pool>,
     pub features: Vec<String>,
     pub overage: Overage,
@@ -112,6 +115,19 @@ pub struct Tier {
 impl Tier {
     pub fn has_feature(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
+    }
+
+    /// `"<name>";q=<limit>;w=<window seconds>`, one per limit, or `None`
+    /// without limits (or if a name cannot be a header value).
+    pub fn policy_header(limits: &IndexMap<String, RateLimit>) -> Option<http::HeaderValue> {
+        if limits.is_empty() {
+            return None;
+        }
+        let policy: Vec<String> = limits
+            .iter()
+            .map(|(name, rl)| format!("\"{name}\";q={};w={}", rl.limit, rl.window.as_secs()))
+            .collect();
+        http::HeaderValue::from_str(&policy.join(", ")).ok()
     }
 }
 
@@ -155,6 +171,8 @@ pub struct Route {
     pub methods: Option<Vec<http::Method>>,
     pub path: PathPattern,
     pub upstream: String,
+    /// The index of `upstream` in [`Config::upstreams`].
+    pub upstream_index: usize,
     pub feature: Option<String>,
     pub cost: Amount,
     pub pools: Vec<(String, Amount)>,
@@ -252,6 +270,11 @@ impl Config {
     /// empty and need not be set.
     pub fn load_for_client(path: &Path) -> Result<Loaded, ConfigErrors> {
         validate::parse(&read(path)?, validate::Secrets::Skip)
+    }
+
+    /// The tier at `index` in [`Config::tiers`].
+    pub fn tier_at(&self, index: usize) -> Option<&Tier> {
+        self.tiers.get_index(index).map(|(_, tier)| tier)
     }
 
     pub fn tier(&self, id: &str) -> Option<&Tier> {

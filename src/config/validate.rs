@@ -477,6 +477,7 @@ impl Check<'_> {
         if self.errors.len() > ok_before {
             return None;
         }
+        let rate_limit_policy = Tier::policy_header(&rate_limits);
         Some(Tier {
             id: id.to_string(),
             name: t.name.clone().unwrap_or_else(|| id.to_string()),
@@ -484,6 +485,7 @@ impl Check<'_> {
             credits,
             refill,
             rate_limits,
+            rate_limit_policy,
             pools,
             features: t.features.clone(),
             overage,
@@ -601,6 +603,9 @@ impl Check<'_> {
             methods,
             path: pattern?,
             upstream: r.upstream.clone(),
+            // Every upstream is valid when every route is (else the config
+            // is refused), so the file's index is the config's.
+            upstream_index: file.upstreams.get_index_of(&r.upstream).unwrap_or(0),
             feature: r.feature.clone(),
             cost: cost?,
             pools,
@@ -632,9 +637,9 @@ impl Check<'_> {
         }
         match normalise(base, allow_encoded) {
             Ok(canonical) if canonical == base => Some(if prefix {
-                PathPattern::Prefix(canonical)
+                PathPattern::Prefix(canonical.into_owned())
             } else {
-                PathPattern::Exact(canonical)
+                PathPattern::Exact(canonical.into_owned())
             }),
             Ok(canonical) => {
                 self.error(
@@ -729,7 +734,7 @@ impl Check<'_> {
 
     fn usage_path(&mut self, text: &str) -> String {
         match normalise(text, false) {
-            Ok(canonical) if canonical == text => canonical,
+            Ok(canonical) if canonical == text => canonical.into_owned(),
             _ => {
                 self.error(
                     "usage.path",

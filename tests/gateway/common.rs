@@ -352,6 +352,8 @@ impl Harness {
             config_path,
             handle_signals: false,
             drain_timeout: Duration::from_secs(1),
+            // Many gateways start in this one process (see the option).
+            work_stealing: true,
             upgrade: false,
         };
         let gateway = tokio::task::spawn_blocking(move || server::start(config, options))

@@ -101,10 +101,7 @@ async fn key_on_a_vanished_tier_fails_closed() {
     let reloaded = tollgate::config::Config::parse(&text)
         .expect("valid")
         .config;
-    h.gateway
-        .gateway
-        .config
-        .store(std::sync::Arc::new(reloaded));
+    h.gateway.gateway.install(reloaded);
     let body = json_of(h.get("/api/data", &key).await, 403).await;
     assert_eq!(body["code"], "TIER_NOT_FOUND");
     assert_eq!(body["tier"], "payg");

@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# tollgate beside its peers, per core, in one run.
+#
+# Each proxy runs pinned to one core (PROXY_CPU, default 0) with one worker;
+# wrk (-t1) and a 1 KB nginx upstream share the other (LOAD_CPU, default 1).
+# Cases: the upstream directly; nginx proxy_pass; nginx + Lua doing Kong's
+# local policies (key lookup, a rate-limit counter, a pool and a credit
+# decrement); a bare Pingora pass-through (benches/bare_pingora.rs, the
+# framework's own ceiling); tollgate's public route, its keyed route (rate
+# limit, pool, credits) on one key and spread over 10,000 keys. Then scale:
+# tollgate with 1,000,000 keys in its store (start-up time, RSS, keyed
+# throughput over all of them) and with 500 routes in its config.
+#
+# Every proxy runs as shipped: nginx with its default access log (one line
+# per request to a file), tollgate with its default log level (one access
+# line per request, stderr to a file) and its metrics listener on.
+#
+# Prints req/s, p50, p99 and the proxy's CPU microseconds per request for
+# each case, then the ratios the performance targets are about, and checks
+# that the credits tollgate charged equal the requests it served.
+#
+# Usage: benches/compare.sh [duration]     (default 10s)
+#   CONNS=64  SCALE=0 (skip the 1M-key and 500-route cases)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10s}
+CONNS=${CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+SCALE=${SCALE:-1}
+MANY_KEYS=${MANY_KEYS:-1000000}
+
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v curl >/dev/null \
+   || [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq wrk nginx-light libnginx-mod-http-lua curl >/dev/null 2>&1 \
+    || apt-get install -y -qq wrk nginx libnginx-mod-http-lua curl >/dev/null
+fi
+
+cargo build --release --quiet --bin tollgate --example bare_pingora --example seed_keys
+BIN=target/release/tollgate
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# `exec`, so that a command started with `&` keeps the PID `$!` names.
+on_proxy() { exec taskset -c "$PROXY_CPU" "$@"; }
+on_load() { exec taskset -c "$LOAD_CPU" "$@"; }
+UP=127.0.0.1:3950
+export TOLLGATE_ROOT_KEY=bench
+
+# ---------------------------------------------------------------- upstream
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+mkdir -p "$WORK/nginx"
+nginx_conf() { # name, extra main-level lines, http-level lines
+  cat > "$WORK/nginx/$1.conf" <<CONF
+$2
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/nginx/$1.pid;
+error_log $WORK/nginx/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  client_body_temp_path $WORK/nginx/$1.body;
+  proxy_temp_path $WORK/nginx/$1.proxy;
+  fastcgi_temp_path $WORK/nginx/$1.fcgi;
+  uwsgi_temp_path $WORK/nginx/$1.uwsgi;
+  scgi_temp_path $WORK/nginx/$1.scgi;
+  keepalive_requests 1000000;
+$3
+}
+CONF
+}
+nginx_conf upstream "" "
+  access_log off;
+  server { listen $UP; location / { return 200 '$BODY'; } }"
+on_load nginx -p "$WORK/nginx" -c "$WORK/nginx/upstream.conf" & PIDS+=($!)
+
+# ---------------------------------------------------------------- nginx peers
+PEER_UPSTREAM="
+  upstream api { server $UP; keepalive 128; }
+  access_log $WORK/nginx/\$server_port.access.log;"
+PROXY_PASS="proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+nginx_conf proxy "" "$PEER_UPSTREAM
+  server { listen 127.0.0.1:3951; location / { $PROXY_PASS } }"
+on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/proxy.conf" & NGINX_PROXY=$!; PIDS+=($NGINX_PROXY)
+
+# Kong's local policies in Lua: the key looked up in a shared dict (Kong's
+# key-auth cache), a per-minute rate-limit counter (rate-limiting with
+# policy: local), a pool and a credit decrement, all given back if a later
+# one refuses; the key header stripped, the consumer id sent upstream and
+# rate-limit headers on the answer.
+nginx_conf lua "load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" "$PEER_UPSTREAM
+  lua_shared_dict keys 256m;
+  lua_shared_dict counters 256m;
+  init_by_lua_block {
+    local keys = ngx.shared.keys
+    for line in io.lines('$WORK/peer-keys.txt') do
+      local ok, err = keys:set(line, 'id_' .. ngx.md5(line):sub(1, 16))
+      if not ok then error(err) end
+    end
+  }
+  server {
+    listen 127.0.0.1:3952;
+    location / {
+      access_by_lua_block {
+        local auth = ngx.var.http_authorization
+        local key = auth and auth:match('^[Bb]earer%s+(%S+)$')
+        if not key then return ngx.exit(401) end
+        local id = ngx.shared.keys:get(key)
+        if not id then return ngx.exit(401) end
+        local c = ngx.shared.counters
+        local rl = id .. ':rl:' .. math.floor(ngx.now() / 60)
+        local used = c:incr(rl, 1, 0, 120)
+        if used > 1000000000 then c:incr(rl, -1); return ngx.exit(429) end
+        local pool = c:incr(id .. ':pool', -1, 1000000000000)
+        if pool < 0 then c:incr(id .. ':pool', 1); c:incr(rl, -1); return ngx.exit(402) end
+        local credits = c:incr(id .. ':credits', -1, 1000000000000)
+        if credits < 0 then
+          c:incr(id .. ':credits', 1); c:incr(id .. ':pool', 1); c:incr(rl, -1)
+          return ngx.exit(402)
+        end
+        ngx.ctx.remaining = 1000000000 - used
+        ngx.req.clear_header('Authorization')
+        ngx.req.set_header('X-Consumer-ID', id)
+      }
+      header_filter_by_lua_block {
+        ngx.header['RateLimit-Limit'] = 1000000000
+        ngx.header['RateLimit-Remaining'] = ngx.ctx.remaining
+      }
+      $PROXY_PASS
+    }
+  }"
+
+# ---------------------------------------------------------------- bare Pingora
+on_proxy target/release/examples/bare_pingora 127.0.0.1:3953 "$UP" 1 2>/dev/null & PINGORA=$!; PIDS+=($PINGORA)
+
+# ---------------------------------------------------------------- tollgate
+# Eight routes, the keyed one last, so matching does its full work.
+routes() { # number of filler routes before the two measured ones
+  local i
+  for ((i = 0; i < $1; i++)); do
+    if ((i % 2)); then echo "  - { name: r$i, path: /v1/svc$i/*, upstream: up, feature: api }"
+    else echo "  - { name: r$i, methods: [GET, POST], path: /v1/item$i, upstream: up, feature: api }"; fi
+  done
+  echo "  - { name: public, path: /health, upstream: up, auth: none }"
+  echo "  - { name: keyed, path: /api/data, upstream: up, feature: api, pools: { exports: 1 } }"
+}
+tollgate_config() { # name, filler routes
+  cat > "$WORK/$1.yaml" <<YAML
+listen: { proxy: "127.0.0.1:3954", admin: "127.0.0.1:3955", metrics: "127.0.0.1:3956" }
+store: { path: "$WORK/$1-store" }
+upstreams:
+  up: { url: "http://$UP" }
+tiers:
+  bench:
+    key_prefix: sk_bench
+    credits: 1000000000000
+    rate_limits:
+      requests: { limit: 1000000000, window: 60s }
+    pools:
+      exports: { limit: 1000000000000, window: 30d }
+    features: [api]
+routes:
+$(routes "$2")
+YAML
+}
+TG=
+start_tollgate() { # name
+  local t0; t0=$(date +%s%N)
+  # The log outside the config's directory: tollgate watches that
+  # directory, and a log written into it wakes the watcher on every line.
+  mkdir -p "$WORK/logs"
+  on_proxy "$BIN" serve --config "$WORK/$1.yaml" --threads 1 \
+    2>"$WORK/logs/$1.log" & TG=$!; PIDS+=($TG)
+  for _ in $(seq 1000); do
+    curl -s -o /dev/null http://127.0.0.1:3954/health && break
+    sleep 0.01
+  done
+  STARTUP_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
+}
+stop_tollgate() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
+
+# ---------------------------------------------------------------- keys
+tollgate_config main 6
+(on_proxy target/release/examples/seed_keys "$WORK/main-store" bench sk_bench 10000 "$WORK/keys-10k.txt")
+head -1 "$WORK/keys-10k.txt" > "$WORK/keys-1.txt"
+cp "$WORK/keys-10k.txt" "$WORK/peer-keys.txt"
+on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
+for port in 3950 3951 3953; do
+  for _ in $(seq 500); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.01; done
+done
+for _ in $(seq 500); do
+  curl -s -o /dev/null -H "Authorization: Bearer $(cat "$WORK/keys-1.txt")" http://127.0.0.1:3952/api/data && break
+  sleep 0.01
+done
+
+# wrk picks a key per request from a file; the same script for every keyed
+# case, so wrk's own cost is the same in each.
+cat > "$WORK/keys.lua" <<'LUA'
+local keys = {}
+for line in io.lines(os.getenv("KEYS_FILE")) do keys[#keys + 1] = "Bearer " .. line end
+local n = #keys
+request = function()
+  return wrk.format("GET", "/api/data", { ["Authorization"] = keys[math.random(n)] })
+end
+LUA
+
+# ---------------------------------------------------------------- measuring
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+declare -A RPS
+run() { # label, pid (CPU measured), keys file or "", url
+  local label=$1 pid=$2 keys=$3 url=$4 before after out
+  before=$(cpu "$pid")
+  if [ -n "$keys" ]; then
+    out=$(KEYS_FILE=$keys; export KEYS_FILE; on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/keys.lua" "$url")
+  else
+    out=$(on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url")
+  fi
+  after=$(cpu "$pid")
+  local rps p50 p99 total non2xx us
+  rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  total=$(awk '/requests in/ {print $1}' <<<"$out")
+  non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
+  us=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.1f", (a - b) * 1e6 / n}')
+  RPS[$label]=$rps
+  LAST_TOTAL=$total
+  printf '%-34s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
+    "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us"
+}
+ratio() { awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v l="$1" -v t="$4" \
+  'BEGIN {r = a / b; printf "  %-28s %5.2f   (target >= %s) %s\n", l, r, t, (r >= t ? "met" : "NOT MET")}'; }
+
+echo "compare.sh $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs));" \
+  "proxies on CPU $PROXY_CPU, wrk -t1 -c$CONNS -d$DURATION and the upstream on CPU $LOAD_CPU"
+start_tollgate main
+run "upstream directly" "$(cat "$WORK/nginx/upstream.pid" 2>/dev/null || echo $$)" "" "http://$UP/api/data"
+run "nginx proxy_pass" "$NGINX_PROXY" "" "http://127.0.0.1:3951/api/data"
+run "nginx + Lua (Kong-style), 1 key" "$LUA" "$WORK/keys-1.txt" "http://127.0.0.1:3952/api/data"
+run "nginx + Lua, 10k keys" "$LUA" "$WORK/keys-10k.txt" "http://127.0.0.1:3952/api/data"
+run "bare Pingora pass-through" "$PINGORA" "" "http://127.0.0.1:3953/api/data"
+run "tollgate public route" "$TG" "" "http://127.0.0.1:3954/health"
+run "tollgate keyed, 1 key" "$TG" "$WORK/keys-1.txt" "http://127.0.0.1:3954/api/data"
+KEYED_SERVED=$LAST_TOTAL
+run "tollgate keyed, 10k keys" "$TG" "$WORK/keys-10k.txt" "http://127.0.0.1:3954/api/data"
+ONE_KEY=$(cat "$WORK/keys-1.txt")
+USED=$(curl -s http://127.0.0.1:3954/_tollgate/usage -H "Authorization: Bearer $ONE_KEY" \
+  | sed -E 's/.*"credits":\{[^}]*"used":([0-9]+).*/\1/')
+RSS_MAIN=$(awk '/VmHWM/ {print $2}' "/proc/$TG/status")
+stop_tollgate
+
+if [ "$SCALE" = 1 ]; then
+  tollgate_config many 6
+  (on_proxy target/release/examples/seed_keys "$WORK/many-store" bench sk_bench "$MANY_KEYS" "$WORK/keys-many.txt")
+  start_tollgate many
+  MANY_STARTUP=$STARTUP_MS
+  run "tollgate keyed, $MANY_KEYS keys" "$TG" "$WORK/keys-many.txt" "http://127.0.0.1:3954/api/data"
+  RSS_MANY=$(awk '/VmHWM/ {print $2}' "/proc/$TG/status")
+  stop_tollgate
+  tollgate_config routes500 498
+  cp -r "$WORK/main-store/." "$WORK/routes500-store/" 2>/dev/null || { mkdir -p "$WORK/routes500-store"; cp -r "$WORK/main-store/." "$WORK/routes500-store/"; }
+  rm -f "$WORK/routes500-store/lock"
+  start_tollgate routes500
+  run "tollgate keyed, 500 routes" "$TG" "$WORK/keys-1.txt" "http://127.0.0.1:3954/api/data"
+  stop_tollgate
+fi
+
+echo
+echo "ratios (req/s):"
+ratio "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key" 1.0
+ratio "keyed / public" "tollgate keyed, 1 key" "tollgate public route" 0.9
+ratio "public / bare Pingora" "tollgate public route" "bare Pingora pass-through" 0.95
+ratio "bare Pingora / nginx+Lua" "bare Pingora pass-through" "nginx + Lua (Kong-style), 1 key" 0
+ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9
+if [ "$SCALE" = 1 ]; then
+  ratio "$MANY_KEYS keys / 1 key" "tollgate keyed, $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9
+  ratio "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key" 0.95
+  echo "  start-up with $MANY_KEYS keys: ${MANY_STARTUP} ms (target <= 1000); peak RSS ${RSS_MANY} kB (target <= 300 MB)"
+fi
+echo "  tollgate peak RSS after the main cases: ${RSS_MAIN} kB"
+echo "exactness: the 1-key key was charged $USED credits for $KEYED_SERVED requests wrk counted" \
+  "(requests cut off at the end of the run may be charged and not counted)"
