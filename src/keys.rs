@@ -88,24 +88,37 @@ pub fn random_id(prefix: &str) -> String {
     format!("{prefix}_{id}")
 }
 
-/// Whether `key` has the shape and checksum of a tollgate key. Cheap; run
-/// before any store read.
+/// Whether `key` has the shape and checksum of a tollgate key. Run before
+/// any store read.
 pub fn well_formed(key: &str) -> bool {
+    well_shaped(key) && checksum_holds(key)
+}
+
+/// Whether `key` has a tollgate key's shape: a prefix, `_`, then the right
+/// number of base58 characters. No hashing.
+pub fn well_shaped(key: &str) -> bool {
     let Some((prefix, tail)) = key.rsplit_once('_') else {
         return false;
     };
-    if prefix.is_empty()
-        || tail.len() != RANDOM_LEN + CHECKSUM_LEN
-        || !tail.bytes().all(|b| ALPHABET.contains(&b))
-    {
+    !prefix.is_empty()
+        && tail.len() == RANDOM_LEN + CHECKSUM_LEN
+        && tail.bytes().all(|b| ALPHABET.contains(&b))
+}
+
+/// Whether a well-shaped key's last characters are the checksum of the
+/// rest. Compared in constant time.
+pub fn checksum_holds(key: &str) -> bool {
+    let Some(split) = key.len().checked_sub(CHECKSUM_LEN) else {
         return false;
-    }
-    let (body, sum) = key.split_at(key.len() - CHECKSUM_LEN);
-    checksum(body) == sum
+    };
+    let (Some(body), Some(sum)) = (key.get(..split), key.get(split..)) else {
+        return false;
+    };
+    subtle::ConstantTimeEq::ct_eq(&checksum_bytes(body)[..], sum.as_bytes()).into()
 }
 
 /// The first 32 bits of SHA-256 as 6 base58 digits (58^6 > 2^32).
-fn checksum(body: &str) -> String {
+fn checksum_bytes(body: &str) -> [u8; CHECKSUM_LEN] {
     let digest = Sha256::digest(body.as_bytes());
     let mut n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
     let mut out = [b'1'; CHECKSUM_LEN];
@@ -113,7 +126,11 @@ fn checksum(body: &str) -> String {
         *slot = ALPHABET[(n % 58) as usize];
         n /= 58;
     }
-    out.iter().map(|&b| b as char).collect()
+    out
+}
+
+fn checksum(body: &str) -> String {
+    checksum_bytes(body).iter().map(|&b| b as char).collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! - [`window`]: the trailing-window counter behind rate limits and rolling pools.
 //! - [`calendar`]: UTC refill boundaries (daily, monthly on a day).
 //! - [`path`]: path normalisation, so the matched path is the forwarded path.
+//! - [`route`]: the route table (first match wins, without a scan).
 //! - [`reject`]: every rejection and its status, code, body and headers.
 //! - [`clock`]: injectable time.
 //! - [`metrics`]: the Prometheus registry and every metric.
@@ -45,6 +46,7 @@ pub mod proxy;
 pub mod reject;
 pub mod reload;
 pub mod report;
+pub mod route;
 pub mod server;
 pub mod store;
 pub mod upgrade;

@@ -125,7 +125,7 @@ impl Proxy {
         method: &Method,
         raw: &'a str,
     ) -> Result<(Cow<'a, str>, Option<usize>), Rejection> {
-        let index = |path: &str| config.routes.iter().position(|r| r.matches(method, path));
+        let index = |path: &str| config.route_index(method, path);
         match normalise(raw, false) {
             Ok(path) => {
                 let i = index(&path);

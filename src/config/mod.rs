@@ -31,6 +31,8 @@ pub struct Config {
     pub upstreams: IndexMap<String, Upstream>,
     pub tiers: IndexMap<String, Tier>,
     pub routes: Vec<Route>,
+    /// Finds the first matching route of `routes` without a scan.
+    pub route_table: crate::route::RouteTable,
     pub reporting: Option<Reporting>,
     pub usage_path: String,
 }
@@ -150,11 +152,9 @@ impl PathPattern {
     pub fn matches(&self, path: &str) -> bool {
         match self {
             // `/a/` is `/a` to many frameworks, so it meets `/a`'s gate too.
+            // An exact path written with a trailing slash matches itself.
             PathPattern::Exact(p) => {
-                path.strip_suffix('/')
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or(path)
-                    == p
+                path == p || path.strip_suffix('/').filter(|s| !s.is_empty()) == Some(p.as_str())
             }
             PathPattern::Prefix(p) => match path.strip_prefix(p.as_str()) {
                 Some(rest) => rest.is_empty() || rest.starts_with('/') || p.ends_with('/'),
@@ -186,10 +186,14 @@ pub struct Route {
 
 impl Route {
     pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        self.allows(method) && self.path.matches(path)
+    }
+
+    /// Whether the route takes this method (any, when it names none).
+    pub fn allows(&self, method: &http::Method) -> bool {
         self.methods
             .as_ref()
             .is_none_or(|methods| methods.contains(method))
-            && self.path.matches(path)
     }
 }
 
@@ -293,9 +297,14 @@ impl Config {
         self.upstreams.get(name)
     }
 
+    /// The index of the first route, in file order, that matches.
+    pub fn route_index(&self, method: &http::Method, path: &str) -> Option<usize> {
+        self.route_table.find(&self.routes, method, path)
+    }
+
     /// The first route, in file order, that matches.
     pub fn route_for(&self, method: &http::Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path))
+        self.route_index(method, path).map(|i| &self.routes[i])
     }
 
     /// Every feature some tier grants.

@@ -142,7 +142,7 @@ impl Check<'_> {
                 }
                 self.route(&path, r, &file)
             })
-            .collect();
+            .collect::<Vec<_>>();
         let reporting = file.reporting.as_ref().and_then(|r| self.reporting(r));
         if let Some(stripe) = file.reporting.as_ref().and_then(|r| r.stripe.as_ref()) {
             for counter in stripe.meters.keys() {
@@ -173,6 +173,7 @@ impl Check<'_> {
             root_key_env: file.admin.root_key_env,
             upstreams,
             tiers,
+            route_table: crate::route::RouteTable::new(&routes),
             routes,
             reporting,
             usage_path,

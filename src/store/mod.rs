@@ -147,10 +147,32 @@ impl Entry {
     }
 }
 
+/// How many shards the key cache has.
+const SHARDS: usize = 32;
+
+/// The keys in memory, in shards by hash, so that requests on different
+/// keys rarely wait for the same lock.
+struct Cache {
+    shards: Vec<RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>>>,
+}
+
+impl Cache {
+    fn new() -> Cache {
+        Cache {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        }
+    }
+
+    fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>> {
+        // The hash is SHA-256: any byte of it is evenly spread.
+        &self.shards[usize::from(hash.0[0]) % SHARDS]
+    }
+}
+
 pub struct Store {
     disk: Disk,
     dir: PathBuf,
-    cache: RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>>,
+    cache: Cache,
     dirty: Mutex<Vec<Arc<Entry>>>,
     /// Keys charged since the last reporting pass.
     unreported: Mutex<Vec<Arc<Entry>>>,
@@ -230,7 +252,7 @@ impl Store {
         Ok(Store {
             disk,
             dir: path.to_path_buf(),
-            cache: RwLock::new(HashMap::default()),
+            cache: Cache::new(),
             dirty: Mutex::new(Vec::new()),
             unreported: Mutex::new(Vec::new()),
             healthy,
@@ -261,7 +283,7 @@ impl Store {
 
     /// The key with this hash, loaded into memory on first use.
     pub fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
-        if let Some(entry) = self.cache.read().get(hash) {
+        if let Some(entry) = self.cache.shard(hash).read().get(hash) {
             entry.last_used.store(self.now_secs(), Ordering::Relaxed);
             return Ok(Some(entry.clone()));
         }
@@ -274,7 +296,7 @@ impl Store {
             let record: KeyRecord = from_json(&row.key_id, &row.record)?;
             let mut usage: Usage = from_json(&row.key_id, &row.usage)?;
             usage.billing = from_json(&row.key_id, &row.billing)?;
-            let mut cache = self.cache.write();
+            let mut cache = self.cache.shard(hash).write();
             if let Some(entry) = cache.get(hash) {
                 return Ok(Some(entry.clone()));
             }
@@ -391,7 +413,7 @@ impl Store {
         entry.state.lock().revoked = true;
         if let Some(hash) = hash {
             // A lookup may have loaded it again while the delete committed.
-            if let Some(cached) = self.cache.write().remove(&hash) {
+            if let Some(cached) = self.cache.shard(&hash).write().remove(&hash) {
                 cached.state.lock().revoked = true;
             }
         }
@@ -431,26 +453,37 @@ impl Store {
     /// already written and which no request holds. Their state is on disk,
     /// so the next lookup loads it again. Returns how many were dropped.
     ///
-    /// Holding the cache's write lock, an entry whose only owner is the
-    /// cache cannot be picked up by anyone meanwhile: lookups wait for the
-    /// lock, and every request, admin write or dirty-queue slot holds its
-    /// own `Arc`.
+    /// Holding a cache shard's write lock, an entry of that shard whose
+    /// only owner is the cache cannot be picked up by anyone meanwhile:
+    /// lookups wait for the lock, and every request, admin write or
+    /// dirty-queue slot holds its own `Arc`.
     pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
         let cutoff = self.now_secs().saturating_sub(idle.as_secs());
-        let mut cache = self.cache.write();
-        let before = cache.len();
-        cache.retain(|_, entry| {
-            Arc::strong_count(entry) > 1
-                || entry.dirty.load(Ordering::Acquire)
-                || entry.unreported.load(Ordering::Acquire)
-                || entry.last_used.load(Ordering::Relaxed) > cutoff
-        });
-        before - cache.len()
+        let mut dropped = 0;
+        for shard in &self.cache.shards {
+            let mut cache = shard.write();
+            let before = cache.len();
+            cache.retain(|_, entry| {
+                Arc::strong_count(entry) > 1
+                    || entry.dirty.load(Ordering::Acquire)
+                    || entry.unreported.load(Ordering::Acquire)
+                    || entry.last_used.load(Ordering::Relaxed) > cutoff
+            });
+            dropped += before - cache.len();
+        }
+        dropped
     }
 
     /// Keys held in memory.
     pub fn cached(&self) -> usize {
-        self.cache.read().len()
+        self.cache.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// The key with this hash if it is in memory; never reads the disk.
+    pub fn in_memory(&self, hash: &KeyHash) -> Option<Arc<Entry>> {
+        let entry = self.cache.shard(hash).read().get(hash).cloned()?;
+        entry.last_used.store(self.now_secs(), Ordering::Relaxed);
+        Some(entry)
     }
 
     /// How many keys exist.
