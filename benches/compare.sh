@@ -6,10 +6,11 @@
 # Cases: the upstream directly; nginx proxy_pass; nginx + Lua doing Kong's
 # local policies (key lookup, a rate-limit counter, a pool and a credit
 # decrement); a bare Pingora pass-through (benches/bare_pingora.rs, the
-# framework's own ceiling); tollgate's public route, its keyed route (rate
-# limit, pool, credits) on one key and spread over 10,000 keys. Then scale:
-# tollgate with 1,000,000 keys in its store (start-up time, RSS, keyed
-# throughput over all of them) and with 500 routes in its config.
+# framework's own ceiling), as it comes and with tollgate's settings;
+# tollgate's public route, its keyed route (rate limit, pool, credits) on
+# one key and spread over 10,000 keys. Then scale: tollgate with 1,000,000
+# keys in its store (start-up time, RSS, keyed throughput over 10,000 of
+# them and over all of them) and with 500 routes in its config.
 #
 # Every proxy runs as shipped: nginx with its default access log (one line
 # per request to a file), tollgate with its default log level (one access
@@ -20,7 +21,8 @@
 # that the credits tollgate charged equal the requests it served.
 #
 # Usage: benches/compare.sh [duration]     (default 10s)
-#   CONNS=64  SCALE=0 (skip the 1M-key and 500-route cases)
+#   ROUNDS=3 (interleaved; medians reported)  CONNS=64
+#   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
@@ -141,7 +143,9 @@ load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" "$PEER_UPSTREAM
   }"
 
 # ---------------------------------------------------------------- bare Pingora
-on_proxy target/release/examples/bare_pingora 127.0.0.1:3953 "$UP" 1 2>/dev/null & PINGORA=$!; PIDS+=($PINGORA)
+on_proxy target/release/examples/bare_pingora 127.0.0.1:3953 "$UP" 1 defaults 2>/dev/null & PINGORA=$!; PIDS+=($PINGORA)
+# The same with the settings tollgate runs with (see bare_pingora.rs).
+on_proxy target/release/examples/bare_pingora 127.0.0.1:3957 "$UP" 1 tuned 2>/dev/null & PINGORA_TUNED=$!; PIDS+=($PINGORA_TUNED)
 
 # ---------------------------------------------------------------- tollgate
 # Eight routes, the keyed one last, so matching does its full work.
@@ -154,9 +158,9 @@ routes() { # number of filler routes before the two measured ones
   echo "  - { name: public, path: /health, upstream: up, auth: none }"
   echo "  - { name: keyed, path: /api/data, upstream: up, feature: api, pools: { exports: 1 } }"
 }
-tollgate_config() { # name, filler routes
+tollgate_config() { # name, filler routes, first port (proxy; admin and metrics follow)
   cat > "$WORK/$1.yaml" <<YAML
-listen: { proxy: "127.0.0.1:3954", admin: "127.0.0.1:3955", metrics: "127.0.0.1:3956" }
+listen: { proxy: "127.0.0.1:$3", admin: "127.0.0.1:$(($3 + 1))", metrics: "127.0.0.1:$(($3 + 2))" }
 store: { path: "$WORK/$1-store" }
 upstreams:
   up: { url: "http://$UP" }
@@ -173,8 +177,7 @@ routes:
 $(routes "$2")
 YAML
 }
-TG=
-start_tollgate() { # name
+start_tollgate() { # name, proxy port; sets TG and STARTUP_MS
   local t0; t0=$(date +%s%N)
   # The log outside the config's directory: tollgate watches that
   # directory, and a log written into it wakes the watcher on every line.
@@ -182,20 +185,32 @@ start_tollgate() { # name
   on_proxy "$BIN" serve --config "$WORK/$1.yaml" --threads 1 \
     2>"$WORK/logs/$1.log" & TG=$!; PIDS+=($TG)
   for _ in $(seq 1000); do
-    curl -s -o /dev/null http://127.0.0.1:3954/health && break
+    curl -s -o /dev/null "http://127.0.0.1:$2/health" && break
     sleep 0.01
   done
   STARTUP_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
 }
-stop_tollgate() { kill "$TG"; wait "$TG" 2>/dev/null || true; }
 
 # ---------------------------------------------------------------- keys
-tollgate_config main 6
-(on_proxy target/release/examples/seed_keys "$WORK/main-store" bench sk_bench 10000 "$WORK/keys-10k.txt")
-head -1 "$WORK/keys-10k.txt" > "$WORK/keys-1.txt"
-cp "$WORK/keys-10k.txt" "$WORK/peer-keys.txt"
+# 10,001 keys: 10,000 for the spread cases, and one of its own for the
+# one-key case (so its charges can be checked against what was served).
+tollgate_config main 6 3954
+(on_proxy target/release/examples/seed_keys "$WORK/main-store" bench sk_bench 10001 "$WORK/keys-all.txt")
+head -10000 "$WORK/keys-all.txt" > "$WORK/keys-10k.txt"
+tail -1 "$WORK/keys-all.txt" > "$WORK/keys-1.txt"
+cp "$WORK/keys-all.txt" "$WORK/peer-keys.txt"
 on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
-for port in 3950 3951 3953; do
+start_tollgate main 3954; TG_MAIN=$TG
+if [ "$SCALE" = 1 ]; then
+  tollgate_config many 6 3964
+  (on_proxy target/release/examples/seed_keys "$WORK/many-store" bench sk_bench "$MANY_KEYS" "$WORK/keys-many.txt")
+  head -10000 "$WORK/keys-many.txt" > "$WORK/keys-many-10k.txt"
+  start_tollgate many 3964; TG_MANY=$TG; MANY_STARTUP=$STARTUP_MS
+  tollgate_config routes500 498 3974
+  (on_proxy target/release/examples/seed_keys "$WORK/routes500-store" bench sk_bench 1 "$WORK/keys-r500.txt")
+  start_tollgate routes500 3974; TG_R500=$TG
+fi
+for port in 3950 3951 3953 3957; do
   for _ in $(seq 500); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.01; done
 done
 for _ in $(seq 500); do
@@ -215,8 +230,12 @@ end
 LUA
 
 # ---------------------------------------------------------------- measuring
+# Every case runs ROUNDS times, the rounds interleaved, and the median of
+# each case is reported: the machine is shared, and a slow moment then
+# lands on one sample of every case rather than on all samples of one.
+ROUNDS=${ROUNDS:-3}
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
-declare -A RPS
+declare -A SAMPLES SERVED
 run() { # label, pid (CPU measured), keys file or "", url
   local label=$1 pid=$2 keys=$3 url=$4 before after out
   before=$(cpu "$pid")
@@ -233,60 +252,76 @@ run() { # label, pid (CPU measured), keys file or "", url
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   us=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.1f", (a - b) * 1e6 / n}')
-  RPS[$label]=$rps
-  LAST_TOTAL=$total
-  printf '%-34s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
+  SAMPLES[$label]+="$rps $us $p50 $p99 ${non2xx:-0};"
+  SERVED[$label]=$(( ${SERVED[$label]:-0} + total ))
+  printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
     "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us"
 }
+declare -A RPS
+# The median sample of a case (by req/s), as one table row.
+report() { # label
+  local row
+  row=$(tr ';' '\n' <<<"${SAMPLES[$1]}" | grep . | sort -n | awk '{a[NR] = $0} END {print a[int((NR + 1) / 2)]}')
+  read -r rps us p50 p99 non2xx <<<"$row"
+  RPS[$1]=$rps
+  printf '%-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
+    "$1" "$rps" "$p50" "$p99" "$non2xx" "$us"
+}
 ratio() { awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v l="$1" -v t="$4" \
-  'BEGIN {r = a / b; printf "  %-28s %5.2f   (target >= %s) %s\n", l, r, t, (r >= t ? "met" : "NOT MET")}'; }
+  'BEGIN {r = a / b; printf "  %-34s %5.2f   (target >= %s) %s\n", l, r, t, (t == "-" ? "" : (r >= t ? "met" : "NOT MET"))}'; }
+
+CASES=(
+  "upstream directly|$(cat "$WORK/nginx/upstream.pid")||http://$UP/api/data"
+  "nginx proxy_pass|$NGINX_PROXY||http://127.0.0.1:3951/api/data"
+  "nginx + Lua (Kong-style), 1 key|$LUA|$WORK/keys-1.txt|http://127.0.0.1:3952/api/data"
+  "nginx + Lua, 10k keys|$LUA|$WORK/keys-10k.txt|http://127.0.0.1:3952/api/data"
+  "bare Pingora, defaults|$PINGORA||http://127.0.0.1:3953/api/data"
+  "bare Pingora, tuned|$PINGORA_TUNED||http://127.0.0.1:3957/api/data"
+  "tollgate public route|$TG_MAIN||http://127.0.0.1:3954/health"
+  "tollgate keyed, 1 key|$TG_MAIN|$WORK/keys-1.txt|http://127.0.0.1:3954/api/data"
+  "tollgate keyed, 10k keys|$TG_MAIN|$WORK/keys-10k.txt|http://127.0.0.1:3954/api/data"
+)
+if [ "$SCALE" = 1 ]; then
+  CASES+=(
+    "tollgate keyed, 10k of $MANY_KEYS keys|$TG_MANY|$WORK/keys-many-10k.txt|http://127.0.0.1:3964/api/data"
+    "tollgate keyed, all $MANY_KEYS keys|$TG_MANY|$WORK/keys-many.txt|http://127.0.0.1:3964/api/data"
+    "tollgate keyed, 500 routes|$TG_R500|$WORK/keys-r500.txt|http://127.0.0.1:3974/api/data"
+  )
+fi
 
 echo "compare.sh $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs));" \
-  "proxies on CPU $PROXY_CPU, wrk -t1 -c$CONNS -d$DURATION and the upstream on CPU $LOAD_CPU"
-start_tollgate main
-run "upstream directly" "$(cat "$WORK/nginx/upstream.pid" 2>/dev/null || echo $$)" "" "http://$UP/api/data"
-run "nginx proxy_pass" "$NGINX_PROXY" "" "http://127.0.0.1:3951/api/data"
-run "nginx + Lua (Kong-style), 1 key" "$LUA" "$WORK/keys-1.txt" "http://127.0.0.1:3952/api/data"
-run "nginx + Lua, 10k keys" "$LUA" "$WORK/keys-10k.txt" "http://127.0.0.1:3952/api/data"
-run "bare Pingora pass-through" "$PINGORA" "" "http://127.0.0.1:3953/api/data"
-run "tollgate public route" "$TG" "" "http://127.0.0.1:3954/health"
-run "tollgate keyed, 1 key" "$TG" "$WORK/keys-1.txt" "http://127.0.0.1:3954/api/data"
-KEYED_SERVED=$LAST_TOTAL
-run "tollgate keyed, 10k keys" "$TG" "$WORK/keys-10k.txt" "http://127.0.0.1:3954/api/data"
+  "proxies on CPU $PROXY_CPU, wrk -t1 -c$CONNS -d$DURATION and the upstream on CPU $LOAD_CPU; $ROUNDS rounds"
+for round in $(seq "$ROUNDS"); do
+  echo "round $round:"
+  for c in "${CASES[@]}"; do
+    IFS='|' read -r label pid keys url <<<"$c"
+    run "$label" "$pid" "$keys" "$url"
+  done
+done
+
+echo
+echo "medians of $ROUNDS rounds:"
+for c in "${CASES[@]}"; do report "${c%%|*}"; done
+echo
+echo "ratios (median req/s):"
+ratio "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key" 1.0
+ratio "keyed / public" "tollgate keyed, 1 key" "tollgate public route" 0.9
+ratio "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned" 0.95
+ratio "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults" 0.95
+ratio "bare Pingora tuned / defaults" "bare Pingora, tuned" "bare Pingora, defaults" -
+ratio "bare Pingora tuned / nginx+Lua" "bare Pingora, tuned" "nginx + Lua (Kong-style), 1 key" -
+ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9
+ratio "nginx+Lua 10k keys / 1 key" "nginx + Lua, 10k keys" "nginx + Lua (Kong-style), 1 key" -
+if [ "$SCALE" = 1 ]; then
+  ratio "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9
+  ratio "all $MANY_KEYS keys / 1 key" "tollgate keyed, all $MANY_KEYS keys" "tollgate keyed, 1 key" -
+  ratio "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key" 0.95
+  echo "  start-up with $MANY_KEYS keys in the store: ${MANY_STARTUP} ms (target <= 1000);" \
+    "peak RSS after its runs $(awk '/VmHWM/ {print $2}' "/proc/$TG_MANY/status") kB (target <= 300 MB)"
+fi
+echo "  tollgate peak RSS (8 routes, 10k keys): $(awk '/VmHWM/ {print $2}' "/proc/$TG_MAIN/status") kB"
 ONE_KEY=$(cat "$WORK/keys-1.txt")
 USED=$(curl -s http://127.0.0.1:3954/_tollgate/usage -H "Authorization: Bearer $ONE_KEY" \
   | sed -E 's/.*"credits":\{[^}]*"used":([0-9]+).*/\1/')
-RSS_MAIN=$(awk '/VmHWM/ {print $2}' "/proc/$TG/status")
-stop_tollgate
-
-if [ "$SCALE" = 1 ]; then
-  tollgate_config many 6
-  (on_proxy target/release/examples/seed_keys "$WORK/many-store" bench sk_bench "$MANY_KEYS" "$WORK/keys-many.txt")
-  start_tollgate many
-  MANY_STARTUP=$STARTUP_MS
-  run "tollgate keyed, $MANY_KEYS keys" "$TG" "$WORK/keys-many.txt" "http://127.0.0.1:3954/api/data"
-  RSS_MANY=$(awk '/VmHWM/ {print $2}' "/proc/$TG/status")
-  stop_tollgate
-  tollgate_config routes500 498
-  cp -r "$WORK/main-store/." "$WORK/routes500-store/" 2>/dev/null || { mkdir -p "$WORK/routes500-store"; cp -r "$WORK/main-store/." "$WORK/routes500-store/"; }
-  rm -f "$WORK/routes500-store/lock"
-  start_tollgate routes500
-  run "tollgate keyed, 500 routes" "$TG" "$WORK/keys-1.txt" "http://127.0.0.1:3954/api/data"
-  stop_tollgate
-fi
-
-echo
-echo "ratios (req/s):"
-ratio "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key" 1.0
-ratio "keyed / public" "tollgate keyed, 1 key" "tollgate public route" 0.9
-ratio "public / bare Pingora" "tollgate public route" "bare Pingora pass-through" 0.95
-ratio "bare Pingora / nginx+Lua" "bare Pingora pass-through" "nginx + Lua (Kong-style), 1 key" 0
-ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9
-if [ "$SCALE" = 1 ]; then
-  ratio "$MANY_KEYS keys / 1 key" "tollgate keyed, $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9
-  ratio "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key" 0.95
-  echo "  start-up with $MANY_KEYS keys: ${MANY_STARTUP} ms (target <= 1000); peak RSS ${RSS_MANY} kB (target <= 300 MB)"
-fi
-echo "  tollgate peak RSS after the main cases: ${RSS_MAIN} kB"
-echo "exactness: the 1-key key was charged $USED credits for $KEYED_SERVED requests wrk counted" \
-  "(requests cut off at the end of the run may be charged and not counted)"
+echo "exactness: the one-key case's key was charged $USED credits for ${SERVED["tollgate keyed, 1 key"]}" \
+  "requests wrk counted (a request cut off at the end of a run may be charged and not counted)"

@@ -541,7 +541,7 @@ impl BackgroundService for Flusher {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
-            if let Err(e) = store.flush_dirty().await {
+            if let Err(e) = store.flush_due().await {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
             }
             if last_eviction.elapsed() >= EVICT_EVERY {
