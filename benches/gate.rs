@@ -1,19 +1,33 @@
-//! The decision core without sockets: what one request costs the gateway
-//! between parsing and forwarding. Run: `cargo bench --bench gate`.
+//! The decision core without sockets: what one keyed request costs the
+//! gateway between parsing and forwarding, per outcome. Run:
+//! `cargo bench --bench gate` (criterion's means and medians), which also
+//! prints a median and p99 per case from individually timed decisions.
+//!
+//! Every case goes the way a proxied request does: the key found through
+//! the gateway (one SHA-256, the in-memory shard), the per-key lock, the
+//! pure `admit`, the key marked dirty. "1M keys" runs the allowed case with
+//! that many keys in the store and in memory (`TOLLGATE_BENCH_KEYS` sets
+//! the number; seeding them takes a minute).
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 use jiff::{SignedDuration, Timestamp};
 
+use tollgate::clock::SystemClock;
 use tollgate::config::Config;
-use tollgate::gate::{admit, Demand};
+use tollgate::gate::{self, admit, Demand};
+use tollgate::gateway::{Gateway, Generation};
 use tollgate::keys::{self, KeyHash};
 use tollgate::ledger::{KeyRecord, Usage};
+use tollgate::metrics::Metrics;
 use tollgate::path::normalise;
-use tollgate::store::Store;
+use tollgate::reject::Rejection;
+use tollgate::store::{sqlite, Store};
 
 const CONFIG: &str = r#"
 upstreams:
@@ -34,26 +48,305 @@ tiers:
       tokens: { limit: 1000000000000, window: 30d }
       exports: { limit: 1000000000000, refill: monthly }
     features: [api]
+  tight:
+    credits: 0
+    rate_limits:
+      requests: { limit: 1, window: 1h }
+    pools:
+      tokens: { limit: 1, window: 30d }
+    features: [api]
+  poor:
+    credits: 0
+    features: [api]
 routes:
   - { name: data, path: /api/data, upstream: main, feature: api }
-  - { name: ai, path: /api/ai/*, upstream: main, feature: api, cost: { header: x-cost }, pools: { tokens: { header: x-tokens }, exports: 1 } }
+  - { name: ai, path: /api/ai/*, upstream: main, feature: api, cost: { header: x-cost }, pools: { tokens: { header: x-tokens }, exports: 1 }, meter: { tokens: x-usage-tokens } }
+  - { name: admin, path: /api/admin, upstream: main, feature: admin }
 "#;
 
-fn record(tier: &str, hash: &KeyHash) -> KeyRecord {
-    KeyRecord::new(
-        "key_bench".into(),
-        hash,
-        "sk_bench",
-        tier,
-        Timestamp::UNIX_EPOCH,
-    )
+const START: &str = "2026-03-10T12:00:00Z";
+
+/// A gateway over a store in a temporary directory, without listeners.
+struct Bench {
+    gateway: Gateway,
+    _dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let config = Config::parse(CONFIG).expect("bench config").config;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        let metrics = Metrics::new().expect("metrics");
+        let gateway = Gateway {
+            config: ArcSwap::from_pointee(Generation::new(config, &metrics)),
+            store,
+            clock: Arc::new(SystemClock),
+            root_key: None,
+            metrics,
+            last_reload: Default::default(),
+            in_flight: Default::default(),
+        };
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        Bench {
+            gateway,
+            _dir: dir,
+            rt,
+        }
+    }
+
+    /// A key on `tier`, changed by `edit` before it is stored.
+    fn key(&self, tier: &str, edit: impl FnOnce(&mut KeyRecord)) -> String {
+        let config = self.gateway.config();
+        let key = keys::generate("sk_bench");
+        let mut rec = KeyRecord::new(keys::generate_id(), &key.hash, &key.start, tier, ts(START));
+        edit(&mut rec);
+        let usage = Usage::new(&config.tiers[tier], None, None, ts(START));
+        self.rt
+            .block_on(self.gateway.store.create(key.hash, &rec, &usage))
+            .expect("create");
+        key.secret
+    }
+
+    /// Adds `n` keys straight into the store, and loads them into memory.
+    fn many(&self, n: usize) {
+        let usage = serde_json::to_string(&Usage::default()).expect("json");
+        let billing = serde_json::to_string(&tollgate::ledger::Billing::default()).expect("json");
+        let mut hashes = Vec::with_capacity(n);
+        let mut batch = Vec::with_capacity(10_000);
+        for i in 0..n {
+            let key = keys::generate("sk_bench");
+            let rec = KeyRecord::new(
+                keys::generate_id(),
+                &key.hash,
+                &key.start,
+                "simple",
+                ts(START),
+            );
+            batch.push((
+                sqlite::Row {
+                    key_id: rec.key_id.clone(),
+                    record: serde_json::to_string(&rec).expect("json"),
+                    usage: usage.clone(),
+                    seq: 0,
+                    billing: billing.clone(),
+                },
+                key.hash,
+                None,
+            ));
+            hashes.push(key.hash);
+            if batch.len() == 10_000 || i + 1 == n {
+                self.gateway
+                    .store
+                    .import_blocking(std::mem::take(&mut batch))
+                    .expect("import");
+            }
+        }
+        for hash in &hashes {
+            self.gateway
+                .store
+                .lookup(hash)
+                .expect("read")
+                .expect("known");
+        }
+    }
+
+    /// One decision, as the proxy makes it.
+    fn decide(
+        &self,
+        route: usize,
+        headers: &HeaderMap,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<gate::Admission, Rejection> {
+        let config = self.gateway.config.load();
+        let entry = self.gateway.authenticate(key)?;
+        let demand = Demand::for_route(&config.routes[route], headers);
+        let result = {
+            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
+            let state = &mut *state;
+            admit(&config, &state.record, &mut state.usage, &demand, now)
+        };
+        self.gateway.store.touch(&entry);
+        result
+    }
+}
+
+fn ts(text: &str) -> Timestamp {
+    text.parse().expect("time")
+}
+
+/// A case: a name, and one decision at a given time.
+type Case<'a> = (&'static str, Box<dyn Fn(Timestamp) + 'a>);
+
+fn cases(bench: &Bench) -> Vec<Case<'_>> {
+    let none = HeaderMap::new();
+    let mut costs = HeaderMap::new();
+    costs.insert("x-cost", HeaderValue::from_static("3"));
+    costs.insert("x-tokens", HeaderValue::from_static("1500"));
+    let mut bad = HeaderMap::new();
+    bad.insert("x-cost", HeaderValue::from_static("-1"));
+    bad.insert("x-tokens", HeaderValue::from_static("1"));
+
+    let simple = bench.key("simple", |_| {});
+    let rich = bench.key("rich", |_| {});
+    let disabled = bench.key("simple", |r| r.enabled = false);
+    let expired = bench.key("simple", |r| {
+        r.expires_at = Some(ts("2026-01-01T00:00:00Z"))
+    });
+    let orphan = bench.key("simple", |r| r.tier = "gone".into());
+    let tight = bench.key("tight", |_| {});
+    let drained = bench.key("tight", |_| {});
+    let poor = bench.key("poor", |_| {});
+    // The tight key's one request an hour, spent just before the cases run;
+    // the drained key's one pool unit, spent two hours before (so its rate
+    // limit has room again).
+    bench
+        .decide(1, &costs_of(0, 0), &tight, ts(START))
+        .expect("allowed");
+    bench
+        .decide(1, &costs_of(0, 1), &drained, ts("2026-03-10T10:00:00Z"))
+        .expect("allowed");
+    let made_up = {
+        let mut k = keys::generate("sk_bench").secret;
+        k.pop();
+        k.push(if k.ends_with('1') { '2' } else { '1' });
+        k
+    };
+    let unknown = keys::generate("sk_bench").secret;
+    let meter = {
+        let mut h = HeaderMap::new();
+        h.insert("x-usage-tokens", HeaderValue::from_static("250"));
+        h
+    };
+
+    let expect_ok = |r: Result<gate::Admission, Rejection>| {
+        black_box(r.expect("allowed"));
+    };
+    let expect = |code: &'static str| {
+        move |r: Result<gate::Admission, Rejection>| {
+            let e = r.expect_err("refused");
+            assert_eq!(e.code(), code);
+        }
+    };
+    vec![
+        (
+            "allowed: credits + 1 rate limit",
+            Box::new({
+                let (none, simple) = (none.clone(), simple.clone());
+                move |now| expect_ok(bench.decide(0, &none, &simple, now))
+            }),
+        ),
+        (
+            "allowed: header costs + 2 limits + 2 pools + meter",
+            Box::new({
+                let (rich, costs, meter) = (rich.clone(), costs.clone(), meter.clone());
+                move |now| {
+                    let config = bench.gateway.config.load();
+                    expect_ok(bench.decide(1, &costs, &rich, now));
+                    let entry = bench.gateway.authenticate(&rich).expect("known");
+                    let mut state = entry.lock().expect("live");
+                    let units =
+                        gate::parse_amount(meter["x-usage-tokens"].as_bytes()).expect("units");
+                    let tier = config.tier(&state.record.tier);
+                    gate::meter(tier, &mut state.usage, "tokens", units, now);
+                }
+            }),
+        ),
+        (
+            "INVALID_KEY: bad checksum",
+            Box::new({
+                let (made_up, none) = (made_up.clone(), none.clone());
+                move |now| expect("INVALID_KEY")(bench.decide(0, &none, &made_up, now))
+            }),
+        ),
+        (
+            "INVALID_KEY: unknown (store read)",
+            Box::new({
+                let none = none.clone();
+                move |now| expect("INVALID_KEY")(bench.decide(0, &none, &unknown, now))
+            }),
+        ),
+        (
+            "DISABLED",
+            Box::new({
+                let none = none.clone();
+                move |now| expect("DISABLED")(bench.decide(0, &none, &disabled, now))
+            }),
+        ),
+        (
+            "EXPIRED",
+            Box::new({
+                let none = none.clone();
+                move |now| expect("EXPIRED")(bench.decide(0, &none, &expired, now))
+            }),
+        ),
+        (
+            "TIER_NOT_FOUND",
+            Box::new({
+                let none = none.clone();
+                move |now| expect("TIER_NOT_FOUND")(bench.decide(0, &none, &orphan, now))
+            }),
+        ),
+        (
+            "FEATURE_NOT_AVAILABLE",
+            Box::new({
+                let (none, simple) = (none.clone(), simple.clone());
+                move |now| expect("FEATURE_NOT_AVAILABLE")(bench.decide(2, &none, &simple, now))
+            }),
+        ),
+        (
+            "BAD_REQUEST: cost header",
+            Box::new({
+                let simple = simple.clone();
+                move |now| expect("BAD_REQUEST")(bench.decide(1, &bad, &simple, now))
+            }),
+        ),
+        (
+            "RATE_LIMITED",
+            Box::new({
+                let (none, tight) = (none.clone(), tight.clone());
+                move |now| expect("RATE_LIMITED")(bench.decide(0, &none, &tight, now))
+            }),
+        ),
+        (
+            "QUOTA_EXCEEDED",
+            Box::new({
+                let h = costs_of(0, 5);
+                move |now| expect("QUOTA_EXCEEDED")(bench.decide(1, &h, &drained, now))
+            }),
+        ),
+        (
+            "USAGE_EXCEEDED",
+            Box::new(move |now| expect("USAGE_EXCEEDED")(bench.decide(0, &none, &poor, now))),
+        ),
+    ]
+}
+
+fn costs_of(cost: u64, tokens: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-cost", HeaderValue::from(cost));
+    h.insert("x-tokens", HeaderValue::from(tokens));
+    h
+}
+
+/// Times `n` single decisions and returns (median, p99) in nanoseconds.
+fn percentiles(n: usize, f: &dyn Fn(Timestamp)) -> (u128, u128) {
+    let step = SignedDuration::from_micros(50);
+    let mut now = ts(START);
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        now = now.checked_add(step).expect("time");
+        let t = Instant::now();
+        f(now);
+        samples.push(t.elapsed().as_nanos());
+    }
+    samples.sort_unstable();
+    (samples[n / 2], samples[n * 99 / 100])
 }
 
 fn bench(c: &mut Criterion) {
-    let config = Config::parse(CONFIG).expect("bench config").config;
-    let start: Timestamp = "2026-03-10T12:00:00Z".parse().expect("time");
-    let step = SignedDuration::from_micros(50);
-
     let key = keys::generate("sk_bench");
     c.bench_function("key check: checksum + sha256", |b| {
         b.iter(|| {
@@ -61,67 +354,57 @@ fn bench(c: &mut Criterion) {
             KeyHash::of(black_box(&key.secret))
         })
     });
-
-    c.bench_function("path normalise", |b| {
-        b.iter(|| normalise(black_box("/api/v1/users/%61bc/../42/orders?x=1"), false))
+    c.bench_function("path normalise: already canonical", |b| {
+        b.iter(|| normalise(black_box("/api/v1/users/abc/42/orders"), false))
+    });
+    c.bench_function("path normalise: dot segments and escapes", |b| {
+        b.iter(|| normalise(black_box("/api/v1/users/%61bc/../42/orders"), false))
     });
 
-    let data = Demand::for_route(&config.routes[0], &HeaderMap::new());
-    let rec = record("simple", &key.hash);
-    let mut usage = Usage::new(&config.tiers["simple"], None, None, start);
-    let mut now = start;
-    c.bench_function("admit: credits + 1 rate limit", |b| {
+    let bench = Bench::new();
+    let all = cases(&bench);
+    let step = SignedDuration::from_micros(50);
+    for (name, f) in &all {
+        let mut now = ts(START);
+        c.bench_function(&format!("decision, {name}"), |b| {
+            b.iter(|| {
+                now = now.checked_add(step).expect("time");
+                f(now)
+            })
+        });
+    }
+
+    let many: usize = std::env::var("TOLLGATE_BENCH_KEYS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let big = Bench::new();
+    big.many(many);
+    let big_cases = cases(&big);
+    let (_, allowed) = &big_cases[0];
+    let mut now = ts(START);
+    c.bench_function(&format!("decision, allowed, {many} keys in memory"), |b| {
         b.iter(|| {
             now = now.checked_add(step).expect("time");
-            admit(&config, &rec, &mut usage, black_box(&data), now).expect("allowed")
+            allowed(now)
         })
     });
 
-    let mut headers = HeaderMap::new();
-    headers.insert("x-cost", HeaderValue::from_static("3"));
-    headers.insert("x-tokens", HeaderValue::from_static("1500"));
-    let rec = record("rich", &key.hash);
-    let mut usage = Usage::new(&config.tiers["rich"], None, None, start);
-    let mut now = start;
-    c.bench_function("admit: header costs + 2 rate limits + 2 pools", |b| {
-        b.iter(|| {
-            now = now.checked_add(step).expect("time");
-            let demand = Demand::for_route(&config.routes[1], black_box(&headers));
-            admit(&config, &rec, &mut usage, &demand, now).expect("allowed")
-        })
-    });
-
-    // The whole decision a proxied request pays: checksum, hash, cache
-    // lookup in the real store, per-key lock, admit, mark dirty.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let rec = record("simple", &key.hash);
-    rt.block_on(store.create(
-        key.hash,
-        &rec,
-        &Usage::new(&config.tiers["simple"], None, None, start),
-    ))
-    .expect("create");
-    let mut now = start;
-    c.bench_function("decision: key check + store lookup + admit", |b| {
-        b.iter(|| {
-            now = now.checked_add(step).expect("time");
-            assert!(keys::well_formed(&key.secret));
-            let entry = store
-                .lookup(&KeyHash::of(&key.secret))
-                .expect("io")
-                .expect("known");
-            let result = {
-                let mut state = entry.lock().expect("live");
-                let state = &mut *state;
-                admit(&config, &state.record, &mut state.usage, &data, now)
-            };
-            store.touch(&entry);
-            result.expect("allowed")
-        })
-    });
+    println!("\nmedian and p99 of 200,000 individually timed decisions (ns):");
+    for (name, f) in all.iter().chain(std::iter::once(&big_cases[0])) {
+        let label = if std::ptr::eq(f, allowed) {
+            format!("allowed, {many} keys in memory")
+        } else {
+            name.to_string()
+        };
+        let (median, p99) = percentiles(200_000, f.as_ref());
+        println!("  {label:<52} median {median:>6}   p99 {p99:>6}");
+    }
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(2));
+    targets = bench
+}
 criterion_main!(benches);

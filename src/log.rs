@@ -215,20 +215,56 @@ pub fn access(line: &Access<'_>) {
 }
 
 /// The time as `tracing-subscriber` writes it: RFC 3339, microseconds, UTC.
+/// The part up to the second is formatted once a second per thread.
 fn timestamp(out: &mut String) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+    }
     let now = jiff::Timestamp::now();
-    let dt = jiff::tz::TimeZone::UTC.to_datetime(now);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.subsec_nanosecond() / 1000
-    );
+    let (secs, nanos) = (now.as_second(), now.subsec_nanosecond());
+    // A negative sub-second part belongs to the second before.
+    let (secs, micros) = if nanos < 0 {
+        (secs - 1, (1_000_000_000 + nanos) / 1000)
+    } else {
+        (secs, nanos / 1000)
+    };
+    SECOND.with(|cell| {
+        let Ok(mut cached) = cell.try_borrow_mut() else {
+            return;
+        };
+        if cached.0 != secs {
+            let dt = jiff::tz::TimeZone::UTC.to_datetime(now);
+            cached.1.clear();
+            let _ = write!(
+                cached.1,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                dt.year(),
+                dt.month(),
+                dt.day(),
+                dt.hour(),
+                dt.minute(),
+                dt.second()
+            );
+            cached.0 = secs;
+        }
+        out.push_str(&cached.1);
+    });
+    let _ = write!(out, ".{micros:06}Z");
+}
+
+/// `value` as `{:?}` writes it, without Debug's per-character escaping
+/// when nothing needs escaping (names from the config nearly always).
+fn quoted(out: &mut String, value: &str) {
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    } else {
+        let _ = write!(out, "{value:?}");
+    }
 }
 
 /// `tracing-subscriber`'s full text layout for the access event.
@@ -251,11 +287,11 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
         }
     };
     field(out, "route");
-    let _ = write!(out, "{:?}", line.route);
+    quoted(out, line.route);
     field(out, "tier");
-    let _ = write!(out, "{:?}", line.tier);
+    quoted(out, line.tier);
     field(out, "code");
-    let _ = write!(out, "{:?}", line.code);
+    quoted(out, line.code);
     field(out, "status");
     let _ = write!(out, "{}", line.status);
     field(out, "latency_ms");
@@ -266,7 +302,7 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
     }
     if let Some(error) = line.error {
         field(out, "error");
-        let _ = write!(out, "{error:?}");
+        quoted(out, error);
     }
     out.push('\n');
 }
