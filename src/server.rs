@@ -39,6 +39,10 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const KEY_IDLE: Duration = Duration::from_secs(600);
 /// ... checked this often.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
+/// Keys held in memory before written, unused ones are dropped at once:
+/// bounds memory when traffic spreads over millions of keys (about 2 KB
+/// a key).
+const MAX_CACHED_KEYS: usize = 50_000;
 
 /// How long start-up waits for another process to release the store.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -544,7 +548,17 @@ impl BackgroundService for Flusher {
             if let Err(e) = store.flush_due().await {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
             }
-            if last_eviction.elapsed() >= EVICT_EVERY {
+            // Over the cap, every key already written and not in use
+            // leaves memory now (a later request reads it back, ~3 µs);
+            // otherwise keys idle for KEY_IDLE, once a minute.
+            if store.cached() > MAX_CACHED_KEYS {
+                let dropped = store.evict_idle(Duration::ZERO);
+                tracing::debug!(
+                    dropped,
+                    cached = store.cached(),
+                    "keys over the memory cap left memory"
+                );
+            } else if last_eviction.elapsed() >= EVICT_EVERY {
                 last_eviction = tokio::time::Instant::now();
                 let dropped = store.evict_idle(KEY_IDLE);
                 tracing::debug!(dropped, cached = store.cached(), "idle keys left memory");
