@@ -4,8 +4,9 @@
 //! prints a median and p99 per case from individually timed decisions.
 //!
 //! Every case goes the way a proxied request does: the key found through
-//! the gateway (one SHA-256, the in-memory shard), the per-key lock, the
-//! pure `admit`, the key marked dirty. "1M keys" runs the allowed case with
+//! the gateway (one SHA-256, the in-memory shard), then `gate::admit` run
+//! by the store on the key's state (the per-key lock, the key marked for
+//! the write-behind). "1M keys" runs the allowed case with
 //! that many keys in the store and in memory (`TOLLGATE_BENCH_KEYS` sets
 //! the number; seeding them takes a minute).
 
@@ -18,10 +19,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 use jiff::{SignedDuration, Timestamp};
 
+use futures::FutureExt;
 use tollgate::clock::SystemClock;
 use tollgate::config::Config;
 use tollgate::gate::{self, admit, Demand};
-use tollgate::gateway::{Gateway, Generation};
+use tollgate::gateway::{charged, Gateway, Generation};
 use tollgate::keys::{self, KeyHash};
 use tollgate::ledger::{KeyRecord, Usage};
 use tollgate::metrics::Metrics;
@@ -144,9 +146,7 @@ impl Bench {
             }
         }
         for hash in &hashes {
-            self.gateway
-                .store
-                .lookup(hash)
+            ready(self.gateway.store.find(hash))
                 .expect("read")
                 .expect("known");
         }
@@ -161,16 +161,20 @@ impl Bench {
         now: Timestamp,
     ) -> Result<gate::Admission, Rejection> {
         let config = self.gateway.config.load();
-        let entry = self.gateway.authenticate(key)?;
+        let key = ready(self.gateway.authenticate(key))?;
         let demand = Demand::for_route(&config.routes[route], headers);
-        let result = {
-            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
-            let state = &mut *state;
-            admit(&config, &state.record, &mut state.usage, &demand, now)
-        };
-        self.gateway.store.touch(&entry);
-        result
+        let decided = ready(self.gateway.store.charge(&key, |record, usage| {
+            admit(&config, record, usage, &demand, now)
+        }));
+        charged(decided)?
     }
+}
+
+/// The output of a future the embedded store completes at once.
+fn ready<F: std::future::Future>(future: F) -> F::Output {
+    future
+        .now_or_never()
+        .expect("the embedded store answers at once")
 }
 
 fn ts(text: &str) -> Timestamp {
@@ -245,12 +249,14 @@ fn cases(bench: &Bench) -> Vec<Case<'_>> {
                 move |now| {
                     let config = bench.gateway.config.load();
                     expect_ok(bench.decide(1, &costs, &rich, now));
-                    let entry = bench.gateway.authenticate(&rich).expect("known");
-                    let mut state = entry.lock().expect("live");
+                    let key = ready(bench.gateway.authenticate(&rich)).expect("known");
                     let units =
                         gate::parse_amount(meter["x-usage-tokens"].as_bytes()).expect("units");
-                    let tier = config.tier(&state.record.tier);
-                    gate::meter(tier, &mut state.usage, "tokens", units, now);
+                    ready(bench.gateway.store.charge(&key, |record, usage| {
+                        gate::meter(config.tier(&record.tier), usage, "tokens", units, now)
+                    }))
+                    .expect("store")
+                    .expect("live");
                 }
             }),
         ),

@@ -21,11 +21,11 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{Config, Credits};
 use crate::gate::{self, Amounts, Demand, MAX_AMOUNT};
-use crate::gateway::Gateway;
+use crate::gateway::{charged, Gateway};
 use crate::keys;
 use crate::ledger::{CreditPolicy, KeyRecord, Usage};
 use crate::reject::Rejection;
-use crate::store::{Entry, KeyState, StoreError};
+use crate::store::{Key, StoreError};
 use crate::views;
 
 /// Largest admin request body.
@@ -241,19 +241,12 @@ async fn get_key(
     Authorized(gw): Authorized,
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let entry = gw
-        .store
-        .lookup_id(&key_id)?
-        .ok_or_else(ApiError::not_found)?;
+    let key = find(&gw, &key_id).await?;
     let config = gw.config();
-    let now = gw.clock.now();
-    let view = {
-        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
-        let state = &mut *state;
-        views::key_record(&config, &state.record, &mut state.usage, now)
-    };
-    gw.store.touch(&entry);
-    Ok(Json(view))
+    record_view(&gw, &config, &key)
+        .await?
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
 async fn revoke_key(
@@ -268,13 +261,23 @@ async fn revoke_key(
     }
 }
 
-/// The record of a key whose state the caller holds locked, settled first.
-fn record_view(gw: &Gateway, config: &Config, state: &mut KeyState) -> Value {
-    views::key_record(config, &state.record, &mut state.usage, gw.clock.now())
+/// A key's record as the API shows it, its usage settled first; `None` if
+/// the key was revoked meanwhile.
+async fn record_view(gw: &Gateway, config: &Config, key: &Key) -> Result<Option<Value>, ApiError> {
+    let now = gw.clock.now();
+    Ok(gw
+        .store
+        .charge(key, |record, usage| {
+            views::key_record(config, record, usage, now)
+        })
+        .await?)
 }
 
-fn entry(gw: &Gateway, key_id: &str) -> Result<Arc<Entry>, ApiError> {
-    gw.store.lookup_id(key_id)?.ok_or_else(ApiError::not_found)
+async fn find(gw: &Gateway, key_id: &str) -> Result<Key, ApiError> {
+    gw.store
+        .find_id(key_id)
+        .await?
+        .ok_or_else(ApiError::not_found)
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,24 +307,24 @@ async fn list_keys(
         }
     };
     // One more than asked tells whether another page exists.
-    let mut ids = gw.store.list_ids(
-        query.external_id.as_deref(),
-        query.cursor.as_deref(),
-        limit + 1,
-    )?;
+    let mut ids = gw
+        .store
+        .list_ids(
+            query.external_id.as_deref(),
+            query.cursor.as_deref(),
+            limit + 1,
+        )
+        .await?;
     let more = ids.len() > limit;
     ids.truncate(limit);
     let config = gw.config();
     let mut keys = Vec::with_capacity(ids.len());
     for id in &ids {
         // A key revoked between the scan and here is simply left out.
-        let Some(entry) = gw.store.lookup_id(id)? else {
+        let Some(key) = gw.store.find_id(id).await? else {
             continue;
         };
-        let view = entry
-            .lock()
-            .map(|mut state| record_view(&gw, &config, &mut state));
-        keys.extend(view);
+        keys.extend(record_view(&gw, &config, &key).await?);
     }
     let cursor = if more { ids.last().cloned() } else { None };
     Ok(Json(json!({ "keys": keys, "cursor": cursor })))
@@ -370,30 +373,28 @@ async fn update_key(
     };
     let policy = req.credit_policy.unwrap_or_default();
     let from = std::sync::OnceLock::new();
-    let answer = write_key(&gw, &key_id, |config, state| {
+    let answer = write_key(&gw, &key_id, |config, record, usage| {
         let now = gw.clock.now();
         if let Some(new) = new_tier {
-            let old = config.tier(&state.record.tier);
+            let old = config.tier(&record.tier);
             if let Some(old) = old {
-                state.usage.settle(old, state.record.refill_day, now);
+                usage.settle(old, record.refill_day, now);
             }
-            state
-                .usage
-                .change_plan(old, new, policy, state.record.refill_day, now);
-            let _ = from.set(state.record.tier.clone());
-            state.record.tier = new.id.clone();
+            usage.change_plan(old, new, policy, record.refill_day, now);
+            let _ = from.set(record.tier.clone());
+            record.tier = new.id.clone();
         }
         if let Some(name) = &req.name {
-            state.record.name = name.clone();
+            record.name = name.clone();
         }
         if let Some(meta) = &req.meta {
-            state.record.meta = meta.clone();
+            record.meta = meta.clone();
         }
         if let Some(enabled) = req.enabled {
-            state.record.enabled = enabled;
+            record.enabled = enabled;
         }
         if let Some(expires_at) = req.expires_at {
-            state.record.expires_at = expires_at;
+            record.expires_at = expires_at;
         }
         Ok(())
     })
@@ -405,23 +406,22 @@ async fn update_key(
 }
 
 /// Changes a key durably (see [`crate::store::Store::update`]: `change`
-/// may run twice, on a copy and then on the live state) and answers its
-/// record once the change is on disk.
+/// may run more than once) and answers its record once the change is on
+/// disk.
 async fn write_key(
     gw: &Gateway,
     key_id: &str,
-    change: impl Fn(&Config, &mut KeyState) -> Result<(), ApiError>,
+    change: impl Fn(&Config, &mut KeyRecord, &mut Usage) -> Result<(), ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let config = gw.config();
-    let entry = entry(gw, key_id)?;
+    let key = find(gw, key_id).await?;
     gw.store
-        .update(&entry, |state| change(&config, state))
+        .update(&key, |record, usage| change(&config, record, usage))
         .await?;
-    let view = {
-        let mut state = entry.lock().ok_or_else(ApiError::not_found)?;
-        record_view(gw, &config, &mut state)
-    };
-    Ok(Json(view))
+    record_view(gw, &config, &key)
+        .await?
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
 #[derive(Debug, Deserialize)]
@@ -448,18 +448,16 @@ async fn change_credits(
             "amount: must be an integer from 0 to {MAX_AMOUNT} (2^63-1)"
         )));
     }
-    let answer = write_key(&gw, &key_id, |config, state| {
+    let answer = write_key(&gw, &key_id, |config, record, usage| {
         let tier = config
-            .tier(&state.record.tier)
+            .tier(&record.tier)
             .filter(|t| t.credits != Credits::Unlimited)
             .ok_or_else(|| {
                 ApiError::invalid("amount: this key's plan has unlimited (or no) credits")
             })?;
-        state
-            .usage
-            .settle(tier, state.record.refill_day, gw.clock.now());
-        let remaining = state.usage.remaining.unwrap_or(0);
-        state.usage.remaining = Some(match req.op {
+        usage.settle(tier, record.refill_day, gw.clock.now());
+        let remaining = usage.remaining.unwrap_or(0);
+        usage.remaining = Some(match req.op {
             CreditOp::Add => remaining
                 .checked_add(req.amount)
                 .filter(|n| *n <= MAX_AMOUNT)
@@ -521,30 +519,22 @@ async fn verify(
         feature: req.feature,
         amounts: Ok(Amounts { cost, pools }),
     };
-    let outcome = (|| {
-        let entry = gw.authenticate(&req.key)?;
+    let outcome = async {
+        let key = gw.authenticate(&req.key).await?;
         if !gw.store.healthy() {
             return Err(Rejection::StoreUnavailable);
         }
-        let result = {
-            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
-            let state = &mut *state;
-            let ids = (
-                state.record.key_id.clone(),
-                state.record.external_id.clone(),
-            );
-            gate::admit(
-                &config,
-                &state.record,
-                &mut state.usage,
-                &demand,
-                gw.clock.now(),
-            )
-            .map(|admission| (admission, ids))
-        };
-        gw.store.touch(&entry);
-        result
-    })();
+        let now = gw.clock.now();
+        let decided = gw
+            .store
+            .charge(&key, |record, usage| {
+                let ids = (record.key_id.clone(), record.external_id.clone());
+                gate::admit(&config, record, usage, &demand, now).map(|admission| (admission, ids))
+            })
+            .await;
+        charged(decided)?
+    }
+    .await;
     if let Ok((admission, _)) = &outcome {
         gw.metrics.record_charge(&config, admission);
     }
@@ -580,14 +570,15 @@ const MAX_PARKED: usize = 1000;
 
 /// What each sink's outbox holds: pending count, oldest pending age, and
 /// the parked events with why.
-fn outbox_view(gw: &Gateway) -> Result<Value, ApiError> {
+async fn outbox_view(gw: &Gateway) -> Result<Value, ApiError> {
     let now = gw.clock.now().as_millisecond();
     let mut sinks = Map::new();
     for sink in [crate::report::WEBHOOK, crate::report::STRIPE] {
-        let stats = gw.store.outbox_stats(sink)?;
+        let stats = gw.store.outbox_stats(sink).await?;
         let parked: Vec<Value> = gw
             .store
-            .outbox_parked(sink, MAX_PARKED)?
+            .outbox_parked(sink, MAX_PARKED)
+            .await?
             .into_iter()
             .map(|(id, reason, event)| {
                 let event = serde_json::from_str(&event).unwrap_or(Value::Null);
@@ -606,7 +597,7 @@ fn outbox_view(gw: &Gateway) -> Result<Value, ApiError> {
 }
 
 async fn outbox(Authorized(gw): Authorized) -> Result<Json<Value>, ApiError> {
-    outbox_view(&gw).map(Json)
+    outbox_view(&gw).await.map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -633,7 +624,7 @@ async fn retry_outbox(
     };
     gw.store.outbox_unpark(ids).await?;
     tracing::info!("parked events put back in the outbox");
-    outbox_view(&gw).map(Json)
+    outbox_view(&gw).await.map(Json)
 }
 
 async fn healthz() -> Json<Value> {

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::keys::{self, KeyHash};
 use crate::metrics::{Handles, Metrics};
 use crate::reject::Rejection;
-use crate::store::{Entry, Store};
+use crate::store::{Key, Store, StoreError};
 use crate::upstream::Peers;
 
 /// One generation of the configuration, with what serving it needs that
@@ -146,23 +146,36 @@ pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection
     }
 }
 
+/// What a store call's outcome means for a request: a revoked key is an
+/// invalid one, and a store that cannot answer fails closed.
+pub fn charged<T>(outcome: Result<Option<T>, StoreError>) -> Result<T, Rejection> {
+    match outcome {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err(Rejection::InvalidKey),
+        Err(e) => {
+            tracing::error!(error = %e, "the store could not record a charge");
+            Err(Rejection::StoreUnavailable)
+        }
+    }
+}
+
 impl Gateway {
     /// Finds the key a request presents, hashing it once. A key already in
     /// memory is known, so its checksum held when it was created; any other
     /// key must pass the checksum before the store is read, so a mistyped or
     /// made-up key never reaches the disk.
-    pub fn authenticate(&self, key: &str) -> Result<Arc<Entry>, Rejection> {
+    pub async fn authenticate(&self, key: &str) -> Result<Key, Rejection> {
         if !keys::well_shaped(key) {
             return Err(Rejection::InvalidKey);
         }
         let hash = KeyHash::of(key);
-        if let Some(entry) = self.store.in_memory(&hash) {
-            return Ok(entry);
+        if let Some(found) = self.store.in_memory(&hash) {
+            return Ok(found);
         }
         if !keys::checksum_holds(key) {
             return Err(Rejection::InvalidKey);
         }
-        match self.store.lookup(&hash) {
+        match self.store.find(&hash).await {
             Ok(Some(entry)) => Ok(entry),
             Ok(None) => Err(Rejection::InvalidKey),
             Err(e) => {

@@ -27,11 +27,11 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Config, Route};
 use crate::gate::{self, Admission, Demand};
-use crate::gateway::{presented_key, Gateway, Generation, InFlightGuard, KeySource};
+use crate::gateway::{charged, presented_key, Gateway, Generation, InFlightGuard, KeySource};
 use crate::metrics::NONE;
 use crate::path::{normalise, PathError};
 use crate::reject::Rejection;
-use crate::store::Entry;
+use crate::store::Key;
 use crate::views;
 
 // Header names, spelt once.
@@ -68,7 +68,7 @@ pub struct Ctx {
     /// the client sent: what is forwarded instead.
     target: Option<String>,
     key_source: Option<KeySource>,
-    entry: Option<Arc<Entry>>,
+    key: Option<Key>,
     key_id: Option<String>,
     external_id: Option<String>,
     /// The index of the key's tier in the config, once known and if the
@@ -145,27 +145,7 @@ impl Proxy {
 
     /// The customer usage endpoint: answered here, never charged or forwarded.
     async fn usage(&self, session: &mut Session, ctx: &mut Ctx, config: &Config) -> Result<bool> {
-        let report = (|| {
-            let (key, _) = presented_key(&session.req_header().headers)?;
-            let entry = self.gateway.authenticate(key)?;
-            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
-            let now = self.gateway.clock.now();
-            let state = &mut *state;
-            if !state.record.enabled {
-                return Err(Rejection::Disabled);
-            }
-            if let Some(expired_at) = state.record.expires_at.filter(|at| *at <= now) {
-                return Err(Rejection::Expired { expired_at });
-            }
-            let tier = config
-                .tier(&state.record.tier)
-                .ok_or_else(|| Rejection::TierNotFound {
-                    tier: state.record.tier.clone(),
-                })?;
-            let report = views::usage_report(tier, &state.record, &mut state.usage, now);
-            Ok(report)
-        })();
-        match report {
+        match self.usage_report(session, config).await {
             Ok(report) => {
                 ctx.code = "OK";
                 respond_json(session, 200, &report, &[]).await?;
@@ -175,8 +155,37 @@ impl Proxy {
         }
     }
 
+    async fn usage_report(
+        &self,
+        session: &Session,
+        config: &Config,
+    ) -> Result<serde_json::Value, Rejection> {
+        let (key, _) = presented_key(&session.req_header().headers)?;
+        let key = self.gateway.authenticate(key).await?;
+        let now = self.gateway.clock.now();
+        let report = self
+            .gateway
+            .store
+            .charge(&key, |record, usage| {
+                if !record.enabled {
+                    return Err(Rejection::Disabled);
+                }
+                if let Some(expired_at) = record.expires_at.filter(|at| *at <= now) {
+                    return Err(Rejection::Expired { expired_at });
+                }
+                let tier = config
+                    .tier(&record.tier)
+                    .ok_or_else(|| Rejection::TierNotFound {
+                        tier: record.tier.clone(),
+                    })?;
+                Ok(views::usage_report(tier, record, usage, now))
+            })
+            .await;
+        charged(report)?
+    }
+
     /// Authenticates and charges a keyed request.
-    fn admit(
+    async fn admit(
         &self,
         session: &Session,
         ctx: &mut Ctx,
@@ -187,7 +196,7 @@ impl Proxy {
         let (key, source) = presented_key(headers)?;
         ctx.key_source = Some(source);
         let decided = Instant::now();
-        let result = self.decide(ctx, config, route, headers, key);
+        let result = self.decide(ctx, config, route, headers, key).await;
         self.gateway
             .metrics
             .verify_duration
@@ -196,7 +205,7 @@ impl Proxy {
     }
 
     /// The key decision: look the key up, then check and charge.
-    fn decide(
+    async fn decide(
         &self,
         ctx: &mut Ctx,
         config: &Config,
@@ -204,41 +213,64 @@ impl Proxy {
         headers: &http::HeaderMap,
         key: &str,
     ) -> Result<Admission, Rejection> {
-        let entry = self.gateway.authenticate(key)?;
+        let key = self.gateway.authenticate(key).await?;
         if !self.gateway.store.healthy() {
             return Err(Rejection::StoreUnavailable);
         }
         let demand = Demand::for_route(route, headers);
         let now = self.gateway.clock.now();
-        let result = {
-            let mut state = entry.lock().ok_or(Rejection::InvalidKey)?;
-            let state = &mut *state;
-            ctx.key_id = Some(state.record.key_id.clone());
-            ctx.external_id = state.record.external_id.clone();
-            ctx.tier = config.tiers.get_index_of(&state.record.tier);
-            gate::admit(config, &state.record, &mut state.usage, &demand, now)
-        };
-        // Even a rejection may have settled a refill worth keeping.
-        self.gateway.store.touch(&entry);
-        ctx.entry = Some(entry);
+        // Even a rejection may have settled a refill worth keeping: the
+        // store keeps what `admit` changed either way.
+        let decided = self
+            .gateway
+            .store
+            .charge(&key, |record, usage| {
+                let who = (
+                    record.key_id.clone(),
+                    record.external_id.clone(),
+                    config.tiers.get_index_of(&record.tier),
+                );
+                (who, gate::admit(config, record, usage, &demand, now))
+            })
+            .await;
+        let ((key_id, external_id, tier), result) = charged(decided)?;
+        ctx.key_id = Some(key_id);
+        ctx.external_id = external_id;
+        ctx.tier = tier;
+        ctx.key = Some(key);
         result
     }
 
     /// Gives the request's charge back (the upstream failed).
-    fn refund(&self, ctx: &mut Ctx) {
-        let (Some(entry), Some(admission)) = (&ctx.entry, &mut ctx.admission) else {
+    async fn refund(&self, ctx: &mut Ctx) {
+        let (Some(key), Some(admission), Some(config)) =
+            (&ctx.key, &mut ctx.admission, &ctx.config)
+        else {
             return;
         };
-        let Some(config) = &ctx.config else { return };
-        if let Some(mut state) = entry.lock() {
-            let tier = config.tier_at(admission.tier);
-            gate::refund(tier, &mut state.usage, &admission.charge);
-            if admission.remaining.is_some() {
-                admission.remaining = state.usage.remaining;
+        let tier = config.tier_at(admission.tier);
+        let charge = std::mem::take(&mut admission.charge);
+        let refunded = self
+            .gateway
+            .store
+            .charge(key, |_, usage| {
+                gate::refund(tier, usage, &charge);
+                usage.remaining
+            })
+            .await;
+        match refunded {
+            Ok(Some(remaining)) => {
+                if admission.remaining.is_some() {
+                    admission.remaining = remaining;
+                }
             }
-            admission.charge = gate::Charge::default();
+            // Revoked meanwhile: nothing left to give back to.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "a refund could not be recorded");
+                admission.charge = charge;
+            }
         }
-        self.gateway.store.touch(entry);
     }
 }
 
@@ -260,7 +292,7 @@ impl ProxyHttp for Proxy {
             route: None,
             target: None,
             key_source: None,
-            entry: None,
+            key: None,
             key_id: None,
             external_id: None,
             tier: None,
@@ -304,7 +336,7 @@ impl ProxyHttp for Proxy {
         if !route.auth {
             return Ok(false);
         }
-        match self.admit(session, ctx, &config, route) {
+        match self.admit(session, ctx, &config, route).await {
             Ok(admission) => {
                 ctx.admission = Some(admission);
                 Ok(false)
@@ -406,39 +438,55 @@ impl ProxyHttp for Proxy {
         };
         let route = &config.routes[index];
         if route.refund_on_5xx && upstream_response.status.is_server_error() {
-            self.refund(ctx);
+            self.refund(ctx).await;
         }
         if route.meter.is_empty() {
             return Ok(());
         }
-        let Some(entry) = &ctx.entry else {
+        let Some(key) = &ctx.key else {
             return Ok(());
         };
-        let now = self.gateway.clock.now();
-        if let Some(mut state) = entry.lock() {
-            let tier = config.tier(&state.record.tier);
-            for (pool, header) in &route.meter {
-                let units = upstream_response
-                    .headers
-                    .get(header)
-                    .and_then(|v| gate::parse_amount(v.as_bytes()));
-                match units {
-                    Some(units) => {
-                        gate::meter(tier, &mut state.usage, pool, units, now);
-                        self.gateway
-                            .metrics
-                            .pool_charged
-                            .with_label_values(&[pool])
-                            .inc_by(units);
-                    }
-                    None if upstream_response.headers.contains_key(header) => {
-                        tracing::warn!(route = %route.name, %pool, header = %header, "upstream sent a meter header that is not an amount; not charged");
-                    }
-                    None => {}
+        let mut metered = Vec::with_capacity(route.meter.len());
+        for (pool, header) in &route.meter {
+            let units = upstream_response
+                .headers
+                .get(header)
+                .and_then(|v| gate::parse_amount(v.as_bytes()));
+            match units {
+                Some(units) => metered.push((pool.as_str(), units)),
+                None if upstream_response.headers.contains_key(header) => {
+                    tracing::warn!(route = %route.name, %pool, header = %header, "upstream sent a meter header that is not an amount; not charged");
                 }
+                None => {}
             }
         }
-        self.gateway.store.touch(entry);
+        if metered.is_empty() {
+            return Ok(());
+        }
+        let now = self.gateway.clock.now();
+        let charged = self
+            .gateway
+            .store
+            .charge(key, |record, usage| {
+                let tier = config.tier(&record.tier);
+                for (pool, units) in &metered {
+                    gate::meter(tier, usage, pool, *units, now);
+                }
+            })
+            .await;
+        match charged {
+            Ok(Some(())) => {
+                for (pool, units) in &metered {
+                    self.gateway
+                        .metrics
+                        .pool_charged
+                        .with_label_values(&[pool])
+                        .inc_by(*units);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "metered units could not be recorded"),
+        }
         Ok(())
     }
 
@@ -496,7 +544,7 @@ impl ProxyHttp for Proxy {
             }
         }
         let code = if from_upstream && !answered {
-            self.refund(ctx);
+            self.refund(ctx).await;
             let rejection = Rejection::UpstreamUnavailable;
             ctx.code = rejection.code();
             if let Err(write_error) =

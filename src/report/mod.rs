@@ -147,7 +147,7 @@ impl Reporter {
                     .await;
             }
         }
-        self.update_gauges();
+        self.update_gauges().await;
     }
 
     /// One last round at shutdown, after the final flush, bounded by
@@ -217,7 +217,7 @@ impl Reporter {
     ) {
         let store = &self.gateway.store;
         let metrics = &self.gateway.metrics;
-        let calls = match store.outbox_next(STRIPE, BATCH) {
+        let calls = match store.outbox_next(STRIPE, BATCH).await {
             Ok(calls) => calls,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the outbox");
@@ -263,12 +263,12 @@ impl Reporter {
         }
     }
 
-    fn update_gauges(&self) {
+    async fn update_gauges(&self) {
         let m = &self.gateway.metrics;
         let mut pending = 0u64;
         let mut oldest: Option<i64> = None;
         for sink in [WEBHOOK, STRIPE] {
-            if let Ok(stats) = self.gateway.store.outbox_stats(sink) {
+            if let Ok(stats) = self.gateway.store.outbox_stats(sink).await {
                 pending += stats.pending;
                 oldest = match (oldest, stats.oldest_ms) {
                     (Some(a), Some(b)) => Some(a.min(b)),

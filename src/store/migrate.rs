@@ -13,8 +13,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
+use super::local::{lock_dir, Local};
 use super::sqlite::{self, Row};
-use super::{lock_dir, Store};
 use crate::keys::KeyHash;
 use crate::ledger::KeyRecord;
 
@@ -53,9 +53,9 @@ pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
             std::fs::remove_dir_all(&staging)
                 .with_context(|| format!("cannot clear {}", staging.display()))?;
         }
-        Store::open(&staging)?
+        Local::open(&staging)?
     } else {
-        Store::open_locked(to, lock.try_clone()?)?
+        Local::open_locked(to, lock.try_clone()?)?
     };
 
     let mut copied = 0;
@@ -72,14 +72,14 @@ pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
         let usage_text = match usage.get(&id)? {
             Some(bytes) => String::from_utf8(bytes.to_vec())
                 .with_context(|| format!("key {key_id}: the usage is not UTF-8"))?,
-            None => super::to_json(&crate::ledger::Usage::default()),
+            None => super::local::to_json(&crate::ledger::Usage::default()),
         };
         let row = Row {
             key_id,
             record: record_text,
             usage: usage_text,
             seq: 0,
-            billing: super::to_json(&crate::ledger::Billing::default()),
+            billing: super::local::to_json(&crate::ledger::Billing::default()),
         };
         batch.push((row, hash, record.external_id));
         copied += 1;

@@ -1,66 +1,39 @@
-//! The embedded store: key records and usage in SQLite, with usage held in
-//! memory and written behind.
+//! The store: keys, their records and usage, and the billing outbox, behind
+//! one interface whatever backend runs.
 //!
 //! # Parts
 //!
-//! - this file: the in-memory state of each key ([`Entry`]), the cache of
-//!   them, the write-behind queue and the store's health;
-//! - [`sqlite`]: the database and the one thread that writes it;
+//! - this file: the interface ([`Store`], a [`Key`] handle), the errors;
+//! - [`local`]: the embedded backend: usage in memory, written behind to
+//!   SQLite ([`sqlite`]) by one writer thread;
 //! - [`migrate`]: copying a store of an earlier tollgate (sled) into this one.
 //!
-//! # Counters
+//! # The interface
 //!
-//! Only this process opens the store (it holds an exclusive lock on the
-//! `lock` file in the store directory), so the in-memory [`Entry`] of a key
-//! is the authority for its usage. A request locks the entry, lets the gate
-//! decide and charge, and marks it dirty; no disk write is on the request
-//! path. A [`Store::flush_due`] pass (the flusher, every 200 ms) writes the
-//! dirty usage of keys not written in the last [`REWRITE_AFTER_MS`] and
-//! commits, and [`Store::flush_dirty`] (at shutdown) writes all of it, so a
-//! `kill -9` loses at most the charges of that pacing, one pass interval
-//! and one commit: well under the second SPEC §7 allows.
-//!
-//! # Admin writes
-//!
-//! [`Store::update`] runs the change on a copy of the key's state, commits
-//! the copy, and only then applies the change to the live state: a write
-//! that fails changes nothing, in memory or on disk. No lock is held while
-//! the disk works. While a key's admin write is being committed, the
-//! write-behind skips that key, so an older snapshot cannot land after it.
-//!
-//! # Health
-//!
-//! A failed write, or less than [`MIN_FREE`] bytes free on the store's
-//! filesystem, makes the store unhealthy: charges fail closed with 503
-//! until a write-behind pass succeeds with room on the disk again. Usage
-//! charged before the failure stays queued and is written then.
+//! Callers never hold a key's state. They find a [`Key`] and hand the store
+//! a closure: [`Store::charge`] for what requests do (decide and charge,
+//! refund, meter, settle a view), [`Store::update`] for admin writes. The
+//! closure gets the key's record and usage and must be a pure function of
+//! them: a backend may run it more than once (a shared store re-runs it
+//! when another node changed the key meanwhile). Side effects (metrics,
+//! logs) belong after the call, on what it returned.
 
+pub mod local;
 pub mod migrate;
 pub mod sqlite;
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::keys::KeyHash;
 use crate::ledger::{Billing, KeyRecord, Usage};
-use sqlite::{Disk, Outgoing, UsageRow, Write};
+
+pub use local::{lock_dir, MIN_FREE, REWRITE_AFTER_MS};
 
 /// Turns a key's unreported units and detected events into outbox rows,
 /// raising the reported marks of `billing` (a copy of the key's) to match.
-pub type MakeEvents<'a> = &'a (dyn Fn(&KeyRecord, &Usage, &mut Billing) -> Vec<Outgoing> + Sync);
-
-/// A key's usage is written again by the periodic pass at most this often
-/// (see [`Store::flush_due`]).
-pub const REWRITE_AFTER_MS: u64 = 400;
-
-/// Below this much free space on the store's filesystem, charges fail
-/// closed before writes start failing, leaving room for the queued usage.
-pub const MIN_FREE: u64 = 1024 * 1024;
+pub type MakeEvents<'a> =
+    &'a (dyn Fn(&KeyRecord, &Usage, &mut Billing) -> Vec<sqlite::Outgoing> + Sync);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -97,349 +70,139 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
-/// One key's state, shared by every request on that key.
-/// What a write-behind pass took from memory.
-#[derive(Default)]
-struct Snapshot {
-    rows: Vec<UsageRow>,
-    events: Vec<Outgoing>,
-    /// Every key taken, to queue again if the write fails.
-    taken: Vec<Arc<Entry>>,
-    /// Per reported key: the marks its events reached and how many
-    /// detected events they took, to apply once they are on disk.
-    reported: Vec<(Arc<Entry>, std::collections::BTreeMap<String, u64>, usize)>,
+/// Which backend runs.
+enum Backend {
+    Local(local::Local),
 }
+
+/// The store a gateway runs on.
+pub struct Store {
+    backend: Backend,
+}
+
+/// A key found in the store, to hand back to its calls.
+#[derive(Clone)]
+pub struct Key(KeyRef);
 
 #[derive(Clone)]
-pub struct KeyState {
-    pub record: KeyRecord,
-    pub usage: Usage,
-    revoked: bool,
-    /// An admin write of this key is being committed.
-    admin_pending: bool,
-}
-
-pub struct Entry {
-    state: Mutex<KeyState>,
-    dirty: AtomicBool,
-    /// Charged since the last reporting pass took it.
-    unreported: AtomicBool,
-    /// When a lookup last found it, in seconds since the store opened.
-    last_used: AtomicU64,
-    /// When a pass last took its usage to write, in milliseconds since the
-    /// store opened.
-    written_ms: AtomicU64,
-    /// One admin write of this key at a time, held across its commit.
-    admin: tokio::sync::Mutex<()>,
-}
-
-impl Entry {
-    fn new(record: KeyRecord, usage: Usage, now: u64) -> Entry {
-        Entry {
-            state: Mutex::new(KeyState {
-                record,
-                usage,
-                revoked: false,
-                admin_pending: false,
-            }),
-            dirty: AtomicBool::new(false),
-            unreported: AtomicBool::new(false),
-            last_used: AtomicU64::new(now),
-            written_ms: AtomicU64::new(0),
-            admin: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    /// Locks the key. Returns `None` if it was revoked meanwhile.
-    pub fn lock(&self) -> Option<MutexGuard<'_, KeyState>> {
-        let guard = self.state.lock();
-        (!guard.revoked).then_some(guard)
-    }
-}
-
-/// How many shards the key cache has.
-const SHARDS: usize = 32;
-
-/// The keys in memory, in shards by hash, so that requests on different
-/// keys rarely wait for the same lock.
-struct Cache {
-    shards: Vec<RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>>>,
-}
-
-impl Cache {
-    fn new() -> Cache {
-        Cache {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-        }
-    }
-
-    fn shard(&self, hash: &KeyHash) -> &RwLock<HashMap<KeyHash, Arc<Entry>, ahash::RandomState>> {
-        // The hash is SHA-256: any byte of it is evenly spread.
-        &self.shards[usize::from(hash.0[0]) % SHARDS]
-    }
-}
-
-pub struct Store {
-    disk: Disk,
-    dir: PathBuf,
-    cache: Cache,
-    dirty: Mutex<Vec<Arc<Entry>>>,
-    /// Keys charged since the last reporting pass.
-    unreported: Mutex<Vec<Arc<Entry>>>,
-    /// False after a failed write, or while the disk is (nearly) full:
-    /// charges fail closed.
-    healthy: Arc<AtomicBool>,
-    /// Keys in the store.
-    keys: AtomicUsize,
-    /// Orders the states written of each key (see [`sqlite`]).
-    seq: AtomicU64,
-    /// Counts revocations, so a lookup can tell one raced its read.
-    revocations: AtomicU64,
-    /// The epoch of `Entry::last_used`.
-    opened: std::time::Instant,
-    /// One write-behind pass at a time, so a pass that started before a
-    /// failure cannot finish after it and mark the store healthy.
-    flush_pass: tokio::sync::Mutex<()>,
-    /// Held for the store's life: the exclusive lock on the directory.
-    _lock: File,
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // Serialising plain data structs to JSON cannot fail.
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        key_id: key_id.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// Takes the exclusive lock of a store directory (creating both if absent).
-/// The lock ends with the returned file, or the process.
-pub fn lock_dir(path: &Path) -> Result<File, StoreError> {
-    std::fs::create_dir_all(path)?;
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path.join("lock"))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(path.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
-    }
+enum KeyRef {
+    Local(Arc<local::Entry>),
 }
 
 impl Store {
-    /// Opens the store, waiting up to `max_wait` while another process (or
-    /// a just-dropped store) holds its lock.
-    pub fn open_waiting(path: &Path, max_wait: std::time::Duration) -> Result<Store, StoreError> {
-        let deadline = std::time::Instant::now() + max_wait;
-        loop {
-            match Store::open(path) {
-                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Opens (creating if absent) the store directory.
+    /// Opens (creating if absent) the embedded store in `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let lock = lock_dir(path)?;
-        if migrate::holds_sled(path) && !path.join(sqlite::FILE).exists() {
-            return Err(StoreError::NeedsMigration(path.to_path_buf()));
-        }
-        Store::open_locked(path, lock)
+        local::Local::open(path).map(Store::local)
     }
 
-    fn open_locked(path: &Path, lock: File) -> Result<Store, StoreError> {
-        let healthy = Arc::new(AtomicBool::new(true));
-        let (disk, max_seq, keys) = Disk::open(path, healthy.clone())?;
-        Ok(Store {
-            disk,
-            dir: path.to_path_buf(),
-            cache: Cache::new(),
-            dirty: Mutex::new(Vec::new()),
-            unreported: Mutex::new(Vec::new()),
-            healthy,
-            keys: AtomicUsize::new(keys),
-            seq: AtomicU64::new(max_seq + 1),
-            revocations: AtomicU64::new(0),
-            opened: std::time::Instant::now(),
-            flush_pass: tokio::sync::Mutex::new(()),
-            _lock: lock,
-        })
+    /// [`Store::open`], waiting up to `max_wait` while another process (or a
+    /// just-dropped store) holds the embedded store's lock.
+    pub fn open_waiting(path: &Path, max_wait: std::time::Duration) -> Result<Store, StoreError> {
+        local::Local::open_waiting(path, max_wait).map(Store::local)
+    }
+
+    fn local(local: local::Local) -> Store {
+        Store {
+            backend: Backend::Local(local),
+        }
     }
 
     /// Whether charges can be recorded.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        match &self.backend {
+            Backend::Local(s) => s.healthy(),
+        }
     }
 
     /// Makes every write fail (or succeed again): for tests of the
     /// fail-closed path.
     #[doc(hidden)]
     pub fn inject_flush_failure(&self, fail: bool) {
-        self.disk.inject_failure(fail);
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The key with this hash, loaded into memory on first use.
-    pub fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
-        if let Some(entry) = self.cache.shard(hash).read().get(hash) {
-            entry.last_used.store(self.now_secs(), Ordering::Relaxed);
-            return Ok(Some(entry.clone()));
-        }
-        loop {
-            let revocations = self.revocations.load(Ordering::Acquire);
-            // Unknown keys never take the write lock.
-            let Some(row) = self.disk.by_hash(&hash.0)? else {
-                return Ok(None);
-            };
-            let record: KeyRecord = from_json(&row.key_id, &row.record)?;
-            let mut usage: Usage = from_json(&row.key_id, &row.usage)?;
-            usage.billing = from_json(&row.key_id, &row.billing)?;
-            let mut cache = self.cache.shard(hash).write();
-            if let Some(entry) = cache.get(hash) {
-                return Ok(Some(entry.clone()));
-            }
-            // A revocation that committed after the read may have been of
-            // this key: read again rather than bring it back.
-            if self.revocations.load(Ordering::Acquire) != revocations {
-                continue;
-            }
-            let entry = Arc::new(Entry::new(record, usage, self.now_secs()));
-            cache.insert(*hash, entry.clone());
-            return Ok(Some(entry));
+        match &self.backend {
+            Backend::Local(s) => s.inject_flush_failure(fail),
         }
     }
 
-    /// The key with this id, loaded into memory on first use.
-    pub fn lookup_id(&self, key_id: &str) -> Result<Option<Arc<Entry>>, StoreError> {
-        let Some(hash) = self.disk.hash_of(key_id)? else {
-            return Ok(None);
-        };
-        let hash: [u8; 32] = hash.try_into().map_err(|_| StoreError::Corrupt {
-            key_id: key_id.to_string(),
-            reason: "bad hash".into(),
-        })?;
-        self.lookup(&KeyHash(hash))
-    }
-
-    /// Marks a key's usage as changed, for the next write-behind pass.
-    pub fn touch(&self, entry: &Arc<Entry>) {
-        if !entry.dirty.swap(true, Ordering::AcqRel) {
-            self.dirty.lock().push(entry.clone());
-        }
-        if !entry.unreported.swap(true, Ordering::AcqRel) {
-            self.unreported.lock().push(entry.clone());
+    /// The key with this hash if this process holds it already; never
+    /// reads the backend. A key held is a real key.
+    pub fn in_memory(&self, hash: &KeyHash) -> Option<Key> {
+        match &self.backend {
+            Backend::Local(s) => s.in_memory(hash).map(|e| Key(KeyRef::Local(e))),
         }
     }
 
-    /// Stores a new key. Durable on disk when this returns.
+    /// The key with this hash.
+    pub async fn find(&self, hash: &KeyHash) -> Result<Option<Key>, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => Ok(s.lookup(hash)?.map(|e| Key(KeyRef::Local(e)))),
+        }
+    }
+
+    /// The key with this id.
+    pub async fn find_id(&self, key_id: &str) -> Result<Option<Key>, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => Ok(s.lookup_id(key_id)?.map(|e| Key(KeyRef::Local(e)))),
+        }
+    }
+
+    /// Runs `f` on the key's record and usage and keeps what it changed in
+    /// the usage (see the module's docs: `f` may run more than once). What
+    /// `f` decides is exact: concurrent calls on one key see each other's
+    /// changes. `None` if the key was revoked.
+    pub async fn charge<T>(
+        &self,
+        key: &Key,
+        f: impl Fn(&KeyRecord, &mut Usage) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        match (&self.backend, &key.0) {
+            (Backend::Local(s), KeyRef::Local(e)) => Ok(s.charge(e, f)),
+        }
+    }
+
+    /// Changes a key durably: on disk (or in the shared store) before this
+    /// returns; if the write fails, nothing changes. `change` may run more
+    /// than once.
+    pub async fn update<E: From<StoreError>>(
+        &self,
+        key: &Key,
+        change: impl Fn(&mut KeyRecord, &mut Usage) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match (&self.backend, &key.0) {
+            (Backend::Local(s), KeyRef::Local(e)) => s.update(e, change).await,
+        }
+    }
+
+    /// Stores a new key. Durable when this returns.
     pub async fn create(
         &self,
         hash: KeyHash,
         record: &KeyRecord,
         usage: &Usage,
     ) -> Result<(), StoreError> {
-        self.disk
-            .write(Write::Create {
-                key_id: record.key_id.clone(),
-                hash: hash.0,
-                external_id: record.external_id.clone(),
-                record: to_json(record),
-                usage: to_json(usage),
-                seq: self.next_seq(),
-            })
-            .await?;
-        self.keys.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Changes a key durably. `change` runs on a copy of the key's state;
-    /// the copy is committed; then `change` runs on the live state, which
-    /// requests went on charging meanwhile. If the write fails nothing
-    /// changes. If `change` refuses the live state (rare: a refill came in
-    /// between), the live state becomes the committed copy.
-    pub async fn update<E: From<StoreError>>(
-        &self,
-        entry: &Arc<Entry>,
-        change: impl Fn(&mut KeyState) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let _one_admin_write = entry.admin.lock().await;
-        let (write, next) = {
-            let mut live = entry.lock().ok_or(StoreError::Gone)?;
-            let mut next = live.clone();
-            change(&mut next)?;
-            live.admin_pending = true;
-            let write = Write::Update {
-                key_id: next.record.key_id.clone(),
-                external_id: next.record.external_id.clone(),
-                record: to_json(&next.record),
-                usage: to_json(&next.usage),
-                seq: self.next_seq(),
-            };
-            (write, next)
-        };
-        let written = self.disk.write(write).await;
-        {
-            let mut live = entry.state.lock();
-            live.admin_pending = false;
-            if written.is_ok() && !live.revoked && change(&mut live).is_err() {
-                live.record = next.record;
-                live.usage = next.usage;
-            }
+        match &self.backend {
+            Backend::Local(s) => s.create(hash, record, usage).await,
         }
-        self.touch(entry);
-        Ok(written?)
     }
 
     /// Revokes a key: it stops working at once. Durable when this returns.
+    /// `false` if there was no such key.
     pub async fn revoke(&self, key_id: &str) -> Result<bool, StoreError> {
-        let Some(entry) = self.lookup_id(key_id)? else {
-            return Ok(false);
-        };
-        let _one_admin_write = entry.admin.lock().await;
-        let hash = {
-            let Some(state) = entry.lock() else {
-                return Ok(false);
-            };
-            KeyHash::from_hex(&state.record.hash)
-        };
-        self.disk
-            .write(Write::Delete {
-                key_id: key_id.to_string(),
-            })
-            .await?;
-        self.revocations.fetch_add(1, Ordering::AcqRel);
-        entry.state.lock().revoked = true;
-        if let Some(hash) = hash {
-            // A lookup may have loaded it again while the delete committed.
-            if let Some(cached) = self.cache.shard(&hash).write().remove(&hash) {
-                cached.state.lock().revoked = true;
-            }
+        match &self.backend {
+            Backend::Local(s) => s.revoke(key_id).await,
         }
-        self.keys.fetch_sub(1, Ordering::Relaxed);
-        Ok(true)
     }
 
     /// Key ids in id order after `after`: one customer's (`external_id`),
     /// or all.
-    pub fn list_ids(
+    pub async fn list_ids(
         &self,
         external_id: Option<&str>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.disk.list_ids(external_id, after, limit)
+        match &self.backend {
+            Backend::Local(s) => s.list_ids(external_id, after, limit),
+        }
     }
 
     /// Copies keys from another store; a key id already here is kept as is.
@@ -448,260 +211,74 @@ impl Store {
         &self,
         rows: Vec<(sqlite::Row, KeyHash, Option<String>)>,
     ) -> Result<(), StoreError> {
-        let rows = rows
-            .into_iter()
-            .map(|(row, hash, ext)| (row, hash.0, ext))
-            .collect();
-        self.disk.write_blocking(Write::Import(rows))
-    }
-
-    fn now_secs(&self) -> u64 {
-        self.opened.elapsed().as_secs()
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Drops from memory the keys nobody has used for `idle`, whose usage is
-    /// already written and which no request holds. Their state is on disk,
-    /// so the next lookup loads it again. Returns how many were dropped.
-    ///
-    /// Holding a cache shard's write lock, an entry of that shard whose
-    /// only owner is the cache cannot be picked up by anyone meanwhile:
-    /// lookups wait for the lock, and every request, admin write or
-    /// dirty-queue slot holds its own `Arc`.
-    pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
-        let cutoff = self.now_secs().saturating_sub(idle.as_secs());
-        let mut dropped = 0;
-        for shard in &self.cache.shards {
-            let mut cache = shard.write();
-            let before = cache.len();
-            cache.retain(|_, entry| {
-                Arc::strong_count(entry) > 1
-                    || entry.dirty.load(Ordering::Acquire)
-                    || entry.unreported.load(Ordering::Acquire)
-                    || entry.last_used.load(Ordering::Relaxed) > cutoff
-            });
-            dropped += before - cache.len();
+        match &self.backend {
+            Backend::Local(s) => s.import_blocking(rows),
         }
-        dropped
-    }
-
-    /// Keys held in memory.
-    pub fn cached(&self) -> usize {
-        self.cache.shards.iter().map(|s| s.read().len()).sum()
-    }
-
-    /// The key with this hash if it is in memory; never reads the disk.
-    pub fn in_memory(&self, hash: &KeyHash) -> Option<Arc<Entry>> {
-        let entry = self.cache.shard(hash).read().get(hash).cloned()?;
-        entry.last_used.store(self.now_secs(), Ordering::Relaxed);
-        Some(entry)
     }
 
     /// How many keys exist.
     pub fn key_count(&self) -> usize {
-        self.keys.load(Ordering::Relaxed)
-    }
-
-    /// Whether the store's filesystem has [`MIN_FREE`] bytes free.
-    fn has_room(&self) -> bool {
-        match nix::sys::statvfs::statvfs(&self.dir) {
-            Ok(fs) => {
-                let free = u64::from(fs.blocks_available()).saturating_mul(fs.fragment_size());
-                free >= MIN_FREE
-            }
-            // Not knowing is no reason to stop: a write will tell.
-            Err(_) => true,
+        match &self.backend {
+            Backend::Local(s) => s.key_count(),
         }
     }
 
-    /// Takes the dirty keys' usage (and with `report`, every key charged
-    /// since the last reporting pass), each under its lock, in the order
-    /// of their changes. A key whose admin write is being committed waits
-    /// for the next pass; with `paced`, so does a key written less than
-    /// [`REWRITE_AFTER_MS`] ago.
-    fn snapshot(&self, report: Option<MakeEvents<'_>>, paced: bool) -> Snapshot {
-        let now_ms = self.now_ms();
-        let mut queued = std::mem::take(&mut *self.dirty.lock());
-        if report.is_some() {
-            queued.append(&mut std::mem::take(&mut *self.unreported.lock()));
-            let mut seen = std::collections::HashSet::new();
-            queued.retain(|e| seen.insert(Arc::as_ptr(e)));
-        }
-        let mut snap = Snapshot::default();
-        let mut states = Vec::with_capacity(queued.len());
-        let mut later = Vec::new();
-        for entry in queued {
-            let state = entry.state.lock();
-            let recent =
-                now_ms.saturating_sub(entry.written_ms.load(Ordering::Relaxed)) < REWRITE_AFTER_MS;
-            if state.admin_pending || (paced && recent) {
-                drop(state);
-                later.push(entry);
-                continue;
-            }
-            entry.written_ms.store(now_ms, Ordering::Relaxed);
-            entry.dirty.store(false, Ordering::Release);
-            let mut billing = state.usage.billing.clone();
-            if let Some(make) = report {
-                entry.unreported.store(false, Ordering::Release);
-                if !state.revoked {
-                    let events = make(&state.record, &state.usage, &mut billing);
-                    let detected = state.usage.billing.detected.len();
-                    snap.events.extend(events);
-                    snap.reported
-                        .push((entry.clone(), billing.reported.clone(), detected));
-                }
-            }
-            if !state.revoked {
-                let seq = self.next_seq();
-                states.push((
-                    state.record.key_id.clone(),
-                    state.usage.clone(),
-                    billing,
-                    seq,
-                ));
-            }
-            drop(state);
-            snap.taken.push(entry);
-        }
-        // Still marked dirty (and unreported): back in the queues they came from.
-        if report.is_some() {
-            self.unreported.lock().extend(later.iter().cloned());
-        }
-        self.dirty.lock().extend(later);
-        snap.rows = states
-            .into_iter()
-            .map(|(key_id, usage, billing, seq)| UsageRow {
-                key_id,
-                usage: to_json(&usage),
-                billing: to_json(&billing),
-                seq,
-            })
-            .collect();
-        snap
-    }
-
-    /// After a write-behind pass: a failure keeps its keys dirty for the
-    /// next pass (a duplicate in the queue only means one extra write) and
-    /// makes the store unhealthy; a success with room on the disk makes it
-    /// healthy again.
-    fn settle_pass(&self, result: &Result<(), StoreError>, snap: Snapshot, room: bool) {
-        match result {
-            Ok(()) => {
-                // The events are in the outbox: the live state learns what
-                // they reported.
-                for (entry, reported, detected) in snap.reported {
-                    let mut state = entry.state.lock();
-                    let billing = &mut state.usage.billing;
-                    for (counter, mark) in reported {
-                        let live = billing.reported.entry(counter).or_default();
-                        *live = (*live).max(mark);
-                    }
-                    billing
-                        .detected
-                        .drain(..detected.min(billing.detected.len()));
-                }
-                if room && !self.healthy.swap(true, Ordering::AcqRel) {
-                    tracing::info!("the store writes again; charges resume");
-                }
-            }
-            Err(_) => {
-                for entry in &snap.taken {
-                    entry.dirty.store(true, Ordering::Release);
-                    entry.unreported.store(true, Ordering::Release);
-                }
-                self.unreported.lock().extend(snap.taken.iter().cloned());
-                self.dirty.lock().extend(snap.taken);
-                self.healthy.store(false, Ordering::Release);
-            }
+    /// Keys held in memory.
+    pub fn cached(&self) -> usize {
+        match &self.backend {
+            Backend::Local(s) => s.cached(),
         }
     }
 
-    /// Checks the room on the disk before a pass: too little fails charges
-    /// closed at once, while the queued usage can still be written.
-    fn check_room(&self) -> bool {
-        let room = self.has_room();
-        if !room && self.healthy.swap(false, Ordering::AcqRel) {
-            tracing::error!(
-                dir = %self.dir.display(),
-                min_free = MIN_FREE,
-                "the store's disk is nearly full; charges fail closed until there is room"
-            );
+    /// Drops from memory the keys unused for `idle` that nothing needs in
+    /// memory any more. Returns how many were dropped.
+    pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
+        match &self.backend {
+            Backend::Local(s) => s.evict_idle(idle),
         }
-        room
     }
 
-    /// Writes every dirty key's usage and commits. Returns how many keys
-    /// were written. See the module's "Health" for what a failure does.
-    pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
-        self.pass(None, false).await.map(|(written, _)| written)
-    }
-
-    /// The flusher's periodic pass: like [`Store::flush_dirty`], but a key
-    /// written less than [`REWRITE_AFTER_MS`] ago waits for a later pass.
-    /// A busy key is then written a few times a second, not every pass,
-    /// and a charge is still on disk within `REWRITE_AFTER_MS` plus one
-    /// pass interval and a commit (SPEC §7 allows a second).
+    /// The periodic write-behind pass (see [`local::Local::flush_due`]).
     pub async fn flush_due(&self) -> Result<usize, StoreError> {
-        self.pass(None, true).await.map(|(written, _)| written)
+        match &self.backend {
+            Backend::Local(s) => s.flush_due().await,
+        }
     }
 
-    /// A write-behind pass that also reports: every key charged since the
-    /// last such pass goes through `make`, and the events it makes go to
-    /// the outbox in the same transaction as the usage they come from.
-    /// Returns the events written.
+    /// Writes everything charged so far (at shutdown).
+    pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.flush_dirty().await,
+        }
+    }
+
+    /// [`Store::flush_dirty`] for a thread outside any runtime.
+    pub fn flush_blocking(&self) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.flush_blocking(),
+        }
+    }
+
+    /// A reporting pass: every key charged since the last one goes through
+    /// `make`, and its events go to the outbox in the same atomic write as
+    /// the billing state they come from. Returns the events written.
     pub async fn report(&self, make: MakeEvents<'_>) -> Result<usize, StoreError> {
-        self.pass(Some(make), false).await.map(|(_, events)| events)
-    }
-
-    async fn pass(
-        &self,
-        report: Option<MakeEvents<'_>>,
-        paced: bool,
-    ) -> Result<(usize, usize), StoreError> {
-        let _pass = self.flush_pass.lock().await;
-        let room = self.check_room();
-        let mut snap = self.snapshot(report, paced);
-        let (written, events) = (snap.rows.len(), snap.events.len());
-        let result = if snap.rows.is_empty() && snap.events.is_empty() {
-            Ok(())
-        } else {
-            let rows = std::mem::take(&mut snap.rows);
-            let events = std::mem::take(&mut snap.events);
-            self.disk.write(Write::Usage { rows, events }).await
-        };
-        self.settle_pass(&result, snap, room);
-        result.map(|()| (written, events))
+        match &self.backend {
+            Backend::Local(s) => s.report(make).await,
+        }
     }
 
     /// The batch of `sink` to send next: the one already under way (its id
     /// kept across retries and restarts), or a new one of at most `max` of
-    /// the oldest events, whose id is on disk before it is returned.
+    /// the oldest events.
     pub async fn outbox_batch(
         &self,
         sink: &'static str,
         max: usize,
     ) -> Result<Option<sqlite::Batch>, StoreError> {
-        if let Some(batch) = self.disk.outbox_batch(sink)? {
-            return Ok(Some(batch));
+        match &self.backend {
+            Backend::Local(s) => s.outbox_batch(sink, max).await,
         }
-        let events = self.disk.outbox_unbatched(sink, max)?;
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let id = crate::keys::random_id("batch");
-        let (seqs, events): (Vec<i64>, Vec<String>) = events.into_iter().unzip();
-        self.disk
-            .write(Write::Batch {
-                sink,
-                batch: id.clone(),
-                seqs,
-            })
-            .await?;
-        Ok(Some(sqlite::Batch { id, events }))
     }
 
     /// A batch was delivered: its events leave the outbox.
@@ -710,32 +287,27 @@ impl Store {
         sink: &'static str,
         batch: &str,
     ) -> Result<(), StoreError> {
-        self.disk
-            .write(Write::Delivered {
-                sink,
-                batch: batch.to_string(),
-            })
-            .await
+        match &self.backend {
+            Backend::Local(s) => s.outbox_delivered(sink, batch).await,
+        }
     }
 
-    pub fn outbox_stats(&self, sink: &str) -> Result<sqlite::OutboxStats, StoreError> {
-        self.disk.outbox_stats(sink)
+    pub async fn outbox_stats(&self, sink: &str) -> Result<sqlite::OutboxStats, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.outbox_stats(sink),
+        }
     }
 
     /// The oldest events of `sink` waiting to be sent one by one:
     /// `(id, event)`.
-    pub fn outbox_next(&self, sink: &str, max: usize) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(self
-            .disk
-            .outbox_unbatched(sink, max)?
-            .into_iter()
-            .filter_map(|(_, event)| {
-                let id = serde_json::from_str::<serde_json::Value>(&event).ok()?["identifier"]
-                    .as_str()?
-                    .to_string();
-                Some((id, event))
-            })
-            .collect())
+    pub async fn outbox_next(
+        &self,
+        sink: &str,
+        max: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.outbox_next(sink, max),
+        }
     }
 
     /// Events of `sink` sent one by one: they leave the outbox.
@@ -744,7 +316,9 @@ impl Store {
         sink: &'static str,
         ids: Vec<String>,
     ) -> Result<(), StoreError> {
-        self.disk.write(Write::Sent { sink, ids }).await
+        match &self.backend {
+            Backend::Local(s) => s.outbox_sent(sink, ids).await,
+        }
     }
 
     /// An event `sink` refuses for good: parked until an operator retries it.
@@ -754,149 +328,26 @@ impl Store {
         id: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.disk
-            .write(Write::Park {
-                sink,
-                id: id.to_string(),
-                reason: reason.to_string(),
-            })
-            .await
+        match &self.backend {
+            Backend::Local(s) => s.outbox_park(sink, id, reason).await,
+        }
     }
 
     /// Parked events of `sink`: `(id, reason, event)`.
-    pub fn outbox_parked(
+    pub async fn outbox_parked(
         &self,
         sink: &str,
         limit: usize,
     ) -> Result<Vec<(String, String, String)>, StoreError> {
-        self.disk.outbox_parked(sink, limit)
+        match &self.backend {
+            Backend::Local(s) => s.outbox_parked(sink, limit),
+        }
     }
 
     /// Puts parked events (these ids, or all) back in the queue.
     pub async fn outbox_unpark(&self, ids: Option<Vec<String>>) -> Result<(), StoreError> {
-        self.disk.write(Write::Unpark { ids }).await
-    }
-
-    /// [`Store::flush_dirty`] for a thread outside any runtime (the last
-    /// flush after the server stopped).
-    pub fn flush_blocking(&self) -> Result<usize, StoreError> {
-        tokio::runtime::Builder::new_current_thread()
-            .build()?
-            .block_on(self.flush_dirty())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::keys;
-
-    fn record(hash: &KeyHash, external: Option<&str>) -> KeyRecord {
-        KeyRecord {
-            external_id: external.map(str::to_string),
-            ..KeyRecord::new(
-                keys::generate_id(),
-                hash,
-                "sk_t",
-                "free",
-                jiff::Timestamp::UNIX_EPOCH,
-            )
+        match &self.backend {
+            Backend::Local(s) => s.outbox_unpark(ids).await,
         }
-    }
-
-    #[tokio::test]
-    async fn usage_survives_reopen_after_flush() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = keys::generate("sk_t");
-        let id;
-        {
-            let store = Store::open(dir.path()).expect("open");
-            let rec = record(&key.hash, Some("cus_1"));
-            id = rec.key_id.clone();
-            store
-                .create(key.hash, &rec, &Usage::default())
-                .await
-                .expect("create");
-            let entry = store.lookup(&key.hash).expect("read").expect("found");
-            entry.lock().expect("live").usage.used = 7;
-            store.touch(&entry);
-            assert_eq!(store.flush_dirty().await.expect("flush"), 1);
-        }
-        let store =
-            Store::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
-        let entry = store.lookup_id(&id).expect("read").expect("found");
-        assert_eq!(entry.lock().expect("live").usage.used, 7);
-        assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
-    }
-
-    #[tokio::test]
-    async fn revoke_removes_the_key_everywhere() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let key = keys::generate("sk_t");
-        let rec = record(&key.hash, Some("cus_1"));
-        store
-            .create(key.hash, &rec, &Usage::default())
-            .await
-            .expect("create");
-        let held = store.lookup(&key.hash).expect("read").expect("found");
-        assert!(store.revoke(&rec.key_id).await.expect("revoke"));
-        assert!(
-            held.lock().is_none(),
-            "an entry held across a revoke is dead"
-        );
-        assert!(store.lookup(&key.hash).expect("read").is_none());
-        assert!(store
-            .list_ids(Some("cus_1"), None, 10)
-            .expect("list")
-            .is_empty());
-        assert!(!store.revoke(&rec.key_id).await.expect("revoke"));
-    }
-
-    #[tokio::test]
-    async fn idle_clean_unheld_keys_leave_memory_and_come_back_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
-        for k in [&a, &b] {
-            store
-                .create(k.hash, &record(&k.hash, None), &Usage::default())
-                .await
-                .expect("create");
-        }
-        let entry = store.lookup(&a.hash).expect("read").expect("found");
-        entry.lock().expect("live").usage.used = 42;
-        store.touch(&entry);
-        drop(entry);
-        let held = store.lookup(&b.hash).expect("read").expect("found");
-        // Dirty (queued for the flusher), unreported and held entries stay.
-        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
-        store.flush_dirty().await.expect("flush");
-        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
-        store.report(&|_, _, _| Vec::new()).await.expect("report");
-        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
-        assert_eq!(store.cached(), 1, "the held key stays");
-        let again = store.lookup(&a.hash).expect("read").expect("found");
-        assert_eq!(again.lock().expect("live").usage.used, 42);
-        drop(held);
-    }
-
-    #[tokio::test]
-    async fn failed_flush_marks_unhealthy_and_keeps_dirty() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let key = keys::generate("sk_t");
-        store
-            .create(key.hash, &record(&key.hash, None), &Usage::default())
-            .await
-            .expect("create");
-        let entry = store.lookup(&key.hash).expect("read").expect("found");
-        store.touch(&entry);
-        store.inject_flush_failure(true);
-        assert!(store.flush_dirty().await.is_err());
-        assert!(!store.healthy());
-        store.inject_flush_failure(false);
-        assert_eq!(store.flush_dirty().await.expect("flush"), 1);
-        assert!(store.healthy());
     }
 }
