@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -627,8 +627,16 @@ async fn retry_outbox(
     outbox_view(&gw).await.map(Json)
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness, and whether the store can record charges (with Redis: whether
+/// Redis answers). Always 200: a gateway whose store is down still serves
+/// public routes, and with `on_error: allow` keyed ones too.
+async fn healthz(State(gw): State<Arc<Gateway>>) -> Json<Value> {
+    let store = if gw.store.healthy() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    Json(json!({ "status": "ok", "store": store }))
 }
 
 async fn not_found() -> ApiError {

@@ -57,3 +57,28 @@ impl Clock for ManualClock {
         *self.now.lock()
     }
 }
+
+/// A clock set to another's time: `inner` plus an offset the shared store
+/// measures against Redis's `TIME` (SPEC §8), so nodes whose own clocks
+/// disagree still count windows and refills on one clock. The offset is
+/// measured once, when the store first answers; `inner` still moves the
+/// time (a test's [`ManualClock`] included).
+pub struct OffsetClock {
+    inner: SharedClock,
+    offset_us: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl OffsetClock {
+    pub fn new(inner: SharedClock, offset_us: Arc<std::sync::atomic::AtomicI64>) -> Arc<Self> {
+        Arc::new(OffsetClock { inner, offset_us })
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Timestamp {
+        let offset = self.offset_us.load(std::sync::atomic::Ordering::Relaxed);
+        let now = self.inner.now();
+        now.checked_add(SignedDuration::from_micros(offset))
+            .unwrap_or(now)
+    }
+}

@@ -66,16 +66,24 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Copy the store of an earlier tollgate (sled) into this version's
-    /// store format. Run it with the gateway stopped; running it twice
+    /// Copy a store: an earlier tollgate's (sled) into this version's
+    /// format, or an embedded store into Redis (`--to redis://...`) for
+    /// several gateways. Run it with the gateway stopped; running it twice
     /// changes nothing.
     Migrate {
-        /// The old store directory (store.path of the earlier version).
+        /// The store directory to copy (store.path).
         #[arg(long)]
         from: PathBuf,
-        /// The store directory to write (default: the same directory).
+        /// A store directory (default: the same directory), or a Redis URL
+        /// (redis://host:port/db, rediss://...).
         #[arg(long)]
-        to: Option<PathBuf>,
+        to: Option<String>,
+        /// With a Redis URL: the env var holding Redis's password.
+        #[arg(long)]
+        password_env: Option<String>,
+        /// With a Redis URL: it is one node of a Redis Cluster.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Serve the built-in echo upstream (for benchmarks and experiments).
     #[command(hide = true)]
@@ -134,8 +142,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tollgate::demo::run(config.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate { from, to } => {
-            let to = to.unwrap_or_else(|| from.clone());
+        Command::Migrate {
+            from,
+            to: Some(url),
+            password_env,
+            cluster,
+        } if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            let redis = tollgate::config::RedisConfig::for_migration(
+                url,
+                password_env.as_deref(),
+                cluster,
+            )?;
+            let copied = tollgate::store::migrate::to_redis(&from, &redis)?;
+            println!(
+                "copied {} of {} keys and {} outbox events from {} into {} (the rest were there already)",
+                copied.new_keys,
+                copied.keys,
+                copied.new_events,
+                from.display(),
+                tollgate::store::migrate::redacted(&redis.url)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { from, to, .. } => {
+            let to = to.map_or_else(|| from.clone(), PathBuf::from);
             let copied = tollgate::store::migrate::from_sled(&from, &to)?;
             println!(
                 "copied {copied} keys from {} into {}",

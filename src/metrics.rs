@@ -35,6 +35,7 @@ pub const NAMES: &[&str] = &[
     "tollgate_keys",
     "tollgate_store_healthy",
     "tollgate_requests_in_flight",
+    "tollgate_store_bypassed_total",
 ];
 
 /// The `route` label when no route matched; the `tier` label when no key
@@ -80,6 +81,7 @@ pub struct Metrics {
     pub keys: IntGauge,
     pub store_healthy: Gauge,
     pub in_flight: IntGauge,
+    pub store_bypassed: prometheus::IntCounter,
 }
 
 fn counter(
@@ -151,6 +153,11 @@ impl Metrics {
             "tollgate_requests_in_flight",
             "Proxied requests under way (drains to 0 at a stop or an upgrade).",
         )?;
+        let store_bypassed = prometheus::IntCounter::new(
+            "tollgate_store_bypassed_total",
+            "Keyed requests forwarded uncharged because the shared store did not answer (store.redis.on_error: allow).",
+        )?;
+        registry.register(Box::new(store_bypassed.clone()))?;
         let store_healthy = Gauge::new(
             "tollgate_store_healthy",
             "1 while the store records charges, 0 while charges fail closed.",
@@ -226,6 +233,7 @@ impl Metrics {
             keys,
             store_healthy,
             in_flight,
+            store_bypassed,
             registry,
         };
         for kind in crate::report::event::TYPES {

@@ -25,7 +25,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
-use crate::config::{Config, Route};
+use crate::config::{Config, OnStoreError, Route};
 use crate::gate::{self, Admission, Demand};
 use crate::gateway::{charged, presented_key, Gateway, Generation, InFlightGuard, KeySource};
 use crate::metrics::NONE;
@@ -339,6 +339,19 @@ impl ProxyHttp for Proxy {
         match self.admit(session, ctx, &config, route).await {
             Ok(admission) => {
                 ctx.admission = Some(admission);
+                Ok(false)
+            }
+            // The shared store does not answer, and the operator chose to
+            // serve uncharged meanwhile: forwarded without identity
+            // headers (nothing is known of the key), counted.
+            Err(Rejection::StoreUnavailable)
+                if config
+                    .redis
+                    .as_ref()
+                    .is_some_and(|r| r.on_error == OnStoreError::Allow) =>
+            {
+                self.gateway.metrics.store_bypassed.inc();
+                ctx.code = "OK";
                 Ok(false)
             }
             Err(rejection) => reject(session, ctx, rejection).await,

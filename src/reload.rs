@@ -94,9 +94,13 @@ fn apply(gateway: &Gateway, path: &Path, read: std::io::Result<Vec<u8>>) -> bool
             if old.store_path != loaded.config.store_path {
                 tracing::warn!("store.path changed: it applies only after a restart");
             }
-            gateway.install(loaded.config);
+            if old.redis != loaded.config.redis {
+                tracing::warn!("store.redis changed: it applies only after a restart");
+            }
+            // Counted first: whoever sees the new config sees its generation.
             metrics.config_reloads.with_label_values(&["ok"]).inc();
             metrics.config_generation.inc();
+            gateway.install(loaded.config);
             tracing::info!(path = %path.display(), generation = metrics.config_generation.get(), "configuration reloaded");
             true
         }

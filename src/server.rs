@@ -183,10 +183,10 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     };
 
     // With --upgrade, a store locked by a running tollgate means: take over.
-    let (store, takeover) = match Store::open(&config.store_path) {
+    let (store, takeover) = match Store::open_for(&config) {
         Err(e) if options.upgrade && e.is_locked() => (None, true),
         Err(e) if e.is_locked() => (
-            Some(Store::open_waiting(&config.store_path, STORE_LOCK_WAIT)),
+            Some(Store::open_for_waiting(&config, STORE_LOCK_WAIT)),
             false,
         ),
         other => (Some(other), false),
@@ -218,7 +218,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     let store = match store {
         Some(store) => store,
         // The old process releases the lock once it has drained and flushed.
-        None => Store::open_waiting(&config.store_path, UPGRADE_LOCK_WAIT),
+        None => Store::open_for_waiting(&config, UPGRADE_LOCK_WAIT),
     }
     .with_context(|| {
         format!(
@@ -233,10 +233,11 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
 
     let metrics = Metrics::new().context("cannot register metrics")?;
     metrics.config_generation.set(1);
+    let clock = store.clock(options.clock.clone());
     let gateway = Arc::new(Gateway {
         config: ArcSwap::from_pointee(Generation::new(config, &metrics)),
         store: Arc::new(store),
-        clock: options.clock.clone(),
+        clock,
         root_key: options.root_key.clone(),
         metrics,
         last_reload: Mutex::new(None),
@@ -501,8 +502,10 @@ fn metrics_router(gateway: Arc<Gateway>) -> axum::Router {
         let gateway = gateway.clone();
         async move {
             let m = &gateway.metrics;
-            m.keys
-                .set(i64::try_from(gateway.store.key_count()).unwrap_or(i64::MAX));
+            // A shared store that does not answer keeps the last count.
+            if let Ok(keys) = gateway.store.key_count().await {
+                m.keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+            }
             m.store_healthy
                 .set(if gateway.store.healthy() { 1.0 } else { 0.0 });
             m.in_flight

@@ -67,14 +67,31 @@ fn default_metrics() -> String {
 pub struct StoreFile {
     #[serde(default = "default_store_path")]
     pub path: String,
+    #[serde(default)]
+    pub redis: Option<RedisFile>,
 }
 
 impl Default for StoreFile {
     fn default() -> Self {
         Self {
             path: default_store_path(),
+            redis: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub on_error: Option<String>,
+    #[serde(default)]
+    pub cluster: bool,
+    #[serde(default)]
+    pub claim_after: Option<String>,
 }
 
 fn default_store_path() -> String {

@@ -26,7 +26,11 @@ use crate::calendar::Interval;
 #[derive(Debug)]
 pub struct Config {
     pub listen: Listen,
+    /// The embedded store's directory; with `redis`, only where the pid
+    /// file and the upgrade hand-over socket live.
     pub store_path: PathBuf,
+    /// The shared store, when several gateways run (SPEC §8).
+    pub redis: Option<RedisConfig>,
     pub root_key_env: String,
     pub upstreams: IndexMap<String, Upstream>,
     pub tiers: IndexMap<String, Tier>,
@@ -195,6 +199,60 @@ impl Route {
             .as_ref()
             .is_none_or(|methods| methods.contains(method))
     }
+}
+
+/// `store.redis`: several gateways on one Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://`, without the password when `password`
+    /// comes from the environment.
+    pub url: String,
+    pub password: Option<Secret>,
+    /// What a keyed request gets while Redis cannot be reached.
+    pub on_error: OnStoreError,
+    /// `url` is one node of a Redis Cluster.
+    pub cluster: bool,
+    /// How long an outbox event taken by a node that has gone quiet waits
+    /// before another node takes it over (the node has died).
+    pub claim_after: std::time::Duration,
+}
+
+impl RedisConfig {
+    /// The Redis `tollgate migrate --to <url>` writes to.
+    pub fn for_migration(
+        url: String,
+        password_env: Option<&str>,
+        cluster: bool,
+    ) -> anyhow::Result<RedisConfig> {
+        redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "'{}' is not a Redis URL: {e}",
+                crate::store::migrate::redacted(&url)
+            )
+        })?;
+        let password = match password_env {
+            None => None,
+            Some(name) => match std::env::var(name) {
+                Ok(value) if !value.is_empty() => Some(Secret::new(value)),
+                _ => anyhow::bail!("--password-env names {name}, which is not set"),
+            },
+        };
+        Ok(RedisConfig {
+            url,
+            password,
+            on_error: OnStoreError::Deny,
+            cluster,
+            claim_after: std::time::Duration::from_secs(30),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 `STORE_UNAVAILABLE` (the default).
+    Deny,
+    /// Forward uncharged, counted in `tollgate_store_bypassed_total`.
+    Allow,
 }
 
 #[derive(Debug, Clone)]

@@ -167,9 +167,11 @@ impl Check<'_> {
         if file.store.path.trim().is_empty() {
             self.error("store.path", "must not be empty");
         }
+        let redis = file.store.redis.as_ref().and_then(|r| self.redis(r));
         Config {
             listen,
             store_path: PathBuf::from(&file.store.path),
+            redis,
             root_key_env: file.admin.root_key_env,
             upstreams,
             tiers,
@@ -654,6 +656,51 @@ impl Check<'_> {
                 None
             }
         }
+    }
+
+    fn redis(&mut self, r: &file::RedisFile) -> Option<RedisConfig> {
+        let ok_before = self.errors.len();
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
+            self.error(
+                "store.redis.url",
+                format!(
+                    "'{}' is not a Redis URL (redis://host:port/db or rediss://...): {e}",
+                    crate::store::migrate::redacted(&r.url)
+                ),
+            );
+        }
+        let password = match &r.password_env {
+            Some(name) => self.secret("store.redis.password_env", name),
+            None => None,
+        };
+        let on_error = match r.on_error.as_deref() {
+            None | Some("deny") => OnStoreError::Deny,
+            Some("allow") => OnStoreError::Allow,
+            Some(other) => {
+                self.error(
+                    "store.redis.on_error",
+                    format!(
+                        "'{other}' is not one of: deny (answer 503), allow (forward uncharged)"
+                    ),
+                );
+                OnStoreError::Deny
+            }
+        };
+        let claim_after = match r.claim_after.as_deref() {
+            None => Some(Duration::from_secs(30)),
+            Some(text) => self.duration("store.redis.claim_after", text),
+        };
+        if claim_after.is_some_and(|d| d < Duration::from_secs(1) || d > Duration::from_secs(3600))
+        {
+            self.error("store.redis.claim_after", "must be between 1s and 1h");
+        }
+        (self.errors.len() == ok_before).then(|| RedisConfig {
+            url: r.url.clone(),
+            password,
+            on_error,
+            cluster: r.cluster,
+            claim_after: claim_after.unwrap_or(Duration::from_secs(30)),
+        })
     }
 
     /// The value of the env var `name`, which must be set and not empty.

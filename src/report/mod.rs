@@ -183,6 +183,8 @@ impl Reporter {
                     return;
                 }
             };
+            // The wait runs from the attempt's start.
+            let attempted = self.gateway.clock.now();
             match webhook::send(&self.client, hook, &batch).await {
                 Ok(()) => {
                     metrics.webhook_deliveries.with_label_values(&["ok"]).inc();
@@ -198,7 +200,7 @@ impl Reporter {
                         .webhook_deliveries
                         .with_label_values(&["error"])
                         .inc();
-                    let wait = backoff.failed(base, self.gateway.clock.now());
+                    let wait = backoff.failed(base, attempted);
                     tracing::warn!(batch = %batch.id, events = batch.events.len(), %reason, retry_in_ms = wait.as_millis() as u64, "webhook delivery failed");
                     return;
                 }
@@ -227,6 +229,7 @@ impl Reporter {
         let mut sent = Vec::new();
         for (id, call) in calls {
             let call: serde_json::Value = serde_json::from_str(&call).unwrap_or_default();
+            let attempted = self.gateway.clock.now();
             match stripe::send(&self.client, stripe, &call).await {
                 stripe::Outcome::Sent => {
                     metrics.stripe_meter_events.with_label_values(&["ok"]).inc();
@@ -238,7 +241,7 @@ impl Reporter {
                         .stripe_meter_events
                         .with_label_values(&["retry"])
                         .inc();
-                    let wait = backoff.failed(base, self.gateway.clock.now());
+                    let wait = backoff.failed(base, attempted);
                     tracing::warn!(event = %id, %reason, retry_in_ms = wait.as_millis() as u64, "Stripe meter event not sent");
                     break;
                 }

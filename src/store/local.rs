@@ -420,6 +420,21 @@ impl Local {
 
     /// Copies keys from another store; a key id already here is kept as is.
     /// Durable when this returns.
+    /// Every key, in id order, `limit` at a time after `after`: `(row,
+    /// hash, external id)`.
+    pub fn rows_after(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(sqlite::Row, Vec<u8>, Option<String>)>, StoreError> {
+        self.disk.rows_after(after, limit)
+    }
+
+    /// Every outbox event, parked ones included.
+    pub fn outbox_all(&self) -> Result<Vec<sqlite::Pending>, StoreError> {
+        self.disk.outbox_all()
+    }
+
     pub fn import_blocking(
         &self,
         rows: Vec<(sqlite::Row, KeyHash, Option<String>)>,

@@ -108,3 +108,75 @@ pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
     drop(lock);
     Ok(copied)
 }
+
+/// What [`to_redis`] copied.
+pub struct Copied {
+    /// Keys in the embedded store.
+    pub keys: usize,
+    /// Keys that were not in Redis yet.
+    pub new_keys: usize,
+    /// Outbox events (pending and parked) that were not in Redis yet.
+    pub new_events: usize,
+}
+
+/// Copies every key (its hash, never the key), record, usage, billing
+/// state, external id and outbox event of the embedded store in `from`
+/// into the Redis at `redis` (SPEC §8). Run it with the gateway stopped
+/// (it takes the store's lock). A key id or event id already in Redis is
+/// left as it is, so running it twice changes nothing.
+pub fn to_redis(from: &Path, redis: &crate::config::RedisConfig) -> anyhow::Result<Copied> {
+    if holds_sled(from) && !from.join(sqlite::FILE).exists() {
+        bail!(
+            "{} holds an earlier version's store: run `tollgate migrate --from {0}` first",
+            from.display()
+        );
+    }
+    if !from.join(sqlite::FILE).exists() {
+        bail!("{} holds no tollgate store", from.display());
+    }
+    let local = Local::open(from)
+        .with_context(|| format!("cannot open {} (is a gateway using it?)", from.display()))?;
+    let shared = super::redis::Redis::open(redis, "migrate".into(), None)
+        .with_context(|| format!("cannot connect to {}", redacted(&redis.url)))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut copied = Copied {
+        keys: 0,
+        new_keys: 0,
+        new_events: 0,
+    };
+    let mut after = String::new();
+    loop {
+        let rows = local.rows_after(&after, BATCH)?;
+        let Some(last) = rows.last() else { break };
+        after = last.0.key_id.clone();
+        copied.keys += rows.len();
+        let rows = rows
+            .into_iter()
+            .map(|(row, hash, ext)| {
+                let hash = <[u8; 32]>::try_from(hash.as_slice())
+                    .map(KeyHash)
+                    .map_err(|_| anyhow::anyhow!("key {}: its hash is not 32 bytes", row.key_id))?;
+                Ok((row, hash, ext))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        copied.new_keys += rt
+            .block_on(shared.import(rows))
+            .context("cannot copy keys into Redis")?;
+    }
+    copied.new_events = rt
+        .block_on(shared.import_events(local.outbox_all()?))
+        .context("cannot copy outbox events into Redis")?;
+    Ok(copied)
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}

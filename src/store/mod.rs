@@ -6,6 +6,7 @@
 //! - this file: the interface ([`Store`], a [`Key`] handle), the errors;
 //! - [`local`]: the embedded backend: usage in memory, written behind to
 //!   SQLite ([`sqlite`]) by one writer thread;
+//! - [`redis`]: the shared backend, for several gateways on one Redis;
 //! - [`migrate`]: copying a store of an earlier tollgate (sled) into this one.
 //!
 //! # The interface
@@ -20,6 +21,7 @@
 
 pub mod local;
 pub mod migrate;
+pub mod redis;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +75,7 @@ impl From<std::io::Error> for StoreError {
 /// Which backend runs.
 enum Backend {
     Local(local::Local),
+    Redis(Arc<self::redis::Redis>),
 }
 
 /// The store a gateway runs on.
@@ -87,6 +90,7 @@ pub struct Key(KeyRef);
 #[derive(Clone)]
 enum KeyRef {
     Local(Arc<local::Entry>),
+    Redis(Arc<self::redis::Entry>),
 }
 
 impl Store {
@@ -101,6 +105,55 @@ impl Store {
         local::Local::open_waiting(path, max_wait).map(Store::local)
     }
 
+    /// The store a config names: the shared one with `store.redis`, else
+    /// the embedded one in `store.path`. Either way this process holds the
+    /// lock of `store.path` (with Redis, only the pid file and the upgrade
+    /// socket live there), so an upgrade finds the process it replaces.
+    pub fn open_for(config: &crate::config::Config) -> Result<Store, StoreError> {
+        match &config.redis {
+            None => Store::open(&config.store_path),
+            Some(redis) => {
+                let lock = lock_dir(&config.store_path)?;
+                let node = self::redis::node_name(&config.store_path)?;
+                Ok(Store {
+                    backend: Backend::Redis(self::redis::Redis::open(redis, node, Some(lock))?),
+                })
+            }
+        }
+    }
+
+    /// [`Store::open_for`], waiting up to `max_wait` while another process
+    /// holds the lock.
+    pub fn open_for_waiting(
+        config: &crate::config::Config,
+        max_wait: std::time::Duration,
+    ) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            match Store::open_for(config) {
+                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The clock a gateway on this store counts time with: `clock` itself on
+    /// the embedded store; on Redis, `clock` set to Redis's time, so every
+    /// node counts on one clock (SPEC §8).
+    pub fn clock(&self, clock: crate::clock::SharedClock) -> crate::clock::SharedClock {
+        match &self.backend {
+            Backend::Redis(r) => r.shared_clock(clock),
+            Backend::Local(_) => clock,
+        }
+    }
+
+    /// Whether this is the shared store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+    }
+
     fn local(local: local::Local) -> Store {
         Store {
             backend: Backend::Local(local),
@@ -111,6 +164,7 @@ impl Store {
     pub fn healthy(&self) -> bool {
         match &self.backend {
             Backend::Local(s) => s.healthy(),
+            Backend::Redis(s) => s.healthy(),
         }
     }
 
@@ -120,6 +174,7 @@ impl Store {
     pub fn inject_flush_failure(&self, fail: bool) {
         match &self.backend {
             Backend::Local(s) => s.inject_flush_failure(fail),
+            Backend::Redis(_) => {}
         }
     }
 
@@ -128,6 +183,7 @@ impl Store {
     pub fn in_memory(&self, hash: &KeyHash) -> Option<Key> {
         match &self.backend {
             Backend::Local(s) => s.in_memory(hash).map(|e| Key(KeyRef::Local(e))),
+            Backend::Redis(s) => s.in_memory(hash).map(|e| Key(KeyRef::Redis(e))),
         }
     }
 
@@ -135,6 +191,7 @@ impl Store {
     pub async fn find(&self, hash: &KeyHash) -> Result<Option<Key>, StoreError> {
         match &self.backend {
             Backend::Local(s) => Ok(s.lookup(hash)?.map(|e| Key(KeyRef::Local(e)))),
+            Backend::Redis(s) => Ok(s.lookup(hash).await?.map(|e| Key(KeyRef::Redis(e)))),
         }
     }
 
@@ -142,6 +199,7 @@ impl Store {
     pub async fn find_id(&self, key_id: &str) -> Result<Option<Key>, StoreError> {
         match &self.backend {
             Backend::Local(s) => Ok(s.lookup_id(key_id)?.map(|e| Key(KeyRef::Local(e)))),
+            Backend::Redis(s) => Ok(s.lookup_id(key_id).await?.map(|e| Key(KeyRef::Redis(e)))),
         }
     }
 
@@ -156,6 +214,9 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         match (&self.backend, &key.0) {
             (Backend::Local(s), KeyRef::Local(e)) => Ok(s.charge(e, f)),
+            (Backend::Redis(s), KeyRef::Redis(e)) => s.charge(e, f).await,
+            // A key handle only ever comes from its own store.
+            _ => Ok(None),
         }
     }
 
@@ -169,6 +230,8 @@ impl Store {
     ) -> Result<(), E> {
         match (&self.backend, &key.0) {
             (Backend::Local(s), KeyRef::Local(e)) => s.update(e, change).await,
+            (Backend::Redis(s), KeyRef::Redis(e)) => s.update(e, change).await,
+            _ => Err(StoreError::Gone.into()),
         }
     }
 
@@ -181,6 +244,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.create(hash, record, usage).await,
+            Backend::Redis(s) => s.create(hash, record, usage).await,
         }
     }
 
@@ -189,6 +253,7 @@ impl Store {
     pub async fn revoke(&self, key_id: &str) -> Result<bool, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.revoke(key_id).await,
+            Backend::Redis(s) => s.revoke(key_id).await,
         }
     }
 
@@ -202,6 +267,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.list_ids(external_id, after, limit),
+            Backend::Redis(s) => s.list_ids(external_id, after, limit).await,
         }
     }
 
@@ -213,13 +279,32 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.import_blocking(rows),
+            Backend::Redis(_) => Err(StoreError::Io(
+                "a shared store is filled by `tollgate migrate --to`".into(),
+            )),
         }
     }
 
     /// How many keys exist.
-    pub fn key_count(&self) -> usize {
+    pub async fn key_count(&self) -> Result<usize, StoreError> {
         match &self.backend {
-            Backend::Local(s) => s.key_count(),
+            Backend::Local(s) => Ok(s.key_count()),
+            Backend::Redis(s) => s.key_count().await,
+        }
+    }
+
+    /// Copies keys from another store (`tollgate migrate`); a key id
+    /// already there is kept as it is. Returns how many were copied.
+    pub async fn import(
+        &self,
+        rows: Vec<(sqlite::Row, KeyHash, Option<String>)>,
+    ) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Local(s) => {
+                let n = rows.len();
+                s.import_blocking(rows).map(|()| n)
+            }
+            Backend::Redis(s) => s.import(rows).await,
         }
     }
 
@@ -227,6 +312,7 @@ impl Store {
     pub fn cached(&self) -> usize {
         match &self.backend {
             Backend::Local(s) => s.cached(),
+            Backend::Redis(s) => s.cached(),
         }
     }
 
@@ -235,6 +321,8 @@ impl Store {
     pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
         match &self.backend {
             Backend::Local(s) => s.evict_idle(idle),
+            // The shared store holds every key: any unused copy may go.
+            Backend::Redis(s) => s.evict_idle(),
         }
     }
 
@@ -242,6 +330,8 @@ impl Store {
     pub async fn flush_due(&self) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.flush_due().await,
+            // Nothing is written behind: every change is in Redis already.
+            Backend::Redis(_) => Ok(0),
         }
     }
 
@@ -249,6 +339,7 @@ impl Store {
     pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.flush_dirty().await,
+            Backend::Redis(_) => Ok(0),
         }
     }
 
@@ -256,6 +347,7 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.flush_blocking(),
+            Backend::Redis(_) => Ok(0),
         }
     }
 
@@ -265,6 +357,7 @@ impl Store {
     pub async fn report(&self, make: MakeEvents<'_>) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.report(make).await,
+            Backend::Redis(s) => s.report(make).await,
         }
     }
 
@@ -278,6 +371,7 @@ impl Store {
     ) -> Result<Option<sqlite::Batch>, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_batch(sink, max).await,
+            Backend::Redis(s) => s.outbox_batch(sink, max).await,
         }
     }
 
@@ -289,12 +383,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_delivered(sink, batch).await,
+            Backend::Redis(s) => s.outbox_delivered(sink, batch).await,
         }
     }
 
     pub async fn outbox_stats(&self, sink: &str) -> Result<sqlite::OutboxStats, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_stats(sink),
+            Backend::Redis(s) => s.outbox_stats(sink).await,
         }
     }
 
@@ -307,6 +403,7 @@ impl Store {
     ) -> Result<Vec<(String, String)>, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_next(sink, max),
+            Backend::Redis(s) => s.outbox_next(sink, max).await,
         }
     }
 
@@ -318,6 +415,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_sent(sink, ids).await,
+            Backend::Redis(s) => s.outbox_sent(sink, ids).await,
         }
     }
 
@@ -330,6 +428,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_park(sink, id, reason).await,
+            Backend::Redis(s) => s.outbox_park(sink, id, reason).await,
         }
     }
 
@@ -341,6 +440,7 @@ impl Store {
     ) -> Result<Vec<(String, String, String)>, StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_parked(sink, limit),
+            Backend::Redis(s) => s.outbox_parked(sink, limit).await,
         }
     }
 
@@ -348,6 +448,7 @@ impl Store {
     pub async fn outbox_unpark(&self, ids: Option<Vec<String>>) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(s) => s.outbox_unpark(ids).await,
+            Backend::Redis(s) => s.outbox_unpark(ids).await,
         }
     }
 }

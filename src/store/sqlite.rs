@@ -105,7 +105,18 @@ pub struct Outgoing {
     pub created_ms: i64,
 }
 
+/// An outbox event as a store holds it.
+pub struct Pending {
+    pub sink: String,
+    pub id: String,
+    pub event: String,
+    pub created_ms: i64,
+    /// Why the sink refused it for good, if it did.
+    pub parked: Option<String>,
+}
+
 /// Events of one sink sent together, under one id kept across retries.
+#[derive(Clone)]
 pub struct Batch {
     pub id: String,
     pub events: Vec<String>,
@@ -395,6 +406,24 @@ impl Disk {
                 Ok((row(r)?, r.get(5)?, r.get(6)?))
             })?
             .collect()
+        })
+    }
+
+    /// Every event in the outbox, parked ones included, oldest first: for
+    /// copying a store whole.
+    pub fn outbox_all(&self) -> Result<Vec<Pending>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT sink, id, event, created_ms, parked FROM outbox ORDER BY seq")?
+                .query_map([], |r| {
+                    Ok(Pending {
+                        sink: r.get(0)?,
+                        id: r.get(1)?,
+                        event: r.get(2)?,
+                        created_ms: r.get(3)?,
+                        parked: r.get(4)?,
+                    })
+                })?
+                .collect()
         })
     }
 

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use tollgate::clock::ManualClock;
+use tollgate::clock::{Clock, ManualClock};
 use tollgate::config::Config;
 use tollgate::server::{self, Options, Running};
 
@@ -268,10 +268,151 @@ async fn receive(State(state): State<Arc<ReceiverState>>, req: Request) -> Statu
     status
 }
 
+/// A real `redis-server` on a free loopback port, in a temporary
+/// directory, with its append-only file on (fsynced on every write), so a
+/// restart finds what it acknowledged. It dies when dropped, or with the
+/// thread that started it.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = dead_address().port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = RedisServer {
+            port,
+            dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// `redis://` for database `db` (the harness gives each gateway its own).
+    pub fn url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Starts (again) on the same port and directory: the data comes back
+    /// from the append-only file.
+    pub fn restart(&mut self) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.child.is_none(), "redis-server runs already");
+        let mut command = std::process::Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--databases", "10000", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // kill this child when the test process ends.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        for _ in 0..500 {
+            if redis_ping(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Stops it at once (`kill -9`: what it acknowledged is in its AOF).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 16];
+    conn.write_all(b"PING\r\n").is_ok()
+        && conn
+            .read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+}
+
+/// The shared store for every gateway this test process starts, when
+/// in `gateway_on_redis`: one server, a database each.
+/// The same store path gets the same database, so a gateway started again
+/// on its store (a restart, an upgrade) finds its keys.
+fn shared_redis(store: &std::path::Path) -> Option<String> {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    static DBS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    if !on_redis() {
+        return None;
+    }
+    // The server dies with the thread that started it (PDEATHSIG), and a
+    // test's thread ends with the test: start it on a thread of its own
+    // that lives as long as the process.
+    let port = *PORT.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let server = RedisServer::start();
+            let _ = tx.send(server.port);
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the shared redis-server started")
+    });
+    let mut dbs = DBS.lock().unwrap_or_else(|e| e.into_inner());
+    let db = match dbs.iter().position(|p| p == store) {
+        Some(i) => i + 1,
+        None => {
+            dbs.push(store.to_path_buf());
+            dbs.len()
+        }
+    };
+    Some(format!("redis://127.0.0.1:{port}/{db}"))
+}
+
+/// Whether this test binary puts the gateways on Redis (`gateway_on_redis`):
+/// tests of the embedded store's own machinery skip then.
+pub fn on_redis() -> bool {
+    crate::ON_REDIS
+}
+
 /// A gateway in front of an [`Upstream`].
 pub struct Harness {
     pub gateway: Running,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub clock: Arc<ManualClock>,
     pub client: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -295,7 +436,7 @@ listen:
   admin: "127.0.0.1:0"
   metrics: "127.0.0.1:0"
 store:
-  path: "{store}"
+  path: "{store}"{redis}
 admin:
   root_key_env: TOLLGATE_TEST_ROOT_KEY
 upstreams:
@@ -304,7 +445,10 @@ upstreams:
   slow: {{ url: "http://{upstream}", read_timeout: 300ms }}
 {body}
 "#,
-        store = store.display()
+        store = store.display(),
+        redis = shared_redis(store)
+            .map(|url| format!("\n  redis: {{ url: \"{url}\" }}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -328,7 +472,7 @@ impl Harness {
     }
 
     async fn start_with(body: &str, watch: bool) -> Harness {
-        let upstream = Upstream::start().await;
+        let upstream = Arc::new(Upstream::start().await);
         let dir = tempfile::tempdir().expect("tempdir");
         let text = config_text(
             upstream.addr,
@@ -336,15 +480,39 @@ impl Harness {
             &dir.path().join("store"),
             body,
         );
-        let config = Config::parse(&text)
+        let start = START.parse().expect("start time");
+        Harness::launch(upstream, dir, &text, watch, start, true).await
+    }
+
+    /// One of several gateways in front of `upstream`, on the config
+    /// `text` (`{store}` in it becomes a store path of its own), its own
+    /// clock starting at `clock`. With `align`, the time it counts with is
+    /// set to `clock` (see [`Harness::set_time`]); without, a gateway on
+    /// Redis counts on Redis's clock whatever its own says.
+    pub async fn node(upstream: Arc<Upstream>, text: &str, clock: Timestamp, align: bool) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = text.replace("{store}", &dir.path().join("store").display().to_string());
+        Harness::launch(upstream, dir, &text, false, clock, align).await
+    }
+
+    /// Starts a gateway on `text`, its clock at `start`.
+    async fn launch(
+        upstream: Arc<Upstream>,
+        dir: tempfile::TempDir,
+        text: &str,
+        watch: bool,
+        start: Timestamp,
+        align: bool,
+    ) -> Harness {
+        let config = Config::parse(text)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"))
             .config;
         let config_path = watch.then(|| {
             let path = dir.path().join("tollgate.yaml");
-            std::fs::write(&path, &text).expect("write config");
+            std::fs::write(&path, text).expect("write config");
             path
         });
-        let clock = ManualClock::new(START.parse().expect("start time"));
+        let clock = ManualClock::new(start);
         let options = Options {
             clock: clock.clone(),
             root_key: Some(ROOT_KEY.to_string()),
@@ -362,7 +530,7 @@ impl Harness {
             .expect("gateway starts");
         let base = format!("http://{}", gateway.proxy_addr);
         let admin = format!("http://{}", gateway.admin_addr);
-        Harness {
+        let harness = Harness {
             gateway,
             upstream,
             clock,
@@ -370,7 +538,11 @@ impl Harness {
             _dir: dir,
             base,
             admin,
+        };
+        if align {
+            harness.set_time_to(start);
         }
+        harness
     }
 
     /// Where [`Harness::start_watching`] keeps the config.
@@ -462,8 +634,21 @@ impl Harness {
         self.clock.advance(by);
     }
 
+    /// Sets the gateway's time. On Redis the gateway adds the offset it
+    /// measured to Redis's clock to its own: that is kept, so the time the
+    /// gateway counts with is `at`.
     pub fn set_time(&self, at: &str) {
-        self.clock.set(at.parse::<Timestamp>().expect("time"));
+        self.set_time_to(at.parse::<Timestamp>().expect("time"));
+    }
+
+    fn set_time_to(&self, at: Timestamp) {
+        let offset = self.gateway.gateway.clock.now().duration_since(self.clock.now());
+        self.clock.set(at.checked_sub(offset).expect("a time in range"));
+    }
+
+    /// The time the gateway counts with.
+    pub fn now(&self) -> Timestamp {
+        self.gateway.gateway.clock.now()
     }
 
     /// Sends raw bytes to the proxy (no client-side path cleaning) and

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::common::{config_text, dead_address, metric, Binary, Upstream, ROOT_KEY};
+use crate::common::{config_text, dead_address, metric, on_redis, Binary, Upstream, ROOT_KEY};
 
 const PLANS: &str = r#"
 tiers:
@@ -587,6 +587,9 @@ fn fill(path: &Path) {
 /// request that got 200 is in the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_fails_charges_closed_and_recovers_by_itself() {
+    if on_redis() {
+        return; // the embedded store's disk; Redis faults are tests/gateway/shared.rs
+    }
     let mnt = tempfile::tempdir().expect("tempdir");
     let Some(tmpfs) = Tmpfs::mount(mnt.path(), "16m") else {
         if std::env::var_os("TOLLGATE_SKIP_MOUNT_TESTS").is_some() {
@@ -729,6 +732,9 @@ where
 /// hash, record and usage, and running it twice changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sled_store_migrates_in_one_command() {
+    if on_redis() {
+        return; // an embedded store's migration
+    }
     let site = Site::new(None).await;
     let store = site.dir.path().join("store");
     let (secret, key_id) = sled_store_with_one_key(&store);
