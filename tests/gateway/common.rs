@@ -276,16 +276,24 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    /// More `redis-server` arguments.
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments.
+    pub fn start_with(args: &[&str]) -> RedisServer {
         let port = dead_address().port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = RedisServer {
             port,
             dir,
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         server.restart();
         server
@@ -317,6 +325,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(self.dir.path().join("redis.log"))
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to

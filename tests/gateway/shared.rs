@@ -569,3 +569,71 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
     assert_eq!(overage_delivered(&receiver, payg_id), 2);
     assert_eq!(node.get("/api/data", key).await.status(), 200);
 }
+
+/// Redis Cluster: three masters on loopback; every key's data under one
+/// hash tag, so each script touches one slot. Two nodes on the cluster
+/// stay exact and see each other's changes (a cluster has no one pub/sub
+/// for every key: the version check on every decision carries them).
+/// Alone: `cargo test --test gateway_on_redis -- cluster`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_of_three_masters_stays_exact() {
+    let masters: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+        })
+        .collect();
+    let addresses: Vec<String> = masters
+        .iter()
+        .map(|m| format!("127.0.0.1:{}", m.port))
+        .collect();
+    let made = std::process::Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli (apt-get install redis-tools)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stdout)
+    );
+    for _ in 0..1000 {
+        let info = std::process::Command::new("redis-cli")
+            .args(["-p", &masters[0].port.to_string(), "cluster", "info"])
+            .output()
+            .expect("redis-cli");
+        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = format!("url: \"redis://{}\", cluster: true", addresses[0]);
+    let (upstream, nodes) = nodes(2, &url, "").await;
+    let mut keys = Vec::new();
+    // Keys spread over buckets, so over all three masters.
+    for _ in 0..6 {
+        keys.push(nodes[0].create_key("fifty").await);
+    }
+    for (key, _) in &keys {
+        assert_eq!(successes(&burst(&nodes, 60, "/api/data", key).await), 50);
+    }
+    assert_eq!(upstream.seen().len(), 6 * 50);
+    let (key, key_id) = &keys[0];
+    let path = format!("/v1/keys/{key_id}/credits");
+    admin_json(
+        &nodes[0],
+        Method::POST,
+        &path,
+        Some(json!({ "op": "add", "amount": 1 })),
+    )
+    .await;
+    assert_eq!(nodes[1].get("/api/data", key).await.status(), 200);
+    let resp = nodes[1]
+        .admin(Method::DELETE, &format!("/v1/keys/{key_id}"))
+        .send()
+        .await
+        .expect("revoke");
+    assert!(resp.status().is_success());
+    assert_eq!(nodes[0].get("/api/data", key).await.status(), 401);
+}
