@@ -10,7 +10,11 @@
 # tollgate's public route, its keyed route (rate limit, pool, credits) on
 # one key and spread over 10,000 keys. Then scale: tollgate with 1,000,000
 # keys in its store (start-up time, RSS, keyed throughput over 10,000 of
-# them and over all of them) and with 500 routes in its config.
+# them and over all of them) and with 500 routes in its config. Then the
+# shared store (REDIS=1): one node on Redis, keyed, beside the embedded one
+# (redis-server on the load core, as a separate machine would be), the
+# Redis commands per request, and three nodes on one Redis hammering one
+# key at once (total throughput, and credits charged == requests served).
 #
 # Every proxy runs as shipped: nginx with its default access log (one line
 # per request to a file), tollgate with its default log level (one access
@@ -23,6 +27,7 @@
 # Usage: benches/compare.sh [duration]     (default 10s)
 #   ROUNDS=3 (interleaved; medians reported)  CONNS=64
 #   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
+#   REDIS=0 (skip the shared-store cases)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
@@ -31,13 +36,15 @@ PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 SCALE=${SCALE:-1}
 MANY_KEYS=${MANY_KEYS:-1000000}
+REDIS=${REDIS:-1}
 
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v curl >/dev/null \
-   || [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ]; then
+   || [ ! -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] \
+   || { [ "$REDIS" = 1 ] && ! command -v redis-server >/dev/null; }; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq wrk nginx-light libnginx-mod-http-lua curl >/dev/null 2>&1 \
-    || apt-get install -y -qq wrk nginx libnginx-mod-http-lua curl >/dev/null
+  apt-get install -y -qq wrk nginx-light libnginx-mod-http-lua curl redis-server >/dev/null 2>&1 \
+    || apt-get install -y -qq wrk nginx libnginx-mod-http-lua curl redis-server >/dev/null
 fi
 
 cargo build --release --quiet --bin tollgate --example bare_pingora --example seed_keys
@@ -158,10 +165,12 @@ routes() { # number of filler routes before the two measured ones
   echo "  - { name: public, path: /health, upstream: up, auth: none }"
   echo "  - { name: keyed, path: /api/data, upstream: up, feature: api, pools: { exports: 1 } }"
 }
-tollgate_config() { # name, filler routes, first port (proxy; admin and metrics follow)
+tollgate_config() { # name, filler routes, first port (proxy; admin and metrics follow), [redis url]
+  local redis=""
+  if [ -n "${4:-}" ]; then redis=", redis: { url: \"$4\" }"; fi
   cat > "$WORK/$1.yaml" <<YAML
 listen: { proxy: "127.0.0.1:$3", admin: "127.0.0.1:$(($3 + 1))", metrics: "127.0.0.1:$(($3 + 2))" }
-store: { path: "$WORK/$1-store" }
+store: { path: "$WORK/$1-store"$redis }
 upstreams:
   up: { url: "http://$UP" }
 tiers:
@@ -199,6 +208,17 @@ tollgate_config main 6 3954
 head -10000 "$WORK/keys-all.txt" > "$WORK/keys-10k.txt"
 tail -1 "$WORK/keys-all.txt" > "$WORK/keys-1.txt"
 cp "$WORK/keys-all.txt" "$WORK/peer-keys.txt"
+if [ "$REDIS" = 1 ]; then
+  # Redis as a separate machine would be: on the load core, AOF fsynced
+  # every second (the README's setting).
+  on_load redis-server --port 3990 --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync everysec --dir "$WORK" --daemonize no >/dev/null & PIDS+=($!)
+  for _ in $(seq 500); do redis-cli -p 3990 ping >/dev/null 2>&1 && break; sleep 0.01; done
+  # The same 10,001 keys, copied into Redis by the migration command.
+  "$BIN" migrate --from "$WORK/main-store" --to redis://127.0.0.1:3990/0 >/dev/null
+  tollgate_config redis 6 3984 redis://127.0.0.1:3990/0
+  start_tollgate redis 3984; TG_REDIS=$TG
+fi
 on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
 start_tollgate main 3954; TG_MAIN=$TG
 if [ "$SCALE" = 1 ]; then
@@ -247,9 +267,12 @@ settle() {
     [ "$((b - a))" -le 2 ] && return
   done
 }
+redis_commands() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; else echo 0; fi; }
+declare -A COMMANDS
 run() { # label, pid (CPU measured), keys file or "", url
-  local label=$1 pid=$2 keys=$3 url=$4 before after out
+  local label=$1 pid=$2 keys=$3 url=$4 before after out commands
   settle
+  commands=$(redis_commands)
   before=$(cpu "$pid")
   if [ -n "$keys" ]; then
     out=$(KEYS_FILE=$keys; export KEYS_FILE; on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/keys.lua" "$url")
@@ -257,6 +280,7 @@ run() { # label, pid (CPU measured), keys file or "", url
     out=$(on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url")
   fi
   after=$(cpu "$pid")
+  COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
   local rps p50 p99 total non2xx us
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -298,6 +322,12 @@ CASES=(
   "tollgate keyed, 1 key|$TG_MAIN|$WORK/keys-1.txt|http://127.0.0.1:3954/api/data"
   "tollgate keyed, 10k keys|$TG_MAIN|$WORK/keys-10k.txt|http://127.0.0.1:3954/api/data"
 )
+if [ "$REDIS" = 1 ]; then
+  CASES+=(
+    "tollgate on Redis, keyed, 1 key|$TG_REDIS|$WORK/keys-1.txt|http://127.0.0.1:3984/api/data"
+    "tollgate on Redis, keyed, 10k keys|$TG_REDIS|$WORK/keys-10k.txt|http://127.0.0.1:3984/api/data"
+  )
+fi
 if [ "$SCALE" = 1 ]; then
   CASES+=(
     "tollgate keyed, 10k of $MANY_KEYS keys|$TG_MANY|$WORK/keys-many-10k.txt|http://127.0.0.1:3964/api/data"
@@ -337,9 +367,48 @@ if [ "$SCALE" = 1 ]; then
     "RSS with 10k of them in use ${RSS_MANY_10K} kB (target <= 300 MB);" \
     "peak RSS after traffic over all of them $(awk '/VmHWM/ {print $2}' "/proc/$TG_MANY/status") kB"
 fi
+if [ "$REDIS" = 1 ]; then
+  ratio "Redis node / embedded, 1 key" "tollgate on Redis, keyed, 1 key" "tollgate keyed, 1 key" 0.8
+  ratio "Redis node / embedded, 10k keys" "tollgate on Redis, keyed, 10k keys" "tollgate keyed, 10k keys" 0.8
+  for label in "tollgate keyed, 1 key" "tollgate on Redis, keyed, 1 key" "tollgate on Redis, keyed, 10k keys"; do
+    awk -v c="${COMMANDS[$label]}" -v n="${SERVED[$label]}" -v l="$label" \
+      'BEGIN {printf "  Redis commands per request, %-28s %.2f\n", l ":", c / n}'
+  done
+fi
 echo "  tollgate peak RSS (8 routes, 10k keys): $(awk '/VmHWM/ {print $2}' "/proc/$TG_MAIN/status") kB"
 ONE_KEY=$(cat "$WORK/keys-1.txt")
 USED=$(curl -s http://127.0.0.1:3954/_tollgate/usage -H "Authorization: Bearer $ONE_KEY" \
   | sed -E 's/.*"credits":\{[^}]*"used":([0-9]+).*/\1/')
 echo "exactness: the one-key case's key was charged $USED credits for ${SERVED["tollgate keyed, 1 key"]}" \
   "requests wrk counted (a request cut off at the end of a run may be charged and not counted)"
+
+if [ "$REDIS" = 1 ]; then
+  # Three nodes on one Redis, all on the proxy core, one key hammered
+  # through all three at once (a wrk each on the load core): the total,
+  # and whether the key was charged exactly once per request served.
+  used() { curl -s "http://127.0.0.1:$1/_tollgate/usage" -H "Authorization: Bearer $ONE_KEY" \
+    | sed -E 's/.*"credits":\{[^}]*"used":([0-9]+).*/\1/'; }
+  USED_BEFORE=$(used 3984)
+  THREE=()
+  for n in 0 1 2; do
+    tollgate_config "node$n" 6 $((4000 + 10 * n)) redis://127.0.0.1:3990/0
+    start_tollgate "node$n" $((4000 + 10 * n)); THREE+=($TG)
+  done
+  settle
+  per=$((CONNS / 3))
+  for n in 0 1 2; do
+    KEYS_FILE=$WORK/keys-1.txt on_load wrk -t1 -c"$per" -d"$DURATION" -s "$WORK/keys.lua" \
+      "http://127.0.0.1:$((4000 + 10 * n))/api/data" > "$WORK/three-$n.txt" &
+  done
+  wait_for_wrk() { while pgrep -x wrk >/dev/null; do sleep 0.2; done; }
+  wait_for_wrk
+  TOTAL_RPS=0; TOTAL_SERVED=0
+  for n in 0 1 2; do
+    TOTAL_RPS=$((TOTAL_RPS + $(awk '/Requests\/sec/ {printf "%d", $2}' "$WORK/three-$n.txt")))
+    TOTAL_SERVED=$((TOTAL_SERVED + $(awk '/requests in/ {print $1}' "$WORK/three-$n.txt")))
+  done
+  USED3=$(( $(used 4000) - USED_BEFORE ))
+  echo
+  echo "three nodes on one Redis, one key, all on CPU $PROXY_CPU: $TOTAL_RPS req/s in all;" \
+    "the key was charged $USED3 credits for $TOTAL_SERVED requests wrk counted"
+fi

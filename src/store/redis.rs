@@ -51,12 +51,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisFuture, Value};
+use redis::{Cmd, RedisFuture, Script, Value};
 
 use super::sqlite::{Batch, OutboxStats, Outgoing, Row};
 use super::{MakeEvents, StoreError};
@@ -114,77 +114,97 @@ fn parked_key(sink: &str) -> String {
 
 const IDS: &str = "tg:ids";
 
+/// A script that runs `$body` only if the key's `ver` (KEYS[1], ARGV[1])
+/// is still the one the node decided on, then bumps it. Answers `{1, new
+/// ver}`, `{0, ver, rec, use, bil}` (changed meanwhile: the current state,
+/// to decide again on), or `{-1}` (revoked).
+macro_rules! compare_and_set {
+    ($body:literal) => {
+        concat!(
+            "local ver = redis.call('HGET', KEYS[1], 'ver')\n",
+            "if not ver then return {-1} end\n",
+            "if ver ~= ARGV[1] then\n",
+            "  local v = redis.call('HMGET', KEYS[1], 'ver', 'rec', 'use', 'bil')\n",
+            "  return {0, v[1], v[2], v[3], v[4]}\n",
+            "end\n",
+            $body,
+            "return {1, redis.call('HINCRBY', KEYS[1], 'ver', 1)}\n",
+        )
+    };
+}
+
 /// Writes a key's usage and billing if `ver` is still the one given, and
 /// marks the key for the next reporting pass of any node (KEYS[2], the
 /// bucket's set of charged keys; ARGV[4], the key id).
-/// Answers `{1, new ver}`, `{0, ver, rec, use, bil}` (changed meanwhile: the
-/// current state), or `{-1}` (revoked).
-const CAS_USAGE: &str = r"
-local ver = redis.call('HGET', KEYS[1], 'ver')
-if not ver then return {-1} end
-if ver ~= ARGV[1] then
-  local v = redis.call('HMGET', KEYS[1], 'ver', 'rec', 'use', 'bil')
-  return {0, v[1], v[2], v[3], v[4]}
-end
+static CAS_USAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(compare_and_set!(
+        r"
 redis.call('HSET', KEYS[1], 'use', ARGV[2], 'bil', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
-return {1, redis.call('HINCRBY', KEYS[1], 'ver', 1)}
-";
+"
+    ))
+});
 
 /// Unmarks a key that has nothing left to report, if nothing charged it
 /// since (`ver` still the one given). KEYS: the key's hash, the bucket's
 /// set of charged keys; ARGV: ver, key id.
-const REPORTED: &str = r"
+static REPORTED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local ver = redis.call('HGET', KEYS[1], 'ver')
 if (not ver) or ver == ARGV[1] then redis.call('SREM', KEYS[2], ARGV[2]) end
 return 1
-";
+",
+    )
+});
 
 /// [`CAS_USAGE`] for an admin write: the record too.
-const CAS_ALL: &str = r"
-local ver = redis.call('HGET', KEYS[1], 'ver')
-if not ver then return {-1} end
-if ver ~= ARGV[1] then
-  local v = redis.call('HMGET', KEYS[1], 'ver', 'rec', 'use', 'bil')
-  return {0, v[1], v[2], v[3], v[4]}
-end
+static CAS_ALL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(compare_and_set!(
+        r"
 redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'use', ARGV[3], 'bil', ARGV[4])
-return {1, redis.call('HINCRBY', KEYS[1], 'ver', 1)}
-";
+"
+    ))
+});
 
 /// A reporting step: writes the billing state and appends its events to
 /// the bucket's outbox streams in one atomic step, if `ver` still holds.
 /// KEYS: the key's hash, then one stream per event; ARGV: ver, billing,
 /// then (id, event, created ms) per event.
-const REPORT: &str = r"
-local ver = redis.call('HGET', KEYS[1], 'ver')
-if not ver then return {-1} end
-if ver ~= ARGV[1] then
-  local v = redis.call('HMGET', KEYS[1], 'ver', 'rec', 'use', 'bil')
-  return {0, v[1], v[2], v[3], v[4]}
-end
+static REPORT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(compare_and_set!(
+        r"
 redis.call('HSET', KEYS[1], 'bil', ARGV[2])
 for i = 2, #KEYS do
   local a = 3 + (i - 2) * 3
   redis.call('XADD', KEYS[i], '*', 'id', ARGV[a], 'event', ARGV[a + 1], 'at', ARGV[a + 2])
 end
-return {1, redis.call('HINCRBY', KEYS[1], 'ver', 1)}
-";
+"
+    ))
+});
 
 /// Copies an event in (`tollgate migrate`), once per id: KEYS: the stream,
 /// the set of ids copied into it; ARGV: id, event, created ms.
-const IMPORT_EVENT: &str = r"
+static IMPORT_EVENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'event', ARGV[2], 'at', ARGV[3])
 return 1
-";
+",
+    )
+});
 
 /// Creates a key's hash if it does not exist. Answers 1, or 0 if it did.
-const CREATE: &str = r"
+static CREATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'use', ARGV[2], 'bil', ARGV[3], 'hash', ARGV[4], 'ver', 1)
 return 1
-";
+",
+    )
+});
 
 /// One connection, to one Redis or to a cluster.
 #[derive(Clone)]
@@ -430,14 +450,14 @@ impl Redis {
 
     async fn script(
         &self,
-        src: &'static str,
+        script: &'static LazyLock<Script>,
         keys: &[String],
         args: &[String],
     ) -> Result<Value, StoreError> {
         let (mut conn, keys, args) = (self.conn(), keys.to_vec(), args.to_vec());
         let result = self
             .on_runtime(async move {
-                let script = redis::Script::new(src);
+                // EVALSHA, and the script itself only when Redis lacks it.
                 let mut invocation = script.prepare_invoke();
                 for k in &keys {
                     invocation.key(k);
@@ -672,7 +692,7 @@ impl Redis {
             }
             let reply = self
                 .script(
-                    CAS_USAGE,
+                    &CAS_USAGE,
                     &[data_key(&entry.key_id), charged_key(bucket(&entry.key_id))],
                     &[
                         state.ver.to_string(),
@@ -717,7 +737,7 @@ impl Redis {
             change(&mut record, &mut usage)?;
             let reply = self
                 .script(
-                    CAS_ALL,
+                    &CAS_ALL,
                     &[data_key(&entry.key_id)],
                     &[
                         state.ver.to_string(),
@@ -790,7 +810,7 @@ impl Redis {
     ) -> Result<(), StoreError> {
         let created = self
             .script(
-                CREATE,
+                &CREATE,
                 &[data_key(&record.key_id)],
                 &[
                     to_json(record),
@@ -929,7 +949,7 @@ impl Redis {
                 None => {
                     let done = self
                         .script(
-                            IMPORT_EVENT,
+                            &IMPORT_EVENT,
                             &[stream, format!("tg:{{b{b}}}:imported:{}", e.sink)],
                             &[e.id.clone(), e.event.clone(), e.created_ms.to_string()],
                         )
@@ -994,7 +1014,7 @@ impl Redis {
             let events: Vec<Outgoing> = make(&state.record, &state.usage, &mut billing);
             if events.is_empty() && billing == state.usage.billing {
                 self.script(
-                    REPORTED,
+                    &REPORTED,
                     &[data_key(&entry.key_id), charged_key(b)],
                     &[state.ver.to_string(), entry.key_id.clone()],
                 )
@@ -1007,7 +1027,7 @@ impl Redis {
                 keys.push(outbox_key(b, e.sink));
                 args.extend([e.id.clone(), e.event.clone(), e.created_ms.to_string()]);
             }
-            let reply = self.script(REPORT, &keys, &args).await?;
+            let reply = self.script(&REPORT, &keys, &args).await?;
             match cas_reply(&entry.key_id, &reply)? {
                 Cas::Done(ver) => {
                     state.usage.billing = billing;
