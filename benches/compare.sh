@@ -267,12 +267,14 @@ settle() {
     [ "$((b - a))" -le 2 ] && return
   done
 }
+# Commands Redis ran (those inside scripts included), and scripts run.
 redis_commands() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; else echo 0; fi; }
-declare -A COMMANDS
+redis_scripts() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info commandstats | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n+0}'; else echo 0; fi; }
+declare -A COMMANDS SCRIPTS
 run() { # label, pid (CPU measured), keys file or "", url
-  local label=$1 pid=$2 keys=$3 url=$4 before after out commands
+  local label=$1 pid=$2 keys=$3 url=$4 before after out commands scripts
   settle
-  commands=$(redis_commands)
+  commands=$(redis_commands); scripts=$(redis_scripts)
   before=$(cpu "$pid")
   if [ -n "$keys" ]; then
     out=$(KEYS_FILE=$keys; export KEYS_FILE; on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/keys.lua" "$url")
@@ -281,6 +283,7 @@ run() { # label, pid (CPU measured), keys file or "", url
   fi
   after=$(cpu "$pid")
   COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
+  SCRIPTS[$label]=$(( ${SCRIPTS[$label]:-0} + $(redis_scripts) - scripts ))
   local rps p50 p99 total non2xx us
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -371,8 +374,8 @@ if [ "$REDIS" = 1 ]; then
   ratio "Redis node / embedded, 1 key" "tollgate on Redis, keyed, 1 key" "tollgate keyed, 1 key" 0.8
   ratio "Redis node / embedded, 10k keys" "tollgate on Redis, keyed, 10k keys" "tollgate keyed, 10k keys" 0.8
   for label in "tollgate keyed, 1 key" "tollgate on Redis, keyed, 1 key" "tollgate on Redis, keyed, 10k keys"; do
-    awk -v c="${COMMANDS[$label]}" -v n="${SERVED[$label]}" -v l="$label" \
-      'BEGIN {printf "  Redis commands per request, %-28s %.2f\n", l ":", c / n}'
+    awk -v c="${COMMANDS[$label]}" -v e="${SCRIPTS[$label]}" -v n="${SERVED[$label]}" -v l="$label" \
+      'BEGIN {printf "  Redis per request, %-36s %.2f scripts, %.2f commands (those in scripts included)\n", l ":", e / n, c / n}'
   done
 fi
 echo "  tollgate peak RSS (8 routes, 10k keys): $(awk '/VmHWM/ {print $2}' "/proc/$TG_MAIN/status") kB"
@@ -402,13 +405,14 @@ if [ "$REDIS" = 1 ]; then
   done
   wait_for_wrk() { while pgrep -x wrk >/dev/null; do sleep 0.2; done; }
   wait_for_wrk
-  TOTAL_RPS=0; TOTAL_SERVED=0
+  TOTAL_RPS=0; TOTAL_SERVED=0; TOTAL_NON2XX=0
   for n in 0 1 2; do
     TOTAL_RPS=$((TOTAL_RPS + $(awk '/Requests\/sec/ {printf "%d", $2}' "$WORK/three-$n.txt")))
     TOTAL_SERVED=$((TOTAL_SERVED + $(awk '/requests in/ {print $1}' "$WORK/three-$n.txt")))
+    TOTAL_NON2XX=$((TOTAL_NON2XX + $(awk '/Non-2xx/ {n = $5} END {print n + 0}' "$WORK/three-$n.txt")))
   done
   USED3=$(( $(used 4000) - USED_BEFORE ))
   echo
   echo "three nodes on one Redis, one key, all on CPU $PROXY_CPU: $TOTAL_RPS req/s in all;" \
-    "the key was charged $USED3 credits for $TOTAL_SERVED requests wrk counted"
+    "$TOTAL_NON2XX of them not 2xx; the key was charged $USED3 credits for $TOTAL_SERVED requests wrk counted"
 fi

@@ -115,9 +115,11 @@ fn parked_key(sink: &str) -> String {
 const IDS: &str = "tg:ids";
 
 /// A script that runs `$body` only if the key's `ver` (KEYS[1], ARGV[1])
-/// is still the one the node decided on, then bumps it. Answers `{1, new
-/// ver}`, `{0, ver, rec, use, bil}` (changed meanwhile: the current state,
-/// to decide again on), or `{-1}` (revoked).
+/// is still the one the node decided on, then sets it to ARGV[2], a
+/// version no other write can make ([`Redis::next_version`]). Answers
+/// `{1}`, `{0, ver, rec, use, bil}` (changed meanwhile: the current state,
+/// to decide again on), or `{-1}` (revoked). The body's own arguments
+/// start at ARGV[3].
 macro_rules! compare_and_set {
     ($body:literal) => {
         concat!(
@@ -128,19 +130,20 @@ macro_rules! compare_and_set {
             "  return {0, v[1], v[2], v[3], v[4]}\n",
             "end\n",
             $body,
-            "return {1, redis.call('HINCRBY', KEYS[1], 'ver', 1)}\n",
+            "redis.call('HSET', KEYS[1], 'ver', ARGV[2])\n",
+            "return {1}\n",
         )
     };
 }
 
 /// Writes a key's usage and billing if `ver` is still the one given, and
 /// marks the key for the next reporting pass of any node (KEYS[2], the
-/// bucket's set of charged keys; ARGV[4], the key id).
+/// bucket's set of charged keys; ARGV[5], the key id).
 static CAS_USAGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(compare_and_set!(
         r"
-redis.call('HSET', KEYS[1], 'use', ARGV[2], 'bil', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[1], 'use', ARGV[3], 'bil', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[5])
 "
     ))
 });
@@ -162,21 +165,21 @@ return 1
 static CAS_ALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(compare_and_set!(
         r"
-redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'use', ARGV[3], 'bil', ARGV[4])
+redis.call('HSET', KEYS[1], 'rec', ARGV[3], 'use', ARGV[4], 'bil', ARGV[5])
 "
     ))
 });
 
 /// A reporting step: writes the billing state and appends its events to
 /// the bucket's outbox streams in one atomic step, if `ver` still holds.
-/// KEYS: the key's hash, then one stream per event; ARGV: ver, billing,
-/// then (id, event, created ms) per event.
+/// KEYS: the key's hash, then one stream per event; ARGV: ver, new ver,
+/// billing, then (id, event, created ms) per event.
 static REPORT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(compare_and_set!(
         r"
-redis.call('HSET', KEYS[1], 'bil', ARGV[2])
+redis.call('HSET', KEYS[1], 'bil', ARGV[3])
 for i = 2, #KEYS do
-  local a = 3 + (i - 2) * 3
+  local a = 4 + (i - 2) * 3
   redis.call('XADD', KEYS[i], '*', 'id', ARGV[a], 'event', ARGV[a + 1], 'at', ARGV[a + 2])
 end
 "
@@ -245,7 +248,9 @@ impl ConnectionLike for Conn {
 struct Cached {
     record: KeyRecord,
     usage: Usage,
-    ver: i64,
+    /// The version this copy is of (or will be, once the writes this node
+    /// has sent apply).
+    ver: String,
 }
 
 /// One key as this node holds it.
@@ -284,6 +289,9 @@ pub struct Redis {
     offset_measured: AtomicBool,
     /// The node's own clock, once the gateway hands it over.
     node_clock: std::sync::OnceLock<crate::clock::SharedClock>,
+    /// Versions this process writes: `<prefix>:<n>`.
+    version_prefix: String,
+    versions: std::sync::atomic::AtomicU64,
     /// Tells the background tasks to end.
     stop: tokio::sync::watch::Sender<bool>,
     /// Held for the store's life: the lock of `store.path`.
@@ -340,7 +348,7 @@ fn cached_from(key_id: &str, values: &[Value]) -> Result<Cached, StoreError> {
         key_id: key_id.to_string(),
         reason: format!("missing {what}"),
     };
-    let ver = int(values.first()).ok_or_else(|| corrupt("ver"))?;
+    let ver = text(values.first()).ok_or_else(|| corrupt("ver"))?;
     let record: KeyRecord = parse(
         key_id,
         "record",
@@ -360,7 +368,7 @@ fn cached_from(key_id: &str, values: &[Value]) -> Result<Cached, StoreError> {
 
 /// What a compare-and-set answered.
 enum Cas {
-    Done(i64),
+    Done,
     Changed(Cached),
     Gone,
 }
@@ -372,7 +380,7 @@ fn cas_reply(key_id: &str, reply: &Value) -> Result<Cas, StoreError> {
         )));
     };
     match int(items.first()) {
-        Some(1) => Ok(Cas::Done(int(items.get(1)).unwrap_or(0))),
+        Some(1) => Ok(Cas::Done),
         Some(0) => Ok(Cas::Changed(cached_from(key_id, &items[1..])?)),
         Some(-1) => Ok(Cas::Gone),
         _ => Err(StoreError::Io(format!(
@@ -419,6 +427,8 @@ impl Redis {
             clock_offset: Arc::default(),
             offset_measured: AtomicBool::new(false),
             node_clock: std::sync::OnceLock::new(),
+            version_prefix: crate::keys::random_id("v"),
+            versions: std::sync::atomic::AtomicU64::new(1),
             batches: Mutex::default(),
             open: Mutex::default(),
             singles: Mutex::default(),
@@ -454,39 +464,62 @@ impl Redis {
         keys: &[String],
         args: &[String],
     ) -> Result<Value, StoreError> {
-        let (mut conn, keys, args) = (self.conn(), keys.to_vec(), args.to_vec());
-        let result = self
-            .on_runtime(async move {
-                // EVALSHA, and the script itself only when Redis lacks it.
-                let mut invocation = script.prepare_invoke();
-                for k in &keys {
-                    invocation.key(k);
-                }
-                for a in &args {
-                    invocation.arg(a);
-                }
-                invocation
-                    .invoke_async::<Value>(&mut conn)
-                    .await
-                    .map_err(io)
-            })
-            .await;
+        let result = self.start_script(script, keys, args).await;
         self.note(&result);
         result
     }
 
-    /// Runs `work` on the store's runtime, with the [`TIMEOUT`].
-    async fn on_runtime<T: Send + 'static>(
+    /// Sends a script now; its answer comes with the future.
+    fn start_script(
+        &self,
+        script: &'static LazyLock<Script>,
+        keys: &[String],
+        args: &[String],
+    ) -> impl std::future::Future<Output = Result<Value, StoreError>> {
+        let (mut conn, keys, args) = (self.conn(), keys.to_vec(), args.to_vec());
+        self.on_runtime(async move {
+            // EVALSHA, and the script itself only when Redis lacks it.
+            let mut invocation = script.prepare_invoke();
+            for k in &keys {
+                invocation.key(k);
+            }
+            for a in &args {
+                invocation.arg(a);
+            }
+            invocation
+                .invoke_async::<Value>(&mut conn)
+                .await
+                .map_err(io)
+        })
+    }
+
+    /// A version no other write makes: this process's own prefix (random,
+    /// so not even this node before a restart) and a counter.
+    fn next_version(&self) -> String {
+        let n = self.versions.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.version_prefix)
+    }
+
+    /// Runs `work` on the store's runtime, with the [`TIMEOUT`]. The work
+    /// is started now (spawned, so sent in the order of the calls); the
+    /// answer comes with the future.
+    fn on_runtime<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let Some(rt) = &self.rt else {
-            return Err(StoreError::Closed);
-        };
-        match rt.spawn(tokio::time::timeout(TIMEOUT, work)).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(StoreError::Io("redis: no answer in time".into())),
-            Err(e) => Err(StoreError::Io(format!("redis: {e}"))),
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> {
+        let handle = self
+            .rt
+            .as_ref()
+            .map(|rt| rt.spawn(tokio::time::timeout(TIMEOUT, work)));
+        async move {
+            match handle {
+                None => Err(StoreError::Closed),
+                Some(handle) => match handle.await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(StoreError::Io("redis: no answer in time".into())),
+                    Err(e) => Err(StoreError::Io(format!("redis: {e}"))),
+                },
+            }
         }
     }
 
@@ -661,54 +694,68 @@ impl Redis {
         entry: &Arc<Entry>,
         f: impl Fn(&KeyRecord, &mut Usage) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let mut state = entry.state.lock().await;
-        if !self.refresh(entry, &mut state).await? {
-            return Ok(None);
-        }
         for _ in 0..MAX_ATTEMPTS {
-            let mut usage = state.usage.clone();
-            let out = f(&state.record, &mut usage);
-            if usage == state.usage {
-                // A decision that writes nothing (a rejection, mostly) must
-                // still rest on the state of the moment: another node may
-                // have refunded or released since this copy was read.
-                let ver: Option<i64> = self
-                    .run(redis::cmd("HGET").arg(data_key(&entry.key_id)).arg("ver"))
-                    .await?;
-                match ver {
-                    None => {
-                        self.gone(entry);
-                        return Ok(None);
-                    }
-                    Some(ver) if ver == state.ver => return Ok(Some(out)),
-                    Some(_) => {
-                        entry.stale.store(true, Ordering::Release);
-                        if !self.refresh(entry, &mut state).await? {
+            let (answer, out) = {
+                let mut state = entry.state.lock().await;
+                if !self.refresh(entry, &mut state).await? {
+                    return Ok(None);
+                }
+                let mut usage = state.usage.clone();
+                let out = f(&state.record, &mut usage);
+                if usage == state.usage {
+                    // A decision that writes nothing (a rejection, mostly)
+                    // must still rest on the state of the moment: another
+                    // node may have refunded or released since this copy
+                    // was read, or a write this node sent may have failed.
+                    let ver: Option<String> = self
+                        .run(redis::cmd("HGET").arg(data_key(&entry.key_id)).arg("ver"))
+                        .await?;
+                    match ver {
+                        None => {
+                            self.gone(entry);
                             return Ok(None);
                         }
-                        continue;
+                        Some(ver) if ver == state.ver => return Ok(Some(out)),
+                        Some(_) => {
+                            entry.stale.store(true, Ordering::Release);
+                            continue;
+                        }
                     }
                 }
-            }
-            let reply = self
-                .script(
+                // Sent now, answered later: the next request on this key
+                // decides on this one's outcome without waiting for it.
+                // If this write fails, every write decided after it fails
+                // too (each names the version the one before it makes),
+                // and each decides again on what Redis holds.
+                let version = self.next_version();
+                let expected = std::mem::replace(&mut state.ver, version.clone());
+                let answer = self.start_script(
                     &CAS_USAGE,
                     &[data_key(&entry.key_id), charged_key(bucket(&entry.key_id))],
                     &[
-                        state.ver.to_string(),
+                        expected,
+                        version,
                         to_json(&usage),
                         to_json(&usage.billing),
                         entry.key_id.clone(),
                     ],
-                )
-                .await?;
-            match cas_reply(&entry.key_id, &reply)? {
-                Cas::Done(ver) => {
-                    state.usage = usage;
-                    state.ver = ver;
-                    return Ok(Some(out));
+                );
+                state.usage = usage;
+                (answer, out)
+            };
+            let reply = answer.await;
+            self.note(&reply);
+            let reply = match reply.and_then(|r| cas_reply(&entry.key_id, &r)) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Whether it was written is unknown: read it again.
+                    entry.stale.store(true, Ordering::Release);
+                    return Err(e);
                 }
-                Cas::Changed(now) => *state = now,
+            };
+            match reply {
+                Cas::Done => return Ok(Some(out)),
+                Cas::Changed(_) => entry.stale.store(true, Ordering::Release),
                 Cas::Gone => {
                     self.gone(entry);
                     return Ok(None);
@@ -735,23 +782,27 @@ impl Redis {
         for _ in 0..MAX_ATTEMPTS {
             let (mut record, mut usage) = (state.record.clone(), state.usage.clone());
             change(&mut record, &mut usage)?;
+            let version = self.next_version();
             let reply = self
                 .script(
                     &CAS_ALL,
                     &[data_key(&entry.key_id)],
                     &[
-                        state.ver.to_string(),
+                        state.ver.clone(),
+                        version.clone(),
                         to_json(&record),
                         to_json(&usage),
                         to_json(&usage.billing),
                     ],
                 )
-                .await?;
-            match cas_reply(&entry.key_id, &reply)? {
-                Cas::Done(ver) => {
+                .await
+                .and_then(|reply| cas_reply(&entry.key_id, &reply))
+                .inspect_err(|_| entry.stale.store(true, Ordering::Release))?;
+            match reply {
+                Cas::Done => {
                     let old_ext = std::mem::replace(&mut state.record, record);
                     state.usage = usage;
-                    state.ver = ver;
+                    state.ver = version;
                     self.reindex_external(
                         &entry.key_id,
                         old_ext.external_id.as_deref(),
@@ -1016,22 +1067,27 @@ impl Redis {
                 self.script(
                     &REPORTED,
                     &[data_key(&entry.key_id), charged_key(b)],
-                    &[state.ver.to_string(), entry.key_id.clone()],
+                    &[state.ver.clone(), entry.key_id.clone()],
                 )
                 .await?;
                 return Ok(0);
             }
             let mut keys = vec![data_key(&entry.key_id)];
-            let mut args = vec![state.ver.to_string(), to_json(&billing)];
+            let version = self.next_version();
+            let mut args = vec![state.ver.clone(), version.clone(), to_json(&billing)];
             for e in &events {
                 keys.push(outbox_key(b, e.sink));
                 args.extend([e.id.clone(), e.event.clone(), e.created_ms.to_string()]);
             }
-            let reply = self.script(&REPORT, &keys, &args).await?;
-            match cas_reply(&entry.key_id, &reply)? {
-                Cas::Done(ver) => {
+            let reply = self
+                .script(&REPORT, &keys, &args)
+                .await
+                .and_then(|reply| cas_reply(&entry.key_id, &reply))
+                .inspect_err(|_| entry.stale.store(true, Ordering::Release))?;
+            match reply {
+                Cas::Done => {
                     state.usage.billing = billing;
-                    state.ver = ver;
+                    state.ver = version;
                     return Ok(events.len());
                 }
                 Cas::Changed(now) => *state = now,
