@@ -289,6 +289,9 @@ pub struct Redis {
     offset_measured: AtomicBool,
     /// The node's own clock, once the gateway hands it over.
     node_clock: std::sync::OnceLock<crate::clock::SharedClock>,
+    /// Tells this store's per-thread connections from other stores' (a
+    /// test process holds many).
+    id: u64,
     /// Versions this process writes: `<prefix>:<n>`.
     version_prefix: String,
     versions: std::sync::atomic::AtomicU64,
@@ -427,6 +430,10 @@ impl Redis {
             clock_offset: Arc::default(),
             offset_measured: AtomicBool::new(false),
             node_clock: std::sync::OnceLock::new(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
             version_prefix: crate::keys::random_id("v"),
             versions: std::sync::atomic::AtomicU64::new(1),
             batches: Mutex::default(),
@@ -476,23 +483,78 @@ impl Redis {
         keys: &[String],
         args: &[String],
     ) -> impl std::future::Future<Output = Result<Value, StoreError>> {
-        let (mut conn, keys, args) = (self.conn(), keys.to_vec(), args.to_vec());
-        self.on_runtime(async move {
-            // EVALSHA, and the script itself only when Redis lacks it.
-            let mut invocation = script.prepare_invoke();
-            for k in &keys {
-                invocation.key(k);
-            }
-            for a in &args {
-                invocation.arg(a);
-            }
-            invocation
-                .invoke_async::<Value>(&mut conn)
-                .await
-                .map_err(io)
-        })
+        self.on_runtime(invoke(self.conn(), script, keys.to_vec(), args.to_vec()))
     }
 
+    /// A script on the caller's own thread and runtime, over that thread's
+    /// own connection ([`Redis::local_conn`]), with the [`TIMEOUT`]: the
+    /// proxy's hot path, with no hand-off to another thread and back. It is
+    /// sent when first polled.
+    async fn script_here(
+        &self,
+        script: &'static LazyLock<Script>,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StoreError> {
+        let work = invoke(self.local_conn(), script, keys, args);
+        match tokio::time::timeout(TIMEOUT, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Io("redis: no answer in time".into())),
+        }
+    }
+
+    /// This thread's own connection to Redis, made on first use on the
+    /// thread's runtime (a proxy worker's), so its I/O runs on this thread.
+    /// A cluster connection is shared.
+    fn local_conn(&self) -> Conn {
+        let (Some(client), Conn::Single(_)) = (&self.client, &self.conn) else {
+            return self.conn();
+        };
+        LOCAL_CONNS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            if let Some((_, conn)) = conns.iter().find(|(id, _)| *id == self.id) {
+                return Conn::Single(conn.clone());
+            }
+            match client.get_connection_manager_lazy(manager_config()) {
+                Ok(conn) => {
+                    conns.push((self.id, conn.clone()));
+                    Conn::Single(conn)
+                }
+                Err(_) => self.conn(),
+            }
+        })
+    }
+}
+
+thread_local! {
+    /// Per store (by [`Redis::id`]), this thread's connection.
+    static LOCAL_CONNS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs a script (EVALSHA, and the script itself only when Redis lacks it).
+fn invoke(
+    mut conn: Conn,
+    script: &'static LazyLock<Script>,
+    keys: Vec<String>,
+    args: Vec<String>,
+) -> impl std::future::Future<Output = Result<Value, StoreError>> + Send + 'static {
+    async move {
+        let mut invocation = script.prepare_invoke();
+        for k in &keys {
+            invocation.key(k);
+        }
+        for a in &args {
+            invocation.arg(a);
+        }
+        invocation
+            .invoke_async::<Value>(&mut conn)
+            .await
+            .map_err(io)
+    }
+}
+
+impl Redis {
     /// A version no other write makes: this process's own prefix (random,
     /// so not even this node before a restart) and a counter.
     fn next_version(&self) -> String {
@@ -695,7 +757,7 @@ impl Redis {
         f: impl Fn(&KeyRecord, &mut Usage) -> T,
     ) -> Result<Option<T>, StoreError> {
         for _ in 0..MAX_ATTEMPTS {
-            let (answer, out) = {
+            let (mut answer, early, out) = {
                 let mut state = entry.state.lock().await;
                 if !self.refresh(entry, &mut state).await? {
                     return Ok(None);
@@ -729,21 +791,27 @@ impl Redis {
                 // and each decides again on what Redis holds.
                 let version = self.next_version();
                 let expected = std::mem::replace(&mut state.ver, version.clone());
-                let answer = self.start_script(
+                let mut answer = Box::pin(self.script_here(
                     &CAS_USAGE,
-                    &[data_key(&entry.key_id), charged_key(bucket(&entry.key_id))],
-                    &[
+                    vec![data_key(&entry.key_id), charged_key(bucket(&entry.key_id))],
+                    vec![
                         expected,
                         version,
                         to_json(&usage),
                         to_json(&usage.billing),
                         entry.key_id.clone(),
                     ],
-                );
+                ));
                 state.usage = usage;
-                (answer, out)
+                // Polled once under the key's lock: that sends it, so the
+                // writes on a key leave in the order they were decided.
+                let early = futures_util::poll!(answer.as_mut());
+                (answer, early, out)
             };
-            let reply = answer.await;
+            let reply = match early {
+                std::task::Poll::Ready(reply) => reply,
+                std::task::Poll::Pending => answer.as_mut().await,
+            };
             self.note(&reply);
             let reply = match reply.and_then(|r| cas_reply(&entry.key_id, &r)) {
                 Ok(reply) => reply,
@@ -1445,17 +1513,20 @@ async fn connect(config: &RedisConfig) -> Result<(Conn, Option<redis::Client>), 
     } else {
         let client = redis::Client::open(info).map_err(io)?;
         let manager = client
-            .get_connection_manager_lazy(
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_millis(500)))
-                    .set_response_timeout(Some(TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(200)),
-            )
+            .get_connection_manager_lazy(manager_config())
             .map_err(io)?;
         Ok((Conn::Single(manager), Some(client)))
     }
+}
+
+/// How a connection to one Redis connects, waits and reconnects.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(TIMEOUT))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(200))
 }
 
 /// While the store is unhealthy, asks Redis every [`PROBE_EVERY`] whether
