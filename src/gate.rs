@@ -57,10 +57,20 @@ fn resolve(amount: &Amount, headers: &HeaderMap) -> Result<u64, Rejection> {
         Amount::Fixed(n) => Ok(*n),
         Amount::Header(name) => {
             let mut values = headers.get_all(name).iter();
-            let (Some(value), None) = (values.next(), values.next()) else {
-                return Err(Rejection::bad_request(format!(
-                    "header '{name}' must be sent exactly once"
-                )));
+            let value = match (values.next(), values.count()) {
+                (Some(value), 0) => value,
+                (None, _) => {
+                    return Err(Rejection::bad_request(format!(
+                        "header '{name}' is missing: this route charges the amount it gives, \
+                         a decimal integer from 0 to {MAX_AMOUNT}"
+                    )))
+                }
+                (Some(_), more) => {
+                    return Err(Rejection::bad_request(format!(
+                        "header '{name}' was sent {} times: send it once",
+                        more + 1
+                    )))
+                }
             };
             parse_amount(value.as_bytes()).ok_or_else(|| {
                 Rejection::bad_request(format!(
@@ -71,15 +81,28 @@ fn resolve(amount: &Amount, headers: &HeaderMap) -> Result<u64, Rejection> {
     }
 }
 
-/// A plain decimal integer in 0..=2^63-1: no sign, no spaces, no wrapping.
+/// An amount in a header (a request's cost, an upstream's metered units):
+/// ASCII digits making an integer in 0..=2^63-1, with any number of leading
+/// zeros and optional spaces or tabs around it (HTTP's optional whitespace,
+/// not part of the value). No sign, no other characters, no wrapping or
+/// capping: anything else is refused.
 pub fn parse_amount(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !is_ows(b))?;
+    let end = bytes.iter().rposition(|b| !is_ows(b))? + 1;
+    let digits = &bytes[start..end];
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(bytes)
-        .ok()?
-        .parse::<u64>()
-        .ok()
+    let significant = &digits[digits.iter().take_while(|b| **b == b'0').count()..];
+    if significant.len() > 19 {
+        return None;
+    }
+    significant
+        .iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .filter(|n| *n <= MAX_AMOUNT)
 }
 
@@ -202,6 +225,7 @@ pub fn admit(
             } else {
                 return Err(Rejection::QuotaExceeded {
                     pool: name.clone(),
+                    units: *units,
                     remaining: limit.saturating_sub(used),
                     resets_at,
                 });
@@ -218,6 +242,7 @@ pub fn admit(
                 (remaining, amounts.cost - remaining)
             } else {
                 return Err(Rejection::UsageExceeded {
+                    cost: amounts.cost,
                     remaining,
                     resets_at: Usage::next_refill(tier, record.refill_day, now),
                     upgrade_url: tier.upgrade_url.clone(),
@@ -234,7 +259,7 @@ pub fn admit(
         window.add(1, window_ms, now_ms);
         let used = window.used(window_ms, now_ms);
         let reset_ms = window
-            .oldest_expiry_ms(window_ms)
+            .oldest_expiry_ms(window_ms, now_ms)
             .map_or(0, |at| (at - now_ms).max(0));
         rates.push(RateStatus {
             index,

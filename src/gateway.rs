@@ -121,15 +121,20 @@ impl KeySource {
 /// The one key a request carries: a `Bearer` `Authorization` or an
 /// `X-API-Key`. Two keys, in any combination, is a bad request.
 pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection> {
+    let mut other_scheme = None;
     let bearer = headers
         .get_all(http::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| {
-            let v = v.to_str().ok()?;
-            let (scheme, token) = v.split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then_some(token.trim())
+            let v = v.to_str().ok()?.trim();
+            let (scheme, token) = v.split_once([' ', '\t']).unwrap_or((v, ""));
+            let token = token.trim();
+            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+                Some(token)
+            } else {
+                other_scheme.get_or_insert_with(|| scheme_name(scheme));
+                None
+            }
         });
     let bearer = bearer.map(|k| (k, KeySource::Authorization));
     let api_key = headers
@@ -138,11 +143,30 @@ pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection
         .map(|v| (v.to_str().unwrap_or(""), KeySource::ApiKey));
     let mut keys = bearer.chain(api_key);
     match (keys.next(), keys.next()) {
-        (None, _) => Err(Rejection::MissingKey),
+        (None, _) => Err(Rejection::MissingKey {
+            scheme: other_scheme,
+        }),
         (Some(one), None) => Ok(one),
         (Some(_), Some(_)) => Err(Rejection::bad_request(
             "send exactly one API key: one Authorization or one X-API-Key header",
         )),
+    }
+}
+
+/// An `Authorization` scheme as it may be shown back: a short token of
+/// letters, digits and dashes, or a neutral word; never the credentials.
+fn scheme_name(scheme: &str) -> String {
+    let shown = !scheme.is_empty()
+        && scheme.len() <= 24
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if scheme.eq_ignore_ascii_case("bearer") {
+        "Bearer (with no key)".into()
+    } else if shown {
+        scheme.into()
+    } else {
+        "unknown".into()
     }
 }
 
@@ -218,7 +242,30 @@ mod tests {
 
     #[test]
     fn none_or_two_keys_are_refused() {
-        assert_eq!(presented_key(&headers(&[])), Err(Rejection::MissingKey));
+        assert_eq!(
+            presented_key(&headers(&[])),
+            Err(Rejection::MissingKey { scheme: None })
+        );
+        let sent = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
+        let basic = presented_key(&sent);
+        assert_eq!(
+            basic,
+            Err(Rejection::MissingKey {
+                scheme: Some("Basic".into())
+            })
+        );
+        let message = basic.expect_err("refused").to_string();
+        assert!(message.contains("'Basic' scheme"), "{message}");
+        assert!(!message.contains("dXNlcjpwYXNz"), "{message}");
+        for empty in ["Bearer", "Bearer ", "bearer \t"] {
+            assert_eq!(
+                presented_key(&headers(&[("authorization", empty)])),
+                Err(Rejection::MissingKey {
+                    scheme: Some("Bearer (with no key)".into())
+                }),
+                "{empty:?}"
+            );
+        }
         for two in [
             headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]),
             headers(&[("authorization", "Bearer a"), ("x-api-key", "b")]),

@@ -219,7 +219,7 @@ impl PoolUsage {
                     .wait_ms(units, pool.limit.get(), window_ms, now_ms)
                 {
                     Some(wait) if wait > 0 => Some(now_ms + wait),
-                    _ => self.window.oldest_expiry_ms(window_ms),
+                    _ => self.window.oldest_expiry_ms(window_ms, now_ms),
                 };
                 (used, at.and_then(|ms| Timestamp::from_millisecond(ms).ok()))
             }

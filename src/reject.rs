@@ -6,7 +6,11 @@ use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    MissingKey,
+    /// No key; `scheme` names the `Authorization` scheme sent instead of
+    /// `Bearer`, if any (the scheme only, never the credentials).
+    MissingKey {
+        scheme: Option<String>,
+    },
     InvalidKey,
     Expired {
         expired_at: Timestamp,
@@ -26,10 +30,14 @@ pub enum Rejection {
     },
     QuotaExceeded {
         pool: String,
+        /// What the request needs of the pool, for the message.
+        units: u64,
         remaining: u64,
         resets_at: Option<Timestamp>,
     },
     UsageExceeded {
+        /// What the request costs, for the message.
+        cost: u64,
         remaining: u64,
         resets_at: Option<Timestamp>,
         upgrade_url: Option<String>,
@@ -51,7 +59,7 @@ impl Rejection {
 
     pub fn status(&self) -> u16 {
         match self {
-            Rejection::MissingKey | Rejection::InvalidKey | Rejection::Expired { .. } => 401,
+            Rejection::MissingKey { .. } | Rejection::InvalidKey | Rejection::Expired { .. } => 401,
             Rejection::Disabled
             | Rejection::TierNotFound { .. }
             | Rejection::FeatureNotAvailable { .. } => 403,
@@ -67,7 +75,7 @@ impl Rejection {
     /// The `code` field, also the `code` label of request metrics.
     pub fn code(&self) -> &'static str {
         match self {
-            Rejection::MissingKey => "MISSING_KEY",
+            Rejection::MissingKey { .. } => "MISSING_KEY",
             Rejection::InvalidKey => "INVALID_KEY",
             Rejection::Expired { .. } => "EXPIRED",
             Rejection::Disabled => "DISABLED",
@@ -83,11 +91,17 @@ impl Rejection {
         }
     }
 
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         match self {
-            Rejection::MissingKey => {
+            Rejection::MissingKey { scheme: None } => {
                 "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'".into()
             }
+            Rejection::MissingKey {
+                scheme: Some(scheme),
+            } => format!(
+                "the Authorization header uses the '{scheme}' scheme, which carries no API key \
+                 here: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            ),
             Rejection::InvalidKey => "the API key is not valid".into(),
             Rejection::Expired { .. } => "the API key has expired".into(),
             Rejection::Disabled => "the API key is disabled".into(),
@@ -100,8 +114,20 @@ impl Rejection {
             Rejection::RateLimited { limit, .. } => {
                 format!("rate limit '{limit}' exceeded; retry later")
             }
-            Rejection::QuotaExceeded { pool, .. } => format!("the '{pool}' quota is used up"),
-            Rejection::UsageExceeded { .. } => "the key's credits are used up".into(),
+            Rejection::QuotaExceeded {
+                pool,
+                units,
+                remaining,
+                ..
+            } => {
+                format!("this request needs {units} of the '{pool}' quota and {remaining} are left")
+            }
+            Rejection::UsageExceeded {
+                cost, remaining: 0, ..
+            } => format!("this request costs {cost} credits and the key has none left"),
+            Rejection::UsageExceeded {
+                cost, remaining, ..
+            } => format!("this request costs {cost} credits and the key has {remaining} left"),
             Rejection::BadRequest { message } => message.clone(),
             Rejection::RouteNotFound => "no route matches this request".into(),
             Rejection::UpstreamUnavailable => {
@@ -135,11 +161,13 @@ impl Rejection {
                 pool,
                 remaining,
                 resets_at,
+                ..
             } => json!({ "pool": pool, "remaining": remaining, "resets_at": resets_at }),
             Rejection::UsageExceeded {
                 remaining,
                 resets_at,
                 upgrade_url,
+                ..
             } => json!({
                 "remaining": remaining,
                 "resets_at": resets_at,
@@ -156,7 +184,7 @@ impl Rejection {
     /// Extra response headers.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Rejection::MissingKey => vec![("WWW-Authenticate", "Bearer".into())],
+            Rejection::MissingKey { .. } => vec![("WWW-Authenticate", "Bearer".into())],
             Rejection::InvalidKey | Rejection::Expired { .. } => {
                 vec![("WWW-Authenticate", "Bearer error=\"invalid_token\"".into())]
             }
@@ -165,6 +193,12 @@ impl Rejection {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
     }
 }
 

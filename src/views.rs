@@ -33,7 +33,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
                 "limit": rl.limit.get(),
                 "window": window_text(rl.window),
                 "remaining": rl.limit.get().saturating_sub(used),
-                "resets_at": window.oldest_expiry_ms(window_ms).and_then(ms_to_timestamp),
+                "resets_at": window.oldest_expiry_ms(window_ms, now_ms).and_then(ms_to_timestamp),
                 "shadow": rl.shadow,
             });
             (name.clone(), state)

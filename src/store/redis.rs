@@ -292,6 +292,10 @@ pub struct Redis {
     /// Tells this store's per-thread connections from other stores' (a
     /// test process holds many).
     id: u64,
+    /// Bumped on a failed command and when Redis answers again: a thread
+    /// whose connection is older makes a new one, so no request after a
+    /// Redis restart goes out on a connection to the process that died.
+    conn_epoch: std::sync::atomic::AtomicU64,
     /// Versions this process writes: `<prefix>:<n>`.
     version_prefix: String,
     versions: std::sync::atomic::AtomicU64,
@@ -434,6 +438,7 @@ impl Redis {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
+            conn_epoch: std::sync::atomic::AtomicU64::new(0),
             version_prefix: crate::keys::random_id("v"),
             versions: std::sync::atomic::AtomicU64::new(1),
             batches: Mutex::default(),
@@ -510,14 +515,18 @@ impl Redis {
         let (Some(client), Conn::Single(_)) = (&self.client, &self.conn) else {
             return self.conn();
         };
+        let epoch = self.conn_epoch.load(Ordering::Acquire);
         LOCAL_CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
-            if let Some((_, conn)) = conns.iter().find(|(id, _)| *id == self.id) {
-                return Conn::Single(conn.clone());
+            if let Some(at) = conns.iter().position(|(id, _, _)| *id == self.id) {
+                if conns[at].1 == epoch {
+                    return Conn::Single(conns[at].2.clone());
+                }
+                conns.swap_remove(at);
             }
             match client.get_connection_manager_lazy(manager_config()) {
                 Ok(conn) => {
-                    conns.push((self.id, conn.clone()));
+                    conns.push((self.id, epoch, conn.clone()));
                     Conn::Single(conn)
                 }
                 Err(_) => self.conn(),
@@ -527,8 +536,9 @@ impl Redis {
 }
 
 thread_local! {
-    /// Per store (by [`Redis::id`]), this thread's connection.
-    static LOCAL_CONNS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
+    /// Per store (by [`Redis::id`]), this thread's connection and the
+    /// [`Redis::conn_epoch`] it was made in.
+    static LOCAL_CONNS: std::cell::RefCell<Vec<(u64, u64, ConnectionManager)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -588,6 +598,9 @@ impl Redis {
     fn note<T>(&self, result: &Result<T, StoreError>) {
         // Commands cut off by the store's own shutdown say nothing of Redis.
         let closing = *self.stop.borrow();
+        if result.is_err() && !closing {
+            self.conn_epoch.fetch_add(1, Ordering::AcqRel);
+        }
         if result.is_err() && !closing && self.healthy.swap(false, Ordering::AcqRel) {
             tracing::error!("Redis stopped answering; keyed requests fail until it does");
         }
@@ -646,6 +659,7 @@ impl Redis {
     pub async fn ping(&self) -> bool {
         let up = self.run::<String>(&redis::cmd("PING")).await.is_ok();
         if up && !self.healthy.swap(true, Ordering::AcqRel) {
+            self.conn_epoch.fetch_add(1, Ordering::AcqRel);
             tracing::info!("Redis answers again; charges resume");
         }
         up

@@ -137,6 +137,8 @@ async fn rate_limit_is_429_with_retry_after_and_frees_later() {
     assert_eq!(body["code"], "RATE_LIMITED");
     assert_eq!(body["limit"], "requests");
     assert_eq!(body["retry_after"], retry);
+    // The clock stands still: exactly the 60 s window, never more.
+    assert_eq!(retry, 60);
     // The refused request cost no credit.
     assert_eq!(h.usage(&key).await["usage"]["credits"]["remaining"], 997);
     h.advance(Duration::from_secs(retry));
