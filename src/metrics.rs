@@ -41,6 +41,19 @@ pub const NAMES: &[&str] = &[
 /// The `route` label when no route matched; the `tier` label when no key
 /// was read, or its tier is not in the config.
 pub const NONE: &str = "none";
+/// The `route` label of the customer usage endpoint (`usage.path`).
+pub const USAGE: &str = "usage";
+
+/// Which `route` label a request counts under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    /// A route of the config, by index.
+    Route(usize),
+    /// The usage endpoint.
+    Usage,
+    /// No route matched.
+    None,
+}
 
 /// Every `code` label value: the rejection codes and `OK`.
 pub const CODES: &[&str] = &[
@@ -253,7 +266,7 @@ impl Metrics {
     /// exported before their first event.
     pub fn prepare(&self, config: &Config) {
         let mut routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-        routes.push(NONE);
+        routes.extend([USAGE, NONE]);
         let mut tiers: Vec<&str> = config.tiers.keys().map(String::as_str).collect();
         for route in &routes {
             self.request_duration.with_label_values(&[route]);
@@ -332,7 +345,8 @@ impl Metrics {
 /// The series one config generation's requests count in, resolved once
 /// per generation instead of looked up by label (a hash and a lock) on
 /// every request. Routes and tiers are the config's indices; the last
-/// index of each stands for `none`.
+/// index of each stands for `none`, and the one before the last route
+/// index for `usage`.
 pub struct Handles {
     routes: usize,
     tiers: usize,
@@ -351,7 +365,7 @@ impl Handles {
     pub fn new(metrics: &Metrics, config: &Config) -> Handles {
         metrics.prepare(config);
         let mut route_names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
-        route_names.push(NONE.to_string());
+        route_names.extend([USAGE.to_string(), NONE.to_string()]);
         let mut tier_names: Vec<String> = config.tiers.keys().cloned().collect();
         tier_names.push(NONE.to_string());
         let per_tier = |vec: &IntCounterVec| -> Vec<IntCounter> {
@@ -378,10 +392,12 @@ impl Handles {
         }
     }
 
-    fn route(&self, route: Option<usize>) -> usize {
-        route
-            .filter(|r| *r < self.routes - 1)
-            .unwrap_or(self.routes - 1)
+    fn route(&self, route: RouteLabel) -> usize {
+        match route {
+            RouteLabel::Route(r) if r < self.routes - 2 => r,
+            RouteLabel::Usage => self.routes - 2,
+            _ => self.routes - 1,
+        }
     }
 
     fn tier(&self, tier: Option<usize>) -> usize {
@@ -390,7 +406,7 @@ impl Handles {
     }
 
     /// Counts a finished request and its duration.
-    pub fn request(&self, route: Option<usize>, tier: Option<usize>, code: &str, seconds: f64) {
+    pub fn request(&self, route: RouteLabel, tier: Option<usize>, code: &str, seconds: f64) {
         let (r, t) = (self.route(route), self.tier(tier));
         self.durations[r].observe(seconds);
         let c = CODES.iter().position(|c| *c == code).unwrap_or(0);

@@ -28,7 +28,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::{Config, OnStoreError, Route};
 use crate::gate::{self, Admission, Demand};
 use crate::gateway::{charged, presented_key, Gateway, Generation, InFlightGuard, KeySource};
-use crate::metrics::NONE;
+use crate::metrics::{RouteLabel, NONE, USAGE};
 use crate::path::{normalise, PathError};
 use crate::reject::Rejection;
 use crate::store::Key;
@@ -64,6 +64,8 @@ pub struct Ctx {
     upstream_ms: Option<f64>,
     config: Option<Arc<Generation>>,
     route: Option<usize>,
+    /// The request is the customer usage endpoint's.
+    usage: bool,
     /// Canonical path plus the original query, when it differs from what
     /// the client sent: what is forwarded instead.
     target: Option<String>,
@@ -145,6 +147,7 @@ impl Proxy {
 
     /// The customer usage endpoint: answered here, never charged or forwarded.
     async fn usage(&self, session: &mut Session, ctx: &mut Ctx, config: &Config) -> Result<bool> {
+        ctx.usage = true;
         match self.usage_report(session, config).await {
             Ok(report) => {
                 ctx.code = "OK";
@@ -290,6 +293,7 @@ impl ProxyHttp for Proxy {
             upstream_ms: None,
             config: None,
             route: None,
+            usage: false,
             target: None,
             key_source: None,
             key: None,
@@ -600,14 +604,20 @@ impl ProxyHttp for Proxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.elapsed().as_secs_f64();
         let Some(config) = &ctx.config else { return };
-        let route = ctx.route().map_or(NONE, |r| r.name.as_str());
+        let label = match (ctx.route, ctx.usage) {
+            (_, true) => RouteLabel::Usage,
+            (Some(r), false) => RouteLabel::Route(r),
+            (None, false) => RouteLabel::None,
+        };
+        let route = match label {
+            RouteLabel::Usage => USAGE,
+            _ => ctx.route().map_or(NONE, |r| r.name.as_str()),
+        };
         let tier = ctx
             .tier
             .and_then(|t| config.tiers.get_index(t))
             .map_or(NONE, |(name, _)| name.as_str());
-        config
-            .handles
-            .request(ctx.route, ctx.tier, ctx.code, elapsed);
+        config.handles.request(label, ctx.tier, ctx.code, elapsed);
         if let Some(admission) = &ctx.admission {
             config
                 .handles

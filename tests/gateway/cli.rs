@@ -138,3 +138,27 @@ reporting:
         "{stderr}"
     );
 }
+
+/// Logs written to a pipe (or a file) carry no terminal colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "text", "echo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let line = std::io::BufReader::new(stderr)
+        .lines()
+        .next()
+        .expect("a log line")
+        .expect("text");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("INFO"), "{line}");
+    assert!(line.contains("echo upstream listening"), "{line}");
+    assert!(!line.contains('\u{1b}'), "colour codes in {line:?}");
+}

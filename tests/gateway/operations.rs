@@ -162,12 +162,13 @@ async fn metrics_count_known_traffic_by_route_tier_and_code() {
     assert_eq!(h.get("/api/ai/chat", &key).await.status(), 403);
     assert_eq!(h.post("/api/exports", &key).await.status(), 200);
     assert_eq!(h.get("/api/down", &key).await.status(), 502);
+    assert_eq!(h.usage(&key).await["key_id"], key_id.as_str());
 
     // A request is counted when its log phase runs, which may be just after
     // its client has the answer.
     let mut text = h.scrape().await;
     for _ in 0..500 {
-        if metric(&text, "tollgate_requests_total", &[]) >= 9.0 {
+        if metric(&text, "tollgate_requests_total", &[]) >= 10.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -190,6 +191,16 @@ async fn metrics_count_known_traffic_by_route_tier_and_code() {
         requests(&[("route", "none"), ("code", "ROUTE_NOT_FOUND")]),
         1.0
     );
+    // The usage endpoint has its own label, not `none`.
+    assert_eq!(requests(&[("route", "usage"), ("code", "OK")]), 1.0);
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_request_duration_seconds_count",
+            &[("route", "usage")]
+        ),
+        1.0
+    );
     assert_eq!(
         requests(&[
             ("route", "ai"),
@@ -206,7 +217,7 @@ async fn metrics_count_known_traffic_by_route_tier_and_code() {
         ]),
         1.0
     );
-    assert_eq!(requests(&[]), 9.0);
+    assert_eq!(requests(&[]), 10.0);
     assert_eq!(
         metric(
             &text,
