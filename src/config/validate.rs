@@ -20,6 +20,50 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_PREFIX_LEN: usize = 32;
+/// The longest a rate limit's or pool's window may be.
+const MAX_WINDOW: Duration = Duration::from_secs(365 * 86_400);
+/// The longest a connect or read timeout may be.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// The longest the reporter may wait between passes, or before it takes
+/// over a dead node's events.
+const MAX_REPORTING_WAIT: Duration = Duration::from_secs(86_400);
+
+/// The one duration grammar of the config (SPEC §2): a whole number and one
+/// unit, `ms`, `s`, `m`, `h` or `d`, with nothing between or around them
+/// but the spaces YAML leaves. `"1 minute"`, `"60 sec"`, `"1y"` and
+/// `"1h30m"` are refused; so is a number too large to be a duration.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, ()> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number.parse().map_err(|_| ())?;
+    let ms_per: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(()),
+    };
+    n.checked_mul(ms_per).map(Duration::from_millis).ok_or(())
+}
+
+/// A duration as the grammar writes it, in its largest whole unit.
+fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ]
+    .into_iter()
+    .find(|(per, _)| ms % per == 0)
+    .map_or_else(
+        || format!("{ms}ms"),
+        |(per, unit)| format!("{}{unit}", ms / per),
+    )
+}
 
 /// Whether secrets are read from their env vars, or left empty (for a
 /// client that only needs addresses).
@@ -31,7 +75,11 @@ pub(super) enum Secrets {
 
 pub(super) fn parse(text: &str, secrets: Secrets) -> Result<Loaded, ConfigErrors> {
     let lines = Lines::index(text);
-    let file = deserialize(text, &lines)?;
+    let Structure {
+        file,
+        errors: mut structural,
+        cut,
+    } = deserialize(text, &lines)?;
     let mut check = Check {
         lines: &lines,
         errors: Vec::new(),
@@ -39,17 +87,36 @@ pub(super) fn parse(text: &str, secrets: Secrets) -> Result<Loaded, ConfigErrors
         secrets,
     };
     let config = check.config(file);
-    if check.errors.is_empty() {
-        Ok(Loaded {
+    if check.errors.is_empty() && structural.is_empty() {
+        return Ok(Loaded {
             config,
             warnings: check.warnings,
-        })
-    } else {
-        Err(ConfigErrors(check.errors))
+        });
     }
+    // What was cut out to read the rest is reported already: its defaults
+    // say nothing about the file.
+    let within = |path: &str, cut: &str| {
+        path.strip_prefix(cut)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    structural.extend(
+        check
+            .errors
+            .into_iter()
+            .filter(|e| !cut.iter().any(|c| within(&e.path, c))),
+    );
+    structural.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    Err(ConfigErrors(structural))
 }
 
-fn deserialize(text: &str, lines: &Lines) -> Result<FileConfig, ConfigErrors> {
+/// How many structural errors one run reports at most.
+const MAX_ERRORS: usize = 100;
+
+/// Reads the file's structure. A YAML syntax error stops there (nothing
+/// after it can be read); otherwise every unknown field and every value of
+/// the wrong type is reported, not just the first: each error found is cut
+/// out of the document and the rest read again.
+fn deserialize(text: &str, lines: &Lines) -> Result<Structure, ConfigErrors> {
     if text.trim().is_empty() {
         return Err(ConfigErrors(vec![ConfigError {
             path: String::new(),
@@ -57,26 +124,178 @@ fn deserialize(text: &str, lines: &Lines) -> Result<FileConfig, ConfigErrors> {
             message: "the file is empty".into(),
         }]));
     }
-    let de = yaml_serde::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        let inner = e.into_inner();
-        let line = inner
-            .location()
-            .map(|l| l.line())
-            .or_else(|| lines.line(&path));
-        let mut message = inner.to_string();
-        // The parser appends its own position; the line is printed once, in front.
-        if let Some(cut) = message.find(" at line ") {
-            message.truncate(cut);
-        }
+    let mut doc: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
         ConfigErrors(vec![ConfigError {
-            path,
+            path: String::new(),
             line,
-            message,
+            message: syntax_message(&e.to_string(), line.and_then(|l| text.lines().nth(l - 1))),
         }])
-    })
+    })?;
+    let mut errors = Vec::new();
+    let mut cut: Vec<String> = Vec::new();
+    while errors.len() < MAX_ERRORS {
+        let e = match serde_path_to_error::deserialize::<_, FileConfig>(doc.clone()) {
+            Ok(file) => return Ok(Structure { file, errors, cut }),
+            Err(e) => e,
+        };
+        let segments: Vec<Segment> = e.path().iter().map(Segment::of).collect();
+        let path = path_text(&segments);
+        let mut message = humane_message(&e.into_inner().to_string(), &path);
+        if matches!(segments.last(), Some(Segment::Unknown)) {
+            message = format!("a key here is not a plain name: {message}");
+        }
+        // A required field this loop cut out: already reported.
+        if cut
+            .iter()
+            .any(|c| message.contains("missing field") && c.starts_with(&path))
+        {
+            break;
+        }
+        errors.push(ConfigError {
+            line: lines.line(&path),
+            path: path.clone(),
+            message,
+        });
+        if !remove(&mut doc, &segments) {
+            break;
+        }
+        cut.push(path);
+    }
+    Err(ConfigErrors(errors))
+}
+
+/// The file as read, with the structural errors found on the way and the
+/// paths cut out of it to find them.
+struct Structure {
+    file: FileConfig,
+    errors: Vec<ConfigError>,
+    cut: Vec<String>,
+}
+
+/// One step of a path into the document, as `serde_path_to_error` saw it.
+enum Segment {
+    Key(String),
+    Index(usize),
+    /// A step with no name (a mapping key that is not a string).
+    Unknown,
+}
+
+impl Segment {
+    fn of(segment: &serde_path_to_error::Segment) -> Segment {
+        match segment {
+            serde_path_to_error::Segment::Map { key } => Segment::Key(key.clone()),
+            serde_path_to_error::Segment::Seq { index } => Segment::Index(*index),
+            serde_path_to_error::Segment::Enum { variant } => Segment::Key(variant.clone()),
+            _ => Segment::Unknown,
+        }
+    }
+}
+
+/// `tiers.free.rate_limits`, `routes[2].path`: the paths errors are shown
+/// with. A step with no name ends the path (its parent is what is wrong).
+fn path_text(segments: &[Segment]) -> String {
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Key(key) if out.is_empty() => out.push_str(key),
+            Segment::Key(key) => {
+                out.push('.');
+                out.push_str(key);
+            }
+            Segment::Index(i) => out.push_str(&format!("[{i}]")),
+            Segment::Unknown => break,
+        }
+    }
+    out
+}
+
+/// Cuts the value at `segments` out of `doc`: a mapping entry is removed;
+/// a list item or an unnamed step cannot be (the items after it would move),
+/// so the search stops there. Whether something was cut.
+fn remove(doc: &mut yaml_serde::Value, segments: &[Segment]) -> bool {
+    use yaml_serde::Value;
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut at = doc;
+    for segment in parents {
+        at = match (segment, at) {
+            (Segment::Key(key), Value::Mapping(map)) => match map.get_mut(key.as_str()) {
+                Some(next) => next,
+                None => return false,
+            },
+            (Segment::Index(i), Value::Sequence(items)) => match items.get_mut(*i) {
+                Some(next) => next,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, at) {
+        (Segment::Key(key), Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+/// serde's message for a structural error, in the file's terms: no Rust
+/// type names, no repeated path.
+fn humane_message(message: &str, path: &str) -> String {
+    let message = message
+        .strip_prefix(&format!("{path}: "))
+        .unwrap_or(message);
+    let mut out = message.to_string();
+    for (from, to) in [
+        ("expected a map", "expected a mapping (`key: value` lines)"),
+        ("invalid type: sequence", "found a list"),
+        ("invalid type: map", "found a mapping"),
+        ("invalid type: unit value", "found nothing"),
+        ("invalid type: ", "found "),
+        ("expected a sequence", "expected a list"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ] {
+        out = out.replace(from, to);
+    }
+    // "expected struct TierFile" → "expected a mapping".
+    if let Some(at) = out.find("expected struct ") {
+        let end = out[at + 16..]
+            .find(|c: char| !c.is_alphanumeric() && c != '_')
+            .map_or(out.len(), |n| at + 16 + n);
+        out.replace_range(at..end, "expected a mapping (`key: value` lines)");
+    }
+    if path.is_empty() && out.starts_with("found") {
+        out = format!(
+            "the file must be a mapping of sections (listen, upstreams, tiers, routes, ...): {out}"
+        );
+    }
+    out
+}
+
+/// The YAML parser's message for a syntax error, with what to do about it.
+fn syntax_message(message: &str, line: Option<&str>) -> String {
+    let message = message
+        .find(" at line ")
+        .map_or(message, |cut| &message[..cut]);
+    if line.is_some_and(|l| l.contains('\t')) || message.contains("tab") {
+        return "a tab character: YAML indents with spaces only".into();
+    }
+    if message.contains("did not find expected key")
+        || message.contains("mapping values are not allowed")
+    {
+        return format!(
+            "the YAML structure breaks here ({message}): check the indentation, and that \
+             every `key: value` lines up with the keys beside it"
+        );
+    }
+    if message.starts_with("duplicate entry") || message.contains("duplicate key") {
+        return format!("{message}: each key may appear once in a mapping");
+    }
+    format!("YAML syntax: {message}")
 }
 
 struct Check<'a> {
@@ -215,17 +434,27 @@ impl Check<'_> {
         listen
     }
 
-    fn duration(&mut self, path: &str, text: &str) -> Option<Duration> {
-        match humantime::parse_duration(text.trim()) {
+    fn duration(&mut self, path: &str, text: &str, max: Duration) -> Option<Duration> {
+        match parse_duration(text) {
             Ok(d) if d.is_zero() => {
                 self.error(path, "must be greater than zero");
                 None
             }
-            Ok(d) => Some(d),
-            Err(e) => {
+            Ok(d) if d > max => {
                 self.error(
                     path,
-                    format!("'{text}' is not a duration like 500ms, 60s, 5m, 1h or 30d ({e})"),
+                    format!("'{text}' is too long: at most {}", duration_text(max)),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(()) => {
+                self.error(
+                    path,
+                    format!(
+                        "'{text}' is not a duration: a whole number and one unit, \
+                         ms, s, m, h or d (like 500ms, 60s, 5m, 1h or 30d)"
+                    ),
                 );
                 None
             }
@@ -273,11 +502,11 @@ impl Check<'_> {
     fn upstream(&mut self, path: &str, name: &str, u: &file::UpstreamFile) -> Option<Upstream> {
         let uri = self.url(&format!("{path}.url"), &u.url);
         let connect_timeout = match &u.connect_timeout {
-            Some(t) => self.duration(&format!("{path}.connect_timeout"), t),
+            Some(t) => self.duration(&format!("{path}.connect_timeout"), t, MAX_TIMEOUT),
             None => Some(DEFAULT_CONNECT_TIMEOUT),
         };
         let read_timeout = match &u.read_timeout {
-            Some(t) => self.duration(&format!("{path}.read_timeout"), t),
+            Some(t) => self.duration(&format!("{path}.read_timeout"), t, MAX_TIMEOUT),
             None => Some(DEFAULT_READ_TIMEOUT),
         };
         let uri = uri?;
@@ -417,7 +646,7 @@ impl Check<'_> {
         for (name, rl) in &t.rate_limits {
             let rpath = format!("{path}.rate_limits.{name}");
             let limit = self.positive(&format!("{rpath}.limit"), rl.limit);
-            let window = self.duration(&format!("{rpath}.window"), &rl.window);
+            let window = self.duration(&format!("{rpath}.window"), &rl.window, MAX_WINDOW);
             if let (Some(limit), Some(window)) = (limit, window) {
                 rate_limits.insert(
                     name.clone(),
@@ -438,7 +667,7 @@ impl Check<'_> {
                     if p.day.is_some() {
                         self.error(&format!("{ppath}.day"), "only a monthly refill takes a day");
                     }
-                    self.duration(&format!("{ppath}.window"), w)
+                    self.duration(&format!("{ppath}.window"), w, MAX_WINDOW)
                         .map(PoolWindow::Rolling)
                 }
                 (None, Some(r)) => self
@@ -688,7 +917,7 @@ impl Check<'_> {
         };
         let claim_after = match r.claim_after.as_deref() {
             None => Some(Duration::from_secs(30)),
-            Some(text) => self.duration("store.redis.claim_after", text),
+            Some(text) => self.duration("store.redis.claim_after", text, MAX_REPORTING_WAIT),
         };
         if claim_after.is_some_and(|d| d < Duration::from_secs(1) || d > Duration::from_secs(3600))
         {
@@ -731,7 +960,7 @@ impl Check<'_> {
             }
         }
         let flush_interval = match &r.flush_interval {
-            Some(t) => self.duration("reporting.flush_interval", t),
+            Some(t) => self.duration("reporting.flush_interval", t, MAX_REPORTING_WAIT),
             None => Some(DEFAULT_FLUSH_INTERVAL),
         };
         let webhook = r.webhook.as_ref().and_then(|w| {
@@ -899,6 +1128,104 @@ routes:
         assert_eq!(e[0].path, "routes[0].cost");
         assert!(
             e[0].message.contains("{ header: <request header name> }"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn every_structural_error_is_reported_in_one_run() {
+        let text = MINIMAL
+            .replace("free: { credits: 10 }", "free: { credts: 10 }")
+            .replace("upstream: main }", "upstream: main, costt: 2 }");
+        let e = errors(&text);
+        let found: Vec<_> = e.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [("tiers.free.credts", Some(4)), ("routes[0].costt", Some(6))]
+        );
+        // Structural and semantic errors together, in line order.
+        let text = MINIMAL
+            .replace("free: { credits: 10 }", "free: { credits: 10, refill: 5 }")
+            .replace("upstream: main }", "upstream: nowhere }");
+        let e = errors(&text);
+        let found: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(found, ["tiers.free.refill", "routes[0].upstream"]);
+    }
+
+    #[test]
+    fn messages_speak_yaml_not_rust() {
+        let e = errors(&MINIMAL.replace("free: { credits: 10 }", "[free]"));
+        assert_eq!(e[0].path, "tiers");
+        assert_eq!(
+            e[0].message,
+            "found a list, expected a mapping (`key: value` lines)"
+        );
+        let e = errors(&MINIMAL.replace("upstream: main }", "upstream: main, cost: [1] }"));
+        assert!(!e[0].message.contains("File"), "{e:?}");
+        let e = errors(&MINIMAL.replace("  free: { credits: 10 }", "  free:\n\tcredits: 10"));
+        assert_eq!(
+            e[0].message,
+            "a tab character: YAML indents with spaces only"
+        );
+        assert_eq!(e[0].line, Some(5));
+        let e = errors(&MINIMAL.replace(
+            "  free: { credits: 10 }",
+            "  free: { credits: 10 }\n  ? [a]",
+        ));
+        assert_eq!(e[0].path, "tiers");
+        assert!(
+            e[0].message.starts_with("a key here is not a plain name"),
+            "{e:?}"
+        );
+        for e in errors("- just\n- a list\n") {
+            assert!(e.message.starts_with("the file must be a mapping"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn durations_have_one_grammar_and_bounds() {
+        for (text, ms) in [
+            ("500ms", 500),
+            ("60s", 60_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("30d", 2_592_000_000),
+            (" 7s ", 7_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "1 minute",
+            "60 sec",
+            "1y",
+            "1h30m",
+            "1.5s",
+            "-1s",
+            "s",
+            "10",
+            "99999999999999999999d",
+            "1S",
+        ] {
+            assert_eq!(parse_duration(bad), Err(()), "{bad}");
+        }
+        let window = |w: &str| {
+            errors(&MINIMAL.replace(
+                "free: { credits: 10 }",
+                &format!("free: {{ credits: 10, rate_limits: {{ r: {{ limit: 1, window: \"{w}\" }} }} }}"),
+            ))
+        };
+        assert!(window("365d").is_empty());
+        let e = window("366d");
+        assert_eq!(e[0].message, "'366d' is too long: at most 365d");
+        let e = window("99999999999d");
+        assert!(e[0].message.contains("too long"), "{e:?}");
+        let e = window("1 minute");
+        assert!(
+            e[0].message.contains("a whole number and one unit"),
             "{e:?}"
         );
     }
