@@ -70,6 +70,19 @@ impl ApiError {
         }
     }
 
+    /// The gateway started without its root key: no call can be
+    /// authorised, and the caller should know why rather than retry keys.
+    fn no_root_key(env: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "NO_ROOT_KEY",
+            message: format!(
+                "the admin API is closed: the gateway was started without {env} set; \
+                 set it to the root key and restart the gateway"
+            ),
+        }
+    }
+
     fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -115,10 +128,18 @@ pub async fn parse_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> 
     let mut de = serde_json::Deserializer::from_slice(&body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        let inner = e.into_inner();
+        // The position is only worth giving when the JSON itself is broken.
+        let mut message = inner.to_string();
+        if !inner.is_syntax() && !inner.is_eof() {
+            if let Some(cut) = message.rfind(" at line ") {
+                message.truncate(cut);
+            }
+        }
         if path == "." {
-            ApiError::invalid(e.into_inner().to_string())
+            ApiError::invalid(message)
         } else {
-            ApiError::invalid(format!("{path}: {}", e.into_inner()))
+            ApiError::invalid(format!("{path}: {message}"))
         }
     })?;
     de.end()
@@ -128,13 +149,15 @@ pub async fn parse_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> 
 
 fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(root) = gateway.root_key.as_deref() else {
-        return Err(ApiError::unauthorized());
+        return Err(ApiError::no_root_key(&gateway.config().root_key_env));
     };
+    // The scheme is case-insensitive (RFC 9110), as on the proxy.
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim().split_once([' ', '\t']))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     if bool::from(presented.as_bytes().ct_eq(root.as_bytes())) {
         Ok(())
     } else {
@@ -176,6 +199,7 @@ pub struct CreateKey {
     pub meta: Option<Map<String, Value>>,
     pub credits: Option<u64>,
     pub refill_day: Option<u8>,
+    #[serde(default, deserialize_with = "time")]
     pub expires_at: Option<Timestamp>,
     pub enabled: Option<bool>,
 }
@@ -218,7 +242,21 @@ pub async fn issue_key(gw: &Gateway, req: CreateKey) -> Result<Value, ApiError> 
             "refill_day: must be 1-31, got {day}"
         )));
     }
+    let monthly = tier
+        .refill
+        .is_some_and(|r| matches!(r.interval, crate::calendar::Interval::Monthly { .. }));
+    if req.refill_day.is_some() && !monthly {
+        return Err(ApiError::invalid(format!(
+            "refill_day: tier '{}' has no monthly refill, so a refill day means nothing",
+            tier.id
+        )));
+    }
     let now = gw.clock.now();
+    if let Some(at) = req.expires_at.filter(|at| *at <= now) {
+        return Err(ApiError::invalid(format!(
+            "expires_at: {at} is not in the future (now is {now}); a key must be usable when made"
+        )));
+    }
     let key = keys::generate(&tier.key_prefix);
     let record = KeyRecord {
         external_id: req.external_id,
@@ -297,6 +335,12 @@ async fn list_keys(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if let Some(cursor) = query.cursor.as_deref().filter(|c| !keys::is_key_id(c)) {
+        return Err(ApiError::invalid(format!(
+            "cursor: '{}' is not a cursor this API gave; pass the `cursor` of the previous page",
+            cursor.chars().take(64).collect::<String>()
+        )));
+    }
     let limit = match query.limit {
         None => DEFAULT_PAGE,
         Some(n) if (1..=MAX_PAGE).contains(&n) => n,
@@ -339,6 +383,52 @@ where
     Option::<T>::deserialize(de).map(Some)
 }
 
+/// A time in a body: RFC 3339 in UTC or with an offset, within years
+/// 1970–9998 (so that a refill or window computed from it never leaves the
+/// calendar), with a message that says so.
+fn time<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Timestamp>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(de)? else {
+        return Ok(None);
+    };
+    let shown: String = text.chars().take(40).collect();
+    let (earliest, latest) = (Timestamp::UNIX_EPOCH, time_limit());
+    let out_of_range = || {
+        serde::de::Error::custom(format!(
+            "'{shown}' is out of range: from {earliest} to before {latest}"
+        ))
+    };
+    let at: Timestamp = match text.parse() {
+        Ok(at) => at,
+        // Past what the calendar library holds (the end of year 9999).
+        Err(_) if text.get(..4).and_then(|y| y.parse::<u32>().ok()) >= Some(9999) => {
+            return Err(out_of_range())
+        }
+        Err(_) => {
+            return Err(serde::de::Error::custom(format!(
+                "'{shown}' is not a time: write RFC 3339, like 2027-01-31T00:00:00Z"
+            )))
+        }
+    };
+    if at < earliest || at >= latest {
+        return Err(out_of_range());
+    }
+    Ok(Some(at))
+}
+
+/// The first instant a body may not name: 9999-01-01T00:00:00Z.
+fn time_limit() -> Timestamp {
+    jiff::civil::date(9999, 1, 1)
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .map_or(Timestamp::MAX, |z| z.timestamp())
+}
+
+/// [`time`] where `null` clears the field (`Some(None)`).
+fn nullable_time<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<Option<Timestamp>>, D::Error> {
+    time(de).map(Some)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateKey {
@@ -348,7 +438,7 @@ struct UpdateKey {
     name: Option<Option<String>>,
     meta: Option<Map<String, Value>>,
     enabled: Option<bool>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "nullable_time")]
     expires_at: Option<Option<Timestamp>>,
 }
 
@@ -639,6 +729,14 @@ async fn healthz(State(gw): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({ "status": "ok", "store": store }))
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "METHOD_NOT_ALLOWED",
+        message: "this admin endpoint does not take this method (see the Allow header)".into(),
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
@@ -676,6 +774,7 @@ admin_routes! {
 /// The admin API's routes.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     routes(Router::new())
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(gateway)
 }

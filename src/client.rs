@@ -9,6 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::config::Config;
 
+/// The config `tollgate keys` reads when none is given, if it exists.
+const DEFAULT_CONFIG: &str = "config/tollgate.yaml";
+
 /// Where the admin API is: shared by `tollgate keys` and `tollgate outbox`.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -16,9 +19,12 @@ pub struct AdminArgs {
     /// listen.admin]
     #[arg(long, global = true)]
     admin_url: Option<String>,
-    /// Where to read the admin address and the root key's env var name.
-    #[arg(long, short, global = true, default_value = "config/tollgate.yaml")]
-    config: PathBuf,
+    /// Where to read the admin address and the root key's env var name
+    /// [default: config/tollgate.yaml if it exists, else the admin API at
+    /// http://127.0.0.1:9090 and the key in TOLLGATE_ROOT_KEY]. A file given
+    /// here must exist.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -198,16 +204,25 @@ impl Admin {
 
 /// Where the admin API is and what its root key is.
 fn connect(cmd: &AdminArgs) -> Result<Admin, ClientError> {
-    let config = if cmd.config.exists() {
-        Some(Config::load_for_client(&cmd.config).map_err(|e| {
+    let path = match &cmd.config {
+        Some(path) if !path.exists() => {
+            return Err(ClientError(format!(
+                "{}: no such file (pass the gateway's config, or --admin-url)",
+                path.display()
+            )))
+        }
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+    };
+    let config = match path {
+        Some(path) => Some(Config::load_for_client(&path).map_err(|e| {
             ClientError(format!(
                 "{}: {}",
-                cmd.config.display(),
+                path.display(),
                 e.to_string().replace('\n', " ")
             ))
-        })?)
-    } else {
-        None
+        })?),
+        None => None,
     };
     let config = config.map(|loaded| loaded.config);
     let base = match (&cmd.admin_url, &config) {

@@ -79,6 +79,13 @@ pub fn generate_id() -> String {
     random_id("key")
 }
 
+/// Whether `id` has the shape of a key id ([`generate_id`]): `key_` and
+/// 16 base58 digits.
+pub fn is_key_id(id: &str) -> bool {
+    id.strip_prefix("key_")
+        .is_some_and(|rest| rest.len() == ID_LEN && rest.bytes().all(|b| ALPHABET.contains(&b)))
+}
+
 /// `<prefix>_<random base58>`: ids for keys, events and batches.
 pub fn random_id(prefix: &str) -> String {
     let mut rng = rand::rng();
@@ -192,5 +199,15 @@ mod tests {
     fn ids_have_their_prefix() {
         let id = generate_id();
         assert!(id.starts_with("key_") && id.len() == 4 + ID_LEN);
+        assert!(is_key_id(&id));
+        for bad in [
+            "",
+            "key_",
+            "key_0000000000000000",
+            "kex_123456789ABCDEFG",
+            &id[..id.len() - 1],
+        ] {
+            assert!(!is_key_id(bad), "{bad}");
+        }
     }
 }

@@ -228,7 +228,10 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     })?;
     handover.claim();
     if options.root_key.is_none() {
-        tracing::warn!(env = %config.root_key_env, "no root key set: the admin API refuses every call");
+        tracing::warn!(
+            "{} is not set: the admin API answers 503 NO_ROOT_KEY to every call until the gateway is restarted with it",
+            config.root_key_env
+        );
     }
 
     let metrics = Metrics::new().context("cannot register metrics")?;

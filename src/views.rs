@@ -90,6 +90,14 @@ pub fn key_record(config: &Config, record: &KeyRecord, usage: &mut Usage, now: T
             "last_refill_at": usage.period_start,
             "next_refill_at": Usage::next_refill(t, record.refill_day, now),
         }),
+        // The tier was removed from the config: the balance is kept (the
+        // tier may come back), and shown as it stands, with no refill.
+        None if usage.remaining.is_some() => json!({
+            "remaining": usage.remaining,
+            "refill": null,
+            "last_refill_at": usage.period_start,
+            "next_refill_at": null,
+        }),
         _ => Value::Null,
     };
     let (pools, rate_limits) = match tier {

@@ -12,7 +12,7 @@ async fn create_read_revoke() {
     let h = Harness::start(PLANS).await;
     let created = h
         .create_key_with(json!({
-            "tier": "free", "external_id": "cus_7", "name": "ci", "meta": { "plan": "x" }, "refill_day": 15
+            "tier": "free", "external_id": "cus_7", "name": "ci", "meta": { "plan": "x" }
         }))
         .await;
     let key = created["key"].as_str().expect("key");
@@ -96,6 +96,23 @@ async fn bad_input_is_400_naming_the_field() {
             json!({ "tier": "free", "refill_day": 40 }).to_string(),
             "refill_day",
         ),
+        // `free` refills daily: a refill day would mean nothing.
+        (
+            json!({ "tier": "free", "refill_day": 15 }).to_string(),
+            "no monthly refill",
+        ),
+        (
+            json!({ "tier": "free", "expires_at": "2026-03-10T11:59:59Z" }).to_string(),
+            "not in the future",
+        ),
+        (
+            json!({ "tier": "free", "expires_at": "tomorrow" }).to_string(),
+            "'tomorrow' is not a time: write RFC 3339",
+        ),
+        (
+            json!({ "tier": "free", "expires_at": "9999-12-31T23:59:59Z" }).to_string(),
+            "out of range",
+        ),
         ("{not json".to_string(), "key"),
     ] {
         let resp = h
@@ -117,4 +134,83 @@ async fn bad_input_is_400_naming_the_field() {
         .await
         .expect("send");
     assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test]
+async fn admin_edges_answer_json() {
+    let h = Harness::start(PLANS).await;
+    // The scheme is case-insensitive, as on the proxy.
+    let resp = h
+        .client
+        .get(h.admin_url("/v1/keys"))
+        .header("authorization", format!("bearer {}", crate::common::ROOT_KEY))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    // A known path with a method it does not take: JSON 405 with Allow.
+    let resp = h.admin(Method::PUT, "/v1/keys").send().await.expect("send");
+    let allow = resp
+        .headers()
+        .get("allow")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let body = json_of(resp, 405).await;
+    assert_eq!(body["code"], "METHOD_NOT_ALLOWED");
+    // A cursor this API never gave.
+    let resp = h
+        .admin(Method::GET, "/v1/keys?cursor=garbage%00")
+        .send()
+        .await
+        .expect("send");
+    let body = json_of(resp, 400).await;
+    assert!(
+        body["message"].as_str().unwrap_or_default().starts_with("cursor:"),
+        "{body}"
+    );
+    // A far expiry inside the range is fine, and shows as given.
+    let created = h
+        .create_key_with(json!({ "tier": "free", "expires_at": "9998-12-31T23:59:59Z" }))
+        .await;
+    assert_eq!(created["expires_at"], "9998-12-31T23:59:59Z");
+}
+
+/// A gateway started without its root key's env var says so once at
+/// start, and the admin API answers 503 with that reason, not 401.
+#[tokio::test]
+async fn a_gateway_without_its_root_key_says_so() {
+    let upstream = crate::common::Upstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = crate::common::config_text(
+        upstream.addr,
+        crate::common::dead_address(),
+        &dir.path().join("store"),
+        PLANS,
+    );
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(&config, text).expect("write config");
+    let gateway = crate::common::Binary::serve(&config, &[]).await;
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/v1/keys", gateway.admin))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .expect("send");
+    let body = json_of(resp, 503).await;
+    assert_eq!(body["code"], "NO_ROOT_KEY");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("TOLLGATE_TEST_ROOT_KEY")),
+        "{body}"
+    );
+    let said = gateway
+        .logs
+        .lock()
+        .iter()
+        .filter(|l| l.contains("TOLLGATE_TEST_ROOT_KEY is not set"))
+        .count();
+    assert_eq!(said, 1);
 }

@@ -14,18 +14,15 @@ async fn keys(admin: &str, args: &[&str]) -> (Option<i32>, Value, String) {
     cli(admin, "keys", args).await
 }
 
-/// Runs `tollgate <command> <args> --admin-url <admin>`.
+/// Runs `tollgate <command> <args> --admin-url <admin>`, from a directory
+/// with no `config/tollgate.yaml` (so no config is read).
 async fn cli(admin: &str, command_name: &str, args: &[&str]) -> (Option<i32>, Value, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     command
         .arg(command_name)
         .args(args)
-        .args([
-            "--admin-url",
-            admin,
-            "--config",
-            "/nonexistent/tollgate.yaml",
-        ])
+        .args(["--admin-url", admin])
+        .current_dir(std::env::temp_dir())
         .env("TOLLGATE_ROOT_KEY", ROOT_KEY);
     let out = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -126,6 +123,21 @@ async fn a_gateway_that_is_down_is_a_one_line_error() {
         err.starts_with("error: cannot reach the admin API at http://127.0.0.1:"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// A config named on the command line must exist: no silent fallback to
+/// a default address.
+#[test]
+fn a_config_that_does_not_exist_is_an_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "--config", "/nonexistent.yaml", "list"])
+        .env("TOLLGATE_ROOT_KEY", "x")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent.yaml: no such file"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 

@@ -122,7 +122,7 @@ async fn a_bad_file_keeps_the_last_good_config_serving() {
 #[tokio::test]
 async fn a_tier_removed_by_reload_fails_its_keys_closed() {
     let h = Harness::start_watching(PLANS).await;
-    let (key, _) = h.create_key("payg").await;
+    let (key, key_id) = h.create_key("payg").await;
     assert_eq!(h.get("/api/data", &key).await.status(), 200);
     let without = PLANS.replace(
         "  payg:\n    credits: 2\n    overage: allow\n    features: [api]\n",
@@ -139,6 +139,18 @@ async fn a_tier_removed_by_reload_fails_its_keys_closed() {
         (body["code"].as_str(), body["tier"].as_str()),
         (Some("TIER_NOT_FOUND"), Some("payg"))
     );
+    // The admin API still shows the balance the key keeps (2 - 1), with no
+    // refill, not `"credits": null`.
+    let record = json_of(
+        h.admin(reqwest::Method::GET, &format!("/v1/keys/{key_id}"))
+            .send()
+            .await
+            .expect("get"),
+        200,
+    )
+    .await;
+    assert_eq!(record["credits"]["remaining"], 1, "{record}");
+    assert_eq!(record["credits"]["refill"], serde_json::Value::Null);
 }
 
 #[tokio::test]
