@@ -69,6 +69,7 @@ pub const CODES: &[&str] = &[
     "USAGE_EXCEEDED",
     "BAD_REQUEST",
     "ROUTE_NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
     "UPSTREAM_UNAVAILABLE",
     "STORE_UNAVAILABLE",
     "INTERNAL",

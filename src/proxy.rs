@@ -66,6 +66,8 @@ pub struct Ctx {
     route: Option<usize>,
     /// The request is the customer usage endpoint's.
     usage: bool,
+    /// The request is a CORS preflight (see [`preflight_method`]).
+    preflight: bool,
     /// Canonical path plus the original query, when it differs from what
     /// the client sent: what is forwarded instead.
     target: Option<String>,
@@ -84,6 +86,36 @@ pub struct Ctx {
 impl Ctx {
     fn route(&self) -> Option<&Route> {
         Some(&self.config.as_ref()?.routes[self.route?])
+    }
+}
+
+/// The method a CORS preflight announces: an `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method` is routed as that method (SPEC §3).
+fn preflight_method(req: &RequestHeader) -> Option<Method> {
+    if req.method != Method::OPTIONS || !req.headers.contains_key(http::header::ORIGIN) {
+        return None;
+    }
+    let announced = req
+        .headers
+        .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)?
+        .to_str()
+        .ok()?;
+    Method::from_bytes(announced.trim().as_bytes()).ok()
+}
+
+/// The answer to an HTTP/1 client is HTTP/1.1 whatever the upstream spoke
+/// (RFC 9110 §6.2): an HTTP/1.0 upstream's status line, and its
+/// `Keep-Alive` leftovers, would tell the client to stop reusing the
+/// connection. An HTTP/1.0 client never gets chunked encoding: without it
+/// the body ends when the connection closes.
+fn speak_http_1_1(client: http::Version, resp: &mut ResponseHeader) {
+    if resp.version != http::Version::HTTP_11 {
+        resp.set_version(http::Version::HTTP_11);
+        resp.remove_header("keep-alive");
+        resp.remove_header("proxy-connection");
+    }
+    if client == http::Version::HTTP_10 {
+        resp.remove_header(&http::header::TRANSFER_ENCODING);
     }
 }
 
@@ -294,6 +326,7 @@ impl ProxyHttp for Proxy {
             config: None,
             route: None,
             usage: false,
+            preflight: false,
             target: None,
             key_source: None,
             key: None,
@@ -305,13 +338,35 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // HTTP/1.1 clients may send requests before the answers to earlier
+        // ones (pipelining): answer every one, in order, instead of
+        // dropping what followed the first (Pingora's default).
+        session.set_pipelining_enabled(true);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.gateway.config();
         ctx.config = Some(config.clone());
+        let preflight = preflight_method(session.req_header());
+        ctx.preflight = preflight.is_some();
         let found = {
             let req = session.req_header();
-            self.route(&config, &req.method, req.uri.path())
+            let method = preflight.as_ref().unwrap_or(&req.method);
+            self.route(&config, method, req.uri.path())
                 .map(|(path, route)| {
+                    // No route takes this method: is the path known at all?
+                    let route = route.ok_or_else(|| {
+                        let allow = config.allowed_methods(&path);
+                        (!allow.is_empty()).then(|| {
+                            allow
+                                .iter()
+                                .map(|m| m.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                    });
                     let usage = path == config.usage_path && req.method == Method::GET;
                     // Forwarded as received unless normalising changed it.
                     let target = match path {
@@ -331,13 +386,19 @@ impl ProxyHttp for Proxy {
         if usage {
             return self.usage(session, ctx, &config).await;
         }
-        let Some(index) = route else {
-            return reject(session, ctx, Rejection::RouteNotFound).await;
+        let index = match route {
+            Ok(index) => index,
+            Err(Some(allow)) => {
+                return reject(session, ctx, Rejection::MethodNotAllowed { allow }).await
+            }
+            Err(None) => return reject(session, ctx, Rejection::RouteNotFound).await,
         };
         ctx.route = Some(index);
         ctx.target = target;
         let route = &config.routes[index];
-        if !route.auth {
+        // A CORS preflight carries no key (browsers never send one) and is
+        // the upstream's to answer: forwarded, uncharged.
+        if !route.auth || ctx.preflight {
             return Ok(false);
         }
         match self.admit(session, ctx, &config, route).await {
@@ -414,6 +475,11 @@ impl ProxyHttp for Proxy {
         }
         if let (Some(source), false) = (ctx.key_source, route.forward_key) {
             upstream_request.remove_header(source.header());
+        }
+        if ctx.preflight && route.auth && !route.forward_key {
+            // Nothing read it, so nothing of it goes upstream either.
+            upstream_request.remove_header(KeySource::Authorization.header());
+            upstream_request.remove_header(KeySource::ApiKey.header());
         }
         if let Some(admission) = &ctx.admission {
             if let Some(id) = &ctx.key_id {
@@ -509,10 +575,13 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if !session.is_http2() {
+            speak_http_1_1(session.req_header().version, upstream_response);
+        }
         let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
             return Ok(());
         };

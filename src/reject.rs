@@ -46,6 +46,10 @@ pub enum Rejection {
         message: String,
     },
     RouteNotFound,
+    /// Routes have this path, none this method; `allow` lists theirs.
+    MethodNotAllowed {
+        allow: String,
+    },
     UpstreamUnavailable,
     StoreUnavailable,
 }
@@ -67,6 +71,7 @@ impl Rejection {
             Rejection::QuotaExceeded { .. } | Rejection::UsageExceeded { .. } => 402,
             Rejection::BadRequest { .. } => 400,
             Rejection::RouteNotFound => 404,
+            Rejection::MethodNotAllowed { .. } => 405,
             Rejection::UpstreamUnavailable => 502,
             Rejection::StoreUnavailable => 503,
         }
@@ -86,6 +91,7 @@ impl Rejection {
             Rejection::UsageExceeded { .. } => "USAGE_EXCEEDED",
             Rejection::BadRequest { .. } => "BAD_REQUEST",
             Rejection::RouteNotFound => "ROUTE_NOT_FOUND",
+            Rejection::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Rejection::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             Rejection::StoreUnavailable => "STORE_UNAVAILABLE",
         }
@@ -130,6 +136,9 @@ impl Rejection {
             } => format!("this request costs {cost} credits and the key has {remaining} left"),
             Rejection::BadRequest { message } => message.clone(),
             Rejection::RouteNotFound => "no route matches this request".into(),
+            Rejection::MethodNotAllowed { allow } => {
+                format!("this path does not take this method; it takes {allow}")
+            }
             Rejection::UpstreamUnavailable => {
                 "the upstream service did not answer; nothing was charged".into()
             }
@@ -191,6 +200,7 @@ impl Rejection {
             Rejection::RateLimited { retry_after, .. } => {
                 vec![("Retry-After", retry_after.to_string())]
             }
+            Rejection::MethodNotAllowed { allow } => vec![("Allow", allow.clone())],
             _ => Vec::new(),
         }
     }

@@ -47,8 +47,8 @@ impl RouteTable {
     /// built from) that matches.
     pub fn find(&self, routes: &[Route], method: &http::Method, path: &str) -> Option<usize> {
         let mut best: Option<usize> = None;
-        let mut consider = |candidates: Option<&Vec<usize>>| {
-            for &i in candidates.into_iter().flatten() {
+        self.candidates(path, |candidates| {
+            for &i in candidates {
                 if best.is_some_and(|b| b <= i) {
                     return;
                 }
@@ -57,20 +57,53 @@ impl RouteTable {
                     return;
                 }
             }
-        };
-        consider(self.exact.get(path));
-        if let Some(bare) = path.strip_suffix('/').filter(|p| !p.is_empty()) {
-            consider(self.exact.get(bare));
+        });
+        best
+    }
+
+    /// The methods some route takes on `path`, for a 405's `Allow` (`HEAD`
+    /// beside `GET`); empty when no route has this path at all.
+    pub fn allowed(&self, routes: &[Route], path: &str) -> Vec<http::Method> {
+        let mut methods: Vec<http::Method> = Vec::new();
+        self.candidates(path, |candidates| {
+            for &i in candidates {
+                for m in routes[i].methods.iter().flatten() {
+                    if !methods.contains(m) {
+                        methods.push(m.clone());
+                    }
+                }
+            }
+        });
+        if methods.contains(&http::Method::GET) && !methods.contains(&http::Method::HEAD) {
+            methods.push(http::Method::HEAD);
+        }
+        methods.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        methods
+    }
+
+    /// Hands `each` the routes whose path matches `path`, group by group
+    /// (each ascending): the exact ones, then per prefix length.
+    fn candidates(&self, path: &str, mut each: impl FnMut(&[usize])) {
+        if let Some(found) = self.exact.get(path) {
+            each(found);
+        }
+        if let Some(found) = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .and_then(|bare| self.exact.get(bare))
+        {
+            each(found);
         }
         for &len in &self.prefix_lens {
             let (Some(head), Some(rest)) = (path.get(..len), path.get(len..)) else {
                 continue;
             };
             if rest.is_empty() || rest.starts_with('/') || head.ends_with('/') {
-                consider(self.prefix.get(head));
+                if let Some(found) = self.prefix.get(head) {
+                    each(found);
+                }
             }
         }
-        best
     }
 }
 

@@ -194,10 +194,12 @@ impl Route {
     }
 
     /// Whether the route takes this method (any, when it names none).
+    /// `HEAD` goes wherever `GET` goes.
     pub fn allows(&self, method: &http::Method) -> bool {
-        self.methods
-            .as_ref()
-            .is_none_or(|methods| methods.contains(method))
+        self.methods.as_ref().is_none_or(|methods| {
+            methods.contains(method)
+                || (*method == http::Method::HEAD && methods.contains(&http::Method::GET))
+        })
     }
 }
 
@@ -358,6 +360,12 @@ impl Config {
     /// The index of the first route, in file order, that matches.
     pub fn route_index(&self, method: &http::Method, path: &str) -> Option<usize> {
         self.route_table.find(&self.routes, method, path)
+    }
+
+    /// The methods the routes on `path` take, when none takes `method`
+    /// (see [`crate::route::RouteTable::allowed`]).
+    pub fn allowed_methods(&self, path: &str) -> Vec<http::Method> {
+        self.route_table.allowed(&self.routes, path)
     }
 
     /// The first route, in file order, that matches.

@@ -480,6 +480,16 @@ impl Harness {
         Harness::start_with(body, true).await
     }
 
+    /// Like [`Harness::start`], with the upstream named `dead` at `second`
+    /// (a server of the test's own) instead of an address nobody serves.
+    pub async fn start_beside(body: &str, second: std::net::SocketAddr) -> Harness {
+        let upstream = Arc::new(Upstream::start().await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(upstream.addr, second, &dir.path().join("store"), body);
+        let start = START.parse().expect("start time");
+        Harness::launch(upstream, dir, &text, false, start, true).await
+    }
+
     async fn start_with(body: &str, watch: bool) -> Harness {
         let upstream = Arc::new(Upstream::start().await);
         let dir = tempfile::tempdir().expect("tempdir");

@@ -10,6 +10,7 @@ mod billing;
 mod cli;
 mod demo;
 mod forwarding;
+mod http_edges;
 mod keys;
 mod keys_cli;
 mod limits;

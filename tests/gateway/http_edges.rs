@@ -1,0 +1,254 @@
+//! The HTTP corners a real client hits: HEAD, 405, CORS preflights,
+//! pipelined requests, an HTTP/1.0 upstream, answers tollgate makes itself.
+
+use reqwest::Method;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{json_of, Harness};
+
+const EDGES: &str = r#"
+tiers:
+  free:
+    credits: 100
+    features: [api]
+routes:
+  - { name: read, methods: [GET], path: /v1/items, upstream: main, feature: api }
+  - { name: write, methods: [POST, PUT], path: /v1/items, upstream: main, feature: api }
+  - { name: old, path: /old/*, upstream: dead, feature: api }
+  - { name: public, path: /public, upstream: main, auth: none }
+"#;
+
+async fn remaining(h: &Harness, key: &str) -> Value {
+    h.usage(key).await["usage"]["credits"]["remaining"].clone()
+}
+
+/// `HEAD` goes wherever `GET` goes and is charged like it.
+#[tokio::test]
+async fn head_goes_where_get_goes_and_is_charged() {
+    let h = Harness::start(EDGES).await;
+    let (key, _) = h.create_key("free").await;
+    let resp = h.keyed(Method::HEAD, "/v1/items", &key).send().await.expect("head");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(remaining(&h, &key).await, 99);
+    assert_eq!(h.upstream.seen().len(), 1);
+}
+
+/// A path routes have, with a method none takes: 405 with `Allow`.
+#[tokio::test]
+async fn a_known_path_with_another_method_is_405_with_allow() {
+    let h = Harness::start(EDGES).await;
+    let (key, _) = h.create_key("free").await;
+    let resp = h.keyed(Method::DELETE, "/v1/items", &key).send().await.expect("delete");
+    assert_eq!(
+        resp.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET, HEAD, POST, PUT")
+    );
+    let body = json_of(resp, 405).await;
+    assert_eq!(body["code"], "METHOD_NOT_ALLOWED");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("GET, HEAD, POST, PUT")));
+    // Refused before the key is read: nothing charged, nothing forwarded.
+    assert_eq!(remaining(&h, &key).await, 100);
+    assert!(h.upstream.seen().is_empty());
+    // A path nobody has is still 404.
+    let body = json_of(h.get("/v2/nothing", &key).await, 404).await;
+    assert_eq!(body["code"], "ROUTE_NOT_FOUND");
+}
+
+/// A CORS preflight is routed as the method it announces and reaches the
+/// upstream without a key, uncharged.
+#[tokio::test]
+async fn a_cors_preflight_reaches_the_upstream_uncharged() {
+    let h = Harness::start(EDGES).await;
+    let (key, _) = h.create_key("free").await;
+    let preflight = |announced: &str| {
+        h.client
+            .request(Method::OPTIONS, h.url("/v1/items"))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", announced)
+            .header("access-control-request-headers", "authorization")
+    };
+    let echoed = json_of(preflight("POST").send().await.expect("preflight"), 200).await;
+    assert_eq!(echoed["method"], "OPTIONS");
+    assert_eq!(echoed["headers"]["origin"], "https://app.example.com");
+    // Sent with a key anyway: still uncharged, and the key is not passed on.
+    let echoed = json_of(
+        preflight("GET")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("preflight"),
+        200,
+    )
+    .await;
+    assert!(echoed["headers"].get("authorization").is_none(), "{echoed}");
+    assert_eq!(remaining(&h, &key).await, 100);
+    // A method no route takes is refused as that method would be.
+    let resp = preflight("DELETE").send().await.expect("preflight");
+    assert_eq!(resp.status(), 405);
+    // A plain OPTIONS (no Origin) is an ordinary request: no route takes it.
+    let resp = h
+        .client
+        .request(Method::OPTIONS, h.url("/v1/items"))
+        .send()
+        .await
+        .expect("options");
+    assert_eq!(resp.status(), 405);
+    assert_eq!(h.upstream.seen().len(), 2);
+}
+
+/// Reads HTTP/1.1 answers from `stream` until `n` are complete (each with
+/// a Content-Length) or the peer closes; returns (status, body) each.
+async fn read_answers(stream: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while answers.len() < n {
+        // Parse whatever is complete.
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some((head, rest)) = text.split_once("\r\n\r\n") else { break };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if rest.len() < len {
+                break;
+            }
+            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            answers.push((status, rest[..len].to_string()));
+            let used = head.len() + 4 + len;
+            buf.drain(..used);
+        }
+        if answers.len() >= n {
+            break;
+        }
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        if read == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..read]);
+    }
+    answers
+}
+
+/// Five requests in one write are all answered, in order, and each charged.
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let h = Harness::start(EDGES).await;
+    let (key, _) = h.create_key("free").await;
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect");
+    let mut batch = String::new();
+    for i in 0..5 {
+        batch.push_str(&format!(
+            "GET /v1/items?n={i} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ));
+    }
+    stream.write_all(batch.as_bytes()).await.expect("write");
+    let answers = read_answers(&mut stream, 5).await;
+    let targets: Vec<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200, "{body}");
+            let v: Value = serde_json::from_str(body).expect("json");
+            v["target"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        (0..5).map(|i| format!("/v1/items?n={i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(remaining(&h, &key).await, 95);
+}
+
+/// An upstream that speaks HTTP/1.0: the client still gets HTTP/1.1 and a
+/// connection it can keep using.
+#[tokio::test]
+async fn an_http_1_0_upstream_does_not_leak_its_version() {
+    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = old.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = old.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let h = Harness::start_beside(EDGES, addr).await;
+    let (key, _) = h.create_key("free").await;
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect");
+    for round in 0..3 {
+        let request =
+            format!("GET /old/x HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).await.expect("read");
+            assert_eq!(n, 1, "round {round}: the connection closed");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "round {round}: {head}");
+        assert!(!head.contains("connection: close"), "round {round}: {head}");
+        let mut body = [0u8; 2];
+        stream.read_exact(&mut body).await.expect("body");
+        assert_eq!(&body, b"ok");
+    }
+    assert_eq!(remaining(&h, &key).await, 97);
+}
+
+/// An HTTP/1.0 client never gets chunked encoding: a streamed answer
+/// reaches it whole, ended by the connection closing.
+#[tokio::test]
+async fn an_http_1_0_client_gets_no_chunked_encoding() {
+    let h = Harness::start(EDGES).await;
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /public HTTP/1.0\r\nHost: test\r\nX-Test-Stream: 1\r\n\r\n")
+        .await
+        .expect("write");
+    // The first event arrives before the upstream is told to send the second.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("data: one") {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    h.upstream.release();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut got),
+    )
+    .await
+    .expect("the connection ends")
+    .expect("read");
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(body, "data: one\n\ndata: two\n\n");
+}
