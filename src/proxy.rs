@@ -89,6 +89,47 @@ impl Ctx {
     }
 }
 
+/// The longest request target (path and query) tollgate reads.
+pub const MAX_TARGET: usize = 8 * 1024;
+/// The most request headers tollgate reads.
+pub const MAX_HEADERS: usize = 100;
+/// The most bytes of request header names and values tollgate reads.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// A request tollgate refuses before routing: past its caps (which sit
+/// below Pingora's own: requests past those never reach tollgate), or a
+/// CONNECT (tollgate does not tunnel).
+fn beyond_caps(req: &RequestHeader) -> Option<Rejection> {
+    if req.method == Method::CONNECT {
+        return Some(Rejection::MethodNotAllowed {
+            allow: String::new(),
+        });
+    }
+    let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_TARGET {
+        return Some(Rejection::bad_request(format!(
+            "the request target (path and query) is {target} bytes; the most is {MAX_TARGET}"
+        )));
+    }
+    if req.headers.len() > MAX_HEADERS {
+        return Some(Rejection::bad_request(format!(
+            "{} request headers; the most is {MAX_HEADERS}",
+            req.headers.len()
+        )));
+    }
+    let bytes: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Some(Rejection::bad_request(format!(
+            "{bytes} bytes of request headers; the most is {MAX_HEADER_BYTES}"
+        )));
+    }
+    None
+}
+
 /// The method a CORS preflight announces: an `OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method` is routed as that method (SPEC §3).
 fn preflight_method(req: &RequestHeader) -> Option<Method> {
@@ -349,6 +390,12 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.gateway.config();
         ctx.config = Some(config.clone());
+        if let Some(refusal) = beyond_caps(session.req_header()) {
+            // What follows on this connection cannot be trusted to be framed
+            // as expected (a CONNECT's tunnel, say): close it after the answer.
+            session.set_keepalive(None);
+            return reject(session, ctx, refusal).await;
+        }
         let preflight = preflight_method(session.req_header());
         ctx.preflight = preflight.is_some();
         let found = {

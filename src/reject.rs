@@ -136,6 +136,9 @@ impl Rejection {
             } => format!("this request costs {cost} credits and the key has {remaining} left"),
             Rejection::BadRequest { message } => message.clone(),
             Rejection::RouteNotFound => "no route matches this request".into(),
+            Rejection::MethodNotAllowed { allow } if allow.is_empty() => {
+                "tollgate does not take this method on any path".into()
+            }
             Rejection::MethodNotAllowed { allow } => {
                 format!("this path does not take this method; it takes {allow}")
             }

@@ -249,6 +249,13 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
 
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, Proxy::new(gateway.clone()));
+    if let Some(app) = proxy.app_logic_mut() {
+        // CONNECT reaches `request_filter`, which refuses it in JSON
+        // (Pingora's own refusal is an empty 405).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+    }
     let mut socket_options = TcpSocketOptions::default();
     socket_options.so_reuseport = Some(reservation.is_some());
     proxy.add_listener(

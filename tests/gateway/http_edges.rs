@@ -252,3 +252,62 @@ async fn an_http_1_0_client_gets_no_chunked_encoding() {
     assert!(!head.contains("transfer-encoding"), "{head}");
     assert_eq!(body, "data: one\n\ndata: two\n\n");
 }
+
+/// Sends `request` raw on a fresh connection; the answer's head (lower
+/// case) and body.
+async fn raw_answer(h: &Harness, request: &[u8]) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut out),
+    )
+    .await
+    .expect("the gateway answers and closes");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_lowercase(), body.to_string())
+}
+
+/// Requests past tollgate's caps, and CONNECT, get the §3 JSON, with no
+/// framework banner.
+#[tokio::test]
+async fn requests_past_the_caps_get_json() {
+    let h = Harness::start(EDGES).await;
+    let long = format!(
+        "GET /public?q={} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let mut many = String::from("GET /public HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let big = format!(
+        "GET /public HTTP/1.1\r\nHost: test\r\nConnection: close\r\nx-big: {}\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    for (request, status, words) in [
+        (long, "400", "request target"),
+        (many, "400", "request headers"),
+        (big, "400", "bytes of request headers"),
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_string(),
+            "405",
+            "does not take this method",
+        ),
+    ] {
+        let (head, body) = raw_answer(&h, request.as_bytes()).await;
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        assert!(!head.contains("server: pingora"), "{head}");
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(words)),
+            "{body}"
+        );
+    }
+    assert!(h.upstream.seen().is_empty());
+}
