@@ -19,6 +19,7 @@
 //!   writer thread; health on a full disk; migration from sled.
 //! - [`gateway`]: the state every listener shares (the live config generation); key lookup.
 //! - [`upstream`]: upstream peers, resolved at load and in the background.
+//! - [`tls`]: the proxy's HTTPS listener's certificate, reloaded when its files change.
 //! - [`proxy`]: the Pingora `ProxyHttp` glue around the gate.
 //! - [`admin`]: the admin API (axum); [`client`]: `tollgate keys`, its CLI client.
 //! - [`views`]: the key record and usage JSON.
@@ -49,6 +50,7 @@ pub mod report;
 pub mod route;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod views;

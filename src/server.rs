@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
@@ -80,6 +81,8 @@ pub struct Options {
 /// A running gateway.
 pub struct Running {
     pub proxy_addr: SocketAddr,
+    /// The proxy's HTTPS listener (`listen.proxy_tls`), if any.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
@@ -215,6 +218,20 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         reserve_proxy_port(config.listen.proxy)
             .with_context(|| format!("listen.proxy {}", config.listen.proxy))?
     };
+    let tls = match &config.listen.proxy_tls {
+        None => None,
+        Some(t) => {
+            let pair = crate::tls::load_pair(&t.cert, &t.key)
+                .map_err(|e| anyhow::anyhow!("listen.proxy_tls.{}: {}", e.field, e.message))?;
+            let (addr, reservation) = if takeover {
+                (t.addr, None)
+            } else {
+                reserve_proxy_port(t.addr)
+                    .with_context(|| format!("listen.proxy_tls.addr {}", t.addr))?
+            };
+            Some((addr, reservation, crate::tls::Certs::new(pair)))
+        }
+    };
     let store = match store {
         Some(store) => store,
         // The old process releases the lock once it has drained and flushed.
@@ -266,6 +283,22 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             // are still flushed chunk by chunk.
             .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER)),
     );
+    if let Some((addr, reservation, certs)) = &tls {
+        // The certificate comes from `certs` (so it can change); the paths
+        // Pingora would read are unused.
+        let mut settings =
+            TlsSettings::intermediate("", "").map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+        settings.set_cert_resolver(certs.clone());
+        settings.enable_h2();
+        let mut socket_options = TcpSocketOptions::default();
+        socket_options.so_reuseport = Some(reservation.is_some());
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .tcp_socket_options(socket_options)
+                .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER))
+                .tls(settings),
+        );
+    }
     server.add_service(proxy);
     server.add_service(background_service(
         "admin api",
@@ -289,6 +322,15 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         "reporter",
         crate::report::Reporter::new(gateway.clone()),
     ));
+    if let Some((_, _, certs)) = &tls {
+        server.add_service(background_service(
+            "tls certificate reloader",
+            crate::tls::Reloader {
+                gateway: gateway.clone(),
+                certs: certs.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "upstream resolver",
         crate::upstream::Resolver {
@@ -313,6 +355,8 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         config_path: options.config_path.clone(),
     };
     let store = gateway.store.clone();
+    let tls_addr = tls.as_ref().map(|(addr, _, _)| *addr);
+    let tls_reservation = tls.and_then(|(_, reservation, _)| reservation);
     let thread = std::thread::Builder::new()
         .name("tollgate".into())
         .spawn(move || {
@@ -325,14 +369,16 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
                 tracing::error!(error = %e, "final store flush failed");
             }
             handover.release();
-            drop(reservation);
+            drop((reservation, tls_reservation));
             let _ = done_tx.send(());
         })?;
 
     // Ready when the proxy accepts; Pingora binds on its own runtime.
     let mut ready = false;
+    let accepting =
+        |addr: &SocketAddr| TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_ok();
     for _ in 0..500 {
-        if TcpStream::connect_timeout(&proxy_addr, Duration::from_millis(100)).is_ok() {
+        if accepting(&proxy_addr) && tls_addr.as_ref().is_none_or(accepting) {
             ready = true;
             break;
         }
@@ -345,9 +391,14 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         bail!("the proxy did not start listening on {proxy_addr}");
     }
     defer_accept(proxy_addr);
+    if let Some(addr) = tls_addr {
+        defer_accept(addr);
+        tracing::info!(proxy_tls = %addr, "the proxy also serves HTTPS (HTTP/2 by ALPN)");
+    }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, metrics = %metrics_addr, "tollgate is serving");
     Ok(Running {
         proxy_addr,
+        tls_addr,
         admin_addr,
         metrics_addr,
         gateway,

@@ -40,6 +40,16 @@ pub struct ListenFile {
     pub admin: String,
     #[serde(default = "default_metrics")]
     pub metrics: String,
+    pub proxy_tls: Option<ProxyTlsFile>,
+}
+
+/// `listen.proxy_tls`: an HTTPS listener for the proxy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTlsFile {
+    pub addr: String,
+    pub cert: String,
+    pub key: String,
 }
 
 impl Default for ListenFile {
@@ -48,6 +58,7 @@ impl Default for ListenFile {
             proxy: default_proxy(),
             admin: default_admin(),
             metrics: default_metrics(),
+            proxy_tls: None,
         }
     }
 }

@@ -46,6 +46,17 @@ pub struct Listen {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
+    /// The proxy's HTTPS listener, if any.
+    pub proxy_tls: Option<ProxyTls>,
+}
+
+/// `listen.proxy_tls`: where the proxy also listens with TLS (HTTP/2 by
+/// ALPN), and the PEM files it reads, again whenever they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTls {
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone)]

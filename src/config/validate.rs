@@ -411,16 +411,22 @@ impl Check<'_> {
                 SocketAddr::from(([127, 0, 0, 1], 0))
             })
         };
-        let listen = Listen {
+        let tls_addr = l
+            .proxy_tls
+            .as_ref()
+            .map(|t| ("proxy_tls.addr", addr("proxy_tls.addr", &t.addr)));
+        let mut listen = Listen {
             proxy: addr("proxy", &l.proxy),
             admin: addr("admin", &l.admin),
             metrics: addr("metrics", &l.metrics),
+            proxy_tls: None,
         };
-        let named = [
+        let mut named = vec![
             ("proxy", listen.proxy),
             ("admin", listen.admin),
             ("metrics", listen.metrics),
         ];
+        named.extend(tls_addr);
         for (i, (a_name, a)) in named.iter().enumerate() {
             for (b_name, b) in &named[i + 1..] {
                 if overlaps(*a, *b) {
@@ -430,6 +436,16 @@ impl Check<'_> {
                     );
                 }
             }
+        }
+        if let (Some(t), Some((_, addr))) = (&l.proxy_tls, tls_addr) {
+            let (cert, key) = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
+            // A client reading only addresses need not be able to read them.
+            if self.secrets == Secrets::Read {
+                if let Err(e) = crate::tls::load_pair(&cert, &key) {
+                    self.error(&format!("listen.proxy_tls.{}", e.field), e.message);
+                }
+            }
+            listen.proxy_tls = Some(ProxyTls { addr, cert, key });
         }
         listen
     }
@@ -1228,6 +1244,27 @@ routes:
             e[0].message.contains("a whole number and one unit"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn proxy_tls_needs_readable_files_and_its_own_address() {
+        let text = format!(
+            "listen: {{ proxy: \"127.0.0.1:8080\", proxy_tls: {{ addr: \"127.0.0.1:8080\", cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }} }}\n{MINIMAL}"
+        );
+        let e = errors(&text);
+        let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["listen.proxy_tls.addr", "listen.proxy_tls.cert"],
+            "{e:?}"
+        );
+        assert!(
+            e[1].message.contains("cannot read /nonexistent/tls.crt"),
+            "{e:?}"
+        );
+        // A client reading addresses only does not need the files.
+        let text = text.replace("127.0.0.1:8080\", cert", "127.0.0.1:8443\", cert");
+        assert!(parse(&text, Secrets::Skip).is_ok());
     }
 
     #[test]

@@ -490,6 +490,26 @@ impl Harness {
         Harness::launch(upstream, dir, &text, false, start, true).await
     }
 
+    /// Like [`Harness::start`], with `listen_extra` (YAML lines indented
+    /// for the `listen` section, such as `proxy_tls`) added to `listen`.
+    pub async fn start_listening(body: &str, listen_extra: &str) -> Harness {
+        let upstream = Arc::new(Upstream::start().await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(
+            upstream.addr,
+            dead_address(),
+            &dir.path().join("store"),
+            body,
+        )
+        .replacen(
+            "  metrics: \"127.0.0.1:0\"\n",
+            &format!("  metrics: \"127.0.0.1:0\"\n{listen_extra}"),
+            1,
+        );
+        let start = START.parse().expect("start time");
+        Harness::launch(upstream, dir, &text, false, start, true).await
+    }
+
     async fn start_with(body: &str, watch: bool) -> Harness {
         let upstream = Arc::new(Upstream::start().await);
         let dir = tempfile::tempdir().expect("tempdir");

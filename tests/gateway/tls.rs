@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
 
@@ -131,4 +132,163 @@ routes:
     assert_eq!(bad.status(), 502);
     let body: serde_json::Value = bad.json().await.expect("json");
     assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+}
+
+/// A CA and a `localhost` / 127.0.0.1 certificate it signed, as PEM.
+struct TestPki {
+    ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            issuer: Issuer::new(ca_params, ca_key),
+        }
+    }
+
+    /// A leaf for localhost; its PEM chain, its key's PEM and its DER.
+    fn leaf(&self, name: &str) -> (String, String, Vec<u8>) {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+/// The certificate a fresh TLS handshake with `addr` is shown, and the
+/// connection (for later use).
+async fn handshake(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+) -> (Vec<u8>, tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("ca pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let shown = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("a certificate")
+        .to_vec();
+    (shown, tls)
+}
+
+/// Sends a keyed GET on an open HTTP/1.1 connection; the status.
+async fn get_on(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    key: &str,
+) -> u16 {
+    let request = format!("GET /api/data HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            }
+        }
+        let n = tls.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed: {text}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `listen.proxy_tls`: the proxy over HTTPS, HTTP/2 by ALPN and HTTP/1.1,
+/// charged like plain HTTP; a renewed certificate is served to new
+/// connections without dropping the open ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_https_and_h2_and_reloads_its_certificate() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let (cert_pem, key_pem, first_der) = pki.leaf("first");
+    std::fs::write(&cert_path, &cert_pem).expect("cert");
+    std::fs::write(&key_path, &key_pem).expect("key");
+    let listen = format!(
+        "  proxy_tls: {{ addr: \"127.0.0.1:0\", cert: \"{}\", key: \"{}\" }}\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let h = crate::common::Harness::start_listening(crate::PLANS, &listen).await;
+    let addr = h.gateway.tls_addr.expect("a TLS listener");
+    let (key, _) = h.create_key("free").await;
+
+    let client = |http2: bool| {
+        let builder = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("ca"),
+            )
+            .resolve("localhost", addr);
+        if http2 { builder } else { builder.http1_only() }
+            .build()
+            .expect("client")
+    };
+    let url = format!("https://localhost:{}/api/data", addr.port());
+    for (http2, version) in [(true, reqwest::Version::HTTP_2), (false, reqwest::Version::HTTP_11)] {
+        let resp = client(http2)
+            .get(&url)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("https");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), version);
+        // The key was read and removed, as on plain HTTP.
+        let echoed: serde_json::Value = resp.json().await.expect("json");
+        assert!(echoed["headers"].get("authorization").is_none(), "{echoed}");
+    }
+    assert_eq!(h.usage(&key).await["usage"]["credits"]["remaining"], 3);
+
+    // An open connection, then a renewal written over the files.
+    let (shown, mut open) = handshake(addr, &pki.ca_pem).await;
+    assert_eq!(shown, first_der);
+    assert_eq!(get_on(&mut open, &key).await, 200);
+    let (cert_pem, key_pem, second_der) = pki.leaf("second");
+    std::fs::write(&key_path, &key_pem).expect("key");
+    std::fs::write(&cert_path, &cert_pem).expect("cert");
+    let mut renewed = false;
+    for _ in 0..100 {
+        if handshake(addr, &pki.ca_pem).await.0 == second_der {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(renewed, "new handshakes never saw the renewed certificate");
+    // The connection made before is still served.
+    assert_eq!(get_on(&mut open, &key).await, 200);
+
 }
