@@ -56,6 +56,15 @@ impl Window {
             self.width_ms = width;
             self.buckets.clear();
         }
+        // A clock stepped back: units counted "in the future" count as if
+        // they came now, so they leave one window from here, not one window
+        // plus the step (a step back never locks a key out for longer).
+        for (at, _) in self.buckets.iter_mut().rev() {
+            if *at <= now_ms {
+                break;
+            }
+            *at = now_ms;
+        }
         while let Some(&(at, _)) = self.buckets.front() {
             if at.saturating_add(window_ms) <= now_ms {
                 self.buckets.pop_front();
@@ -217,6 +226,19 @@ mod tests {
         assert_eq!(w.used(MIN, 0), 2);
         let again: Window = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
         assert_eq!(again, w);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_holds_units_one_window_from_the_step() {
+        let mut w = Window::default();
+        w.add(1, MIN, 3_600_000);
+        // The clock steps back an hour.
+        assert_eq!(w.used(MIN, 0), 1);
+        assert_eq!(w.wait_ms(1, 1, MIN, 0), Some(MIN));
+        assert_eq!(w.used(MIN, MIN - 1), 1);
+        assert_eq!(w.used(MIN, MIN), 0);
+        // Forward again past where it was: nothing comes back.
+        assert_eq!(w.used(MIN, 3_600_000), 0);
     }
 
     proptest! {

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::config::Config;
+use crate::ledger::CreditPolicy;
 
 const CONFIG: &str = r#"
 upstreams:
@@ -470,5 +471,167 @@ proptest! {
         prop_assert!(credits <= 2);
         prop_assert_eq!(u.remaining, Some(2 - credits));
         prop_assert_eq!(u.overage, overage);
+    }
+}
+
+/// Jumps of the clock forward and back across day and month ends and a
+/// leap day: each period refills once, however often the clock crosses
+/// its boundary.
+#[test]
+fn clock_steps_never_refill_twice() {
+    let c = config();
+    // Daily: spend at 23:59, cross midnight, step back, cross again.
+    let r = record("free");
+    let mut u = usage(&c, "free", ts("2026-03-01T23:59:00Z"));
+    admit(&c, &r, &mut u, &demand(5), ts("2026-03-01T23:59:00Z")).expect("5 of 5");
+    admit(&c, &r, &mut u, &demand(2), ts("2026-03-02T00:00:01Z")).expect("refilled");
+    assert_eq!(u.remaining, Some(3));
+    for (at, left) in [
+        ("2026-03-01T23:59:30Z", 3), // back before midnight: nothing returns
+        ("2026-03-02T00:00:30Z", 3), // forward again: no second refill
+        ("2026-02-28T12:00:00Z", 3), // back over a month end
+        ("2026-03-02T23:00:00Z", 3),
+        ("2026-03-03T00:00:00Z", 5), // the next day's refill, once
+        ("2026-03-02T00:00:00Z", 5),
+        ("2026-03-03T00:00:00Z", 5),
+    ] {
+        let now = ts(at);
+        u.settle(&c.tiers["free"], None, now);
+        assert_eq!(u.remaining, Some(left), "at {at}");
+    }
+    // Monthly on day 31: the leap day is February's refill day.
+    let r = record("monthly");
+    let start = ts("2028-02-28T12:00:00Z");
+    let mut u = usage(&c, "monthly", start);
+    admit(&c, &r, &mut u, &demand(10), start).expect("10 of 10");
+    let monthly = &c.tiers["monthly"];
+    u.settle(monthly, None, ts("2028-02-29T00:00:00Z"));
+    assert_eq!(u.remaining, Some(10), "refilled on the leap day");
+    admit(&c, &r, &mut u, &demand(4), ts("2028-02-29T00:00:00Z")).expect("4 of 10");
+    for at in [
+        "2028-02-28T23:59:59Z",
+        "2028-02-29T00:00:01Z",
+        "2028-01-31T00:00:00Z",
+        "2028-03-30T23:59:59Z",
+    ] {
+        u.settle(monthly, None, ts(at));
+        assert_eq!(u.remaining, Some(6), "at {at}: no second refill");
+    }
+    u.settle(monthly, None, ts("2028-03-31T00:00:00Z"));
+    assert_eq!(u.remaining, Some(10), "March 31 refills");
+}
+
+/// One step of the property test below.
+#[derive(Debug, Clone)]
+enum Step {
+    Request {
+        cost: u64,
+        tokens: u64,
+        exports: u64,
+    },
+    RefundLast,
+    Plan {
+        tier: usize,
+        policy: usize,
+    },
+    Grant(u64),
+    Clock(i64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u64..4, 0u64..60, 0u64..2)
+            .prop_map(|(cost, tokens, exports)| Step::Request { cost, tokens, exports }),
+        1 => Just(Step::RefundLast),
+        1 => (0usize..3, 0usize..3).prop_map(|(tier, policy)| Step::Plan { tier, policy }),
+        1 => (0u64..8).prop_map(Step::Grant),
+        // Up to three days either way, in seconds.
+        2 => (-259_200i64..259_200).prop_map(Step::Clock),
+    ]
+}
+
+proptest! {
+    /// For any sequence of requests, refunds, plan changes, grants and clock
+    /// steps (forward and back): a rejected request changes nothing; credits
+    /// are conserved (what is left is what was given, by the initial
+    /// allowance, refills, grants, plan changes and refunds, less what was
+    /// spent and what refills or plan changes took away), so no success is
+    /// ever paid from nothing; and no charge takes more than was left.
+    #[test]
+    fn the_decision_core_conserves_credits(steps in proptest::collection::vec(step(), 1..120)) {
+        let c = config();
+        let tiers = ["free", "monthly", "payg"];
+        let policies = [CreditPolicy::Prorate, CreditPolicy::Reset, CreditPolicy::Keep];
+        let mut r = record("free");
+        let mut now = ts("2026-03-01T12:00:00Z");
+        let mut u = usage(&c, "free", now);
+        let left = |u: &Usage| i128::from(u.remaining.unwrap_or(0));
+        let (mut given, mut spent, mut taken) = (left(&u), 0i128, 0i128);
+        // Counts a change of the balance made outside a charge.
+        let account = |given: &mut i128, taken: &mut i128, before: i128, after: i128| {
+            if after > before { *given += after - before } else { *taken += before - after }
+        };
+        let mut last: Option<Charge> = None;
+        for step in steps {
+            let tier = &c.tiers[r.tier.as_str()];
+            match step {
+                Step::Request { cost, tokens, exports } => {
+                    let mut settled = u.clone();
+                    settled.settle(tier, r.refill_day, now);
+                    account(&mut given, &mut taken, left(&u), left(&settled));
+                    let d = pools(cost, &[("tokens", tokens), ("exports", exports)]);
+                    match admit(&c, &r, &mut u, &d, now) {
+                        Ok(a) => {
+                            prop_assert!(i128::from(a.charge.credits) <= left(&settled));
+                            // Every success is paid: in credits, or as overage where allowed.
+                            prop_assert_eq!(a.charge.credits + a.charge.overage, cost);
+                            spent += i128::from(a.charge.credits);
+                            prop_assert_eq!(left(&u), left(&settled) - i128::from(a.charge.credits));
+                            last = Some(a.charge);
+                        }
+                        // Nothing a client or the billing could see: the
+                        // usage report and the billing state are the same.
+                        Err(_) => {
+                            let seen = |u: &Usage| {
+                                let mut u = u.clone();
+                                crate::views::usage_report(tier, &r, &mut u, now)
+                            };
+                            prop_assert_eq!(seen(&u), seen(&settled), "a rejection changed the usage");
+                            prop_assert_eq!(&u.billing, &settled.billing);
+                            prop_assert_eq!(u.remaining, settled.remaining);
+                        }
+                    }
+                }
+                Step::RefundLast => {
+                    if let Some(charge) = last.take() {
+                        let before = left(&u);
+                        refund(Some(tier), &mut u, &charge);
+                        // Given back at most what was charged.
+                        prop_assert!(left(&u) - before <= i128::from(charge.credits));
+                        spent -= left(&u) - before;
+                    }
+                }
+                Step::Plan { tier: t, policy } => {
+                    let before = left(&u);
+                    u.settle(tier, r.refill_day, now);
+                    let new = &c.tiers[tiers[t]];
+                    u.change_plan(Some(tier), new, policies[policy], r.refill_day, now);
+                    r.tier = tiers[t].to_string();
+                    account(&mut given, &mut taken, before, left(&u));
+                    last = None;
+                }
+                Step::Grant(n) => {
+                    let before = left(&u);
+                    u.remaining = u.remaining.map(|x| x + n);
+                    account(&mut given, &mut taken, before, left(&u));
+                }
+                Step::Clock(secs) => {
+                    let by = jiff::SignedDuration::from_secs(secs);
+                    now = now.checked_add(by).expect("in range");
+                }
+            }
+            prop_assert!(spent >= 0);
+            prop_assert_eq!(left(&u), given - spent - taken, "credits not conserved");
+        }
     }
 }
