@@ -81,6 +81,8 @@ enum Backend {
 /// The store a gateway runs on.
 pub struct Store {
     backend: Backend,
+    /// Lookups by key hash that went past memory (see [`Store::lookups`]).
+    lookups: std::sync::atomic::AtomicU64,
 }
 
 /// A key found in the store, to hand back to its calls.
@@ -117,6 +119,7 @@ impl Store {
                 let node = self::redis::node_name(&config.store_path)?;
                 Ok(Store {
                     backend: Backend::Redis(self::redis::Redis::open(redis, node, Some(lock))?),
+                    lookups: Default::default(),
                 })
             }
         }
@@ -157,6 +160,7 @@ impl Store {
     fn local(local: local::Local) -> Store {
         Store {
             backend: Backend::Local(local),
+            lookups: Default::default(),
         }
     }
 
@@ -189,10 +193,19 @@ impl Store {
 
     /// The key with this hash.
     pub async fn find(&self, hash: &KeyHash) -> Result<Option<Key>, StoreError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.backend {
             Backend::Local(s) => Ok(s.lookup(hash)?.map(|e| Key(KeyRef::Local(e)))),
             Backend::Redis(s) => Ok(s.lookup(hash).await?.map(|e| Key(KeyRef::Redis(e)))),
         }
+    }
+
+    /// How many lookups by key hash went to the backend (the disk, or
+    /// Redis) since the store opened: a key that is malformed or fails its
+    /// checksum never makes one (tests count them).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The key with this id.

@@ -291,3 +291,33 @@ async fn store_failure_is_503_but_public_routes_work() {
     store.flush_dirty().await.expect("flush");
     assert_eq!(h.get("/api/data", &key).await.status(), 200);
 }
+
+/// A key that is malformed or fails its checksum is refused without a
+/// store lookup (nothing to time, nothing to load the disk or Redis with);
+/// only a well-formed key the gateway has not seen is looked up.
+#[tokio::test]
+async fn malformed_keys_never_reach_the_store() {
+    let h = Harness::start(PLANS).await;
+    let (key, _) = h.create_key("free").await;
+    let store = &h.gateway.gateway.store;
+    let before = store.lookups();
+    let mut bad_checksum = key.clone();
+    let last = bad_checksum.pop().expect("a char");
+    bad_checksum.push(if last == 'A' { 'B' } else { 'A' });
+    for bad in [
+        "sk_free_short",
+        "not a key at all",
+        "sk_free_0OIl0OIl0OIl0OIl0OIl0OIl0OIl",
+        bad_checksum.as_str(),
+        &"x".repeat(300),
+    ] {
+        let body = json_of(h.get("/api/data", bad).await, 401).await;
+        assert_eq!(body["code"], "INVALID_KEY", "{bad}");
+    }
+    assert_eq!(store.lookups(), before, "a malformed key reached the store");
+    // A well-formed key nobody issued is looked up once, then refused.
+    let unknown = tollgate::keys::generate("sk_free").secret;
+    let body = json_of(h.get("/api/data", &unknown).await, 401).await;
+    assert_eq!(body["code"], "INVALID_KEY");
+    assert_eq!(store.lookups(), before + 1);
+}
