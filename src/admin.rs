@@ -125,7 +125,12 @@ pub async fn parse_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> 
             code: "INVALID_REQUEST",
             message: format!("the body is larger than {MAX_BODY} bytes, or was cut off"),
         })?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    parse_json(&body)
+}
+
+/// Parses a JSON body strictly, naming the offending field on error.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -145,6 +150,21 @@ pub async fn parse_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> 
     de.end()
         .map_err(|e| ApiError::invalid(format!("trailing data after the JSON body: {e}")))?;
     Ok(value)
+}
+
+/// Parses `body` as every admin request body, for the fuzzer: each parse
+/// must end in a value or an [`ApiError`], never a panic.
+#[doc(hidden)]
+pub fn parse_every_body(body: &[u8]) {
+    let _ = parse_json::<CreateKey>(body);
+    let _ = parse_json::<UpdateKey>(body);
+    let _ = parse_json::<ChangeCredits>(body);
+    let _ = parse_json::<Verify>(body);
+    let _ = parse_json::<RetryParked>(body);
+    // The list call's query string.
+    if let Ok(uri) = format!("/v1/keys?{}", String::from_utf8_lossy(body)).parse::<http::Uri>() {
+        let _ = Query::<ListQuery>::try_from_uri(&uri);
+    }
 }
 
 fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {

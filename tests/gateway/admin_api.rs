@@ -181,17 +181,7 @@ async fn admin_edges_answer_json() {
 /// start, and the admin API answers 503 with that reason, not 401.
 #[tokio::test]
 async fn a_gateway_without_its_root_key_says_so() {
-    let upstream = crate::common::Upstream::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = crate::common::config_text(
-        upstream.addr,
-        crate::common::dead_address(),
-        &dir.path().join("store"),
-        PLANS,
-    );
-    let config = dir.path().join("tollgate.yaml");
-    std::fs::write(&config, text).expect("write config");
-    let gateway = crate::common::Binary::serve(&config, &[]).await;
+    let (gateway, _upstream, _dir) = crate::common::Binary::start(PLANS, &[]).await;
     let resp = reqwest::Client::new()
         .get(format!("http://{}/v1/keys", gateway.admin))
         .bearer_auth("anything")

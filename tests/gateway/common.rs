@@ -483,41 +483,31 @@ impl Harness {
     /// Like [`Harness::start`], with the upstream named `dead` at `second`
     /// (a server of the test's own) instead of an address nobody serves.
     pub async fn start_beside(body: &str, second: std::net::SocketAddr) -> Harness {
-        let upstream = Arc::new(Upstream::start().await);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text(upstream.addr, second, &dir.path().join("store"), body);
-        let start = START.parse().expect("start time");
-        Harness::launch(upstream, dir, &text, false, start, true).await
+        Harness::start_custom(body, second, "", false).await
     }
 
     /// Like [`Harness::start`], with `listen_extra` (YAML lines indented
     /// for the `listen` section, such as `proxy_tls`) added to `listen`.
     pub async fn start_listening(body: &str, listen_extra: &str) -> Harness {
-        let upstream = Arc::new(Upstream::start().await);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text(
-            upstream.addr,
-            dead_address(),
-            &dir.path().join("store"),
-            body,
-        )
-        .replacen(
-            "  metrics: \"127.0.0.1:0\"\n",
-            &format!("  metrics: \"127.0.0.1:0\"\n{listen_extra}"),
-            1,
-        );
-        let start = START.parse().expect("start time");
-        Harness::launch(upstream, dir, &text, false, start, true).await
+        Harness::start_custom(body, dead_address(), listen_extra, false).await
     }
 
     async fn start_with(body: &str, watch: bool) -> Harness {
+        Harness::start_custom(body, dead_address(), "", watch).await
+    }
+
+    async fn start_custom(
+        body: &str,
+        second: std::net::SocketAddr,
+        listen_extra: &str,
+        watch: bool,
+    ) -> Harness {
         let upstream = Arc::new(Upstream::start().await);
         let dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text(
-            upstream.addr,
-            dead_address(),
-            &dir.path().join("store"),
-            body,
+        let text = config_text(upstream.addr, second, &dir.path().join("store"), body).replacen(
+            "  metrics: \"127.0.0.1:0\"\n",
+            &format!("  metrics: \"127.0.0.1:0\"\n{listen_extra}"),
+            1,
         );
         let start = START.parse().expect("start time");
         Harness::launch(upstream, dir, &text, watch, start, true).await
@@ -808,6 +798,20 @@ impl Binary {
             .json()
             .await
             .expect("json")
+    }
+
+    /// The real binary in front of a test upstream, on the config around
+    /// `body` (see [`config_text`]) in a file, with `env`.
+    pub async fn start(
+        body: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> (Binary, Upstream, tempfile::TempDir) {
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(upstream.addr, dead_address(), &dir.path().join("store"), body);
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, text).expect("write config");
+        (Binary::serve(&config, env).await, upstream, dir)
     }
 
     /// Runs `tollgate serve --config <config>` with `env`, and waits until it

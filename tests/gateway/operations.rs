@@ -408,18 +408,8 @@ async fn a_broken_file_is_counted_once_per_change() {
 
 /// The real binary in front of a test upstream, with the config in a file.
 async fn binary(body: &str) -> (Binary, Upstream, tempfile::TempDir) {
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let text = crate::common::config_text(
-        upstream.addr,
-        crate::common::dead_address(),
-        &dir.path().join("store"),
-        body,
-    );
-    let config = dir.path().join("tollgate.yaml");
-    std::fs::write(&config, text).expect("write config");
     let env = [("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY))];
-    (Binary::serve(&config, &env).await, upstream, dir)
+    Binary::start(body, &env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
