@@ -359,6 +359,16 @@ impl Check<'_> {
                         format!("duplicate route name '{}'", r.name),
                     );
                 }
+                if [crate::metrics::NONE, crate::metrics::USAGE].contains(&r.name.as_str()) {
+                    self.error(
+                        &format!("{path}.name"),
+                        format!(
+                            "'{}' is reserved: metrics and logs use it for requests no route \
+                             matched and for the usage endpoint",
+                            r.name
+                        ),
+                    );
+                }
                 self.route(&path, r, &file)
             })
             .collect::<Vec<_>>();
@@ -1265,6 +1275,16 @@ routes:
         // A client reading addresses only does not need the files.
         let text = text.replace("127.0.0.1:8080\", cert", "127.0.0.1:8443\", cert");
         assert!(parse(&text, Secrets::Skip).is_ok());
+    }
+
+    #[test]
+    fn route_names_none_and_usage_are_reserved() {
+        for name in ["none", "usage"] {
+            let e = errors(&MINIMAL.replace("name: a,", &format!("name: {name},")));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert_eq!(e[0].path, "routes[0].name");
+            assert!(e[0].message.contains("reserved"), "{e:?}");
+        }
     }
 
     #[test]
