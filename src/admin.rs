@@ -171,13 +171,12 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(root) = gateway.root_key.as_deref() else {
         return Err(ApiError::no_root_key(&gateway.config().root_key_env));
     };
-    // The scheme is case-insensitive (RFC 9110), as on the proxy.
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once([' ', '\t']))
+        .map(crate::gateway::authorization)
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
+        .map_or("", |(_, token)| token);
     if bool::from(presented.as_bytes().ct_eq(root.as_bytes())) {
         Ok(())
     } else {

@@ -94,11 +94,8 @@ pub fn parse_amount(bytes: &[u8]) -> Option<u64> {
     if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let significant = &digits[digits.iter().take_while(|b| **b == b'0').count()..];
-    if significant.len() > 19 {
-        return None;
-    }
-    significant
+    // Leading zeros add nothing; a number too large overflows and is refused.
+    digits
         .iter()
         .try_fold(0u64, |n, d| {
             n.checked_mul(10)?.checked_add(u64::from(d - b'0'))

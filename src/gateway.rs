@@ -126,9 +126,7 @@ pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection
         .get_all(http::header::AUTHORIZATION)
         .iter()
         .filter_map(|v| {
-            let v = v.to_str().ok()?.trim();
-            let (scheme, token) = v.split_once([' ', '\t']).unwrap_or((v, ""));
-            let token = token.trim();
+            let (scheme, token) = authorization(v.to_str().ok()?);
             if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
                 Some(token)
             } else {
@@ -151,6 +149,15 @@ pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection
             "send exactly one API key: one Authorization or one X-API-Key header",
         )),
     }
+}
+
+/// An `Authorization` value's scheme and credentials, trimmed; the scheme
+/// is compared case-insensitively by callers (RFC 9110), on the proxy and
+/// the admin API alike.
+pub fn authorization(value: &str) -> (&str, &str) {
+    let value = value.trim();
+    let (scheme, credentials) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+    (scheme, credentials.trim())
 }
 
 /// An `Authorization` scheme as it may be shown back: a short token of

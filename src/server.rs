@@ -212,23 +212,21 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
     let metrics_listener = bind_shared(config.listen.metrics, "listen.metrics")?;
     let metrics_addr = metrics_listener.local_addr()?;
-    let (proxy_addr, reservation) = if takeover {
-        (config.listen.proxy, None)
-    } else {
-        reserve_proxy_port(config.listen.proxy)
-            .with_context(|| format!("listen.proxy {}", config.listen.proxy))?
+    // Taking over, the listening sockets come from the old process.
+    let reserve = |addr: SocketAddr, field: &str| {
+        if takeover {
+            Ok((addr, None))
+        } else {
+            reserve_proxy_port(addr).with_context(|| format!("{field} {addr}"))
+        }
     };
+    let (proxy_addr, reservation) = reserve(config.listen.proxy, "listen.proxy")?;
     let tls = match &config.listen.proxy_tls {
         None => None,
         Some(t) => {
             let pair = crate::tls::load_pair(&t.cert, &t.key)
                 .map_err(|e| anyhow::anyhow!("listen.proxy_tls.{}: {}", e.field, e.message))?;
-            let (addr, reservation) = if takeover {
-                (t.addr, None)
-            } else {
-                reserve_proxy_port(t.addr)
-                    .with_context(|| format!("listen.proxy_tls.addr {}", t.addr))?
-            };
+            let (addr, reservation) = reserve(t.addr, "listen.proxy_tls.addr")?;
             Some((addr, reservation, crate::tls::Certs::new(pair)))
         }
     };
@@ -273,16 +271,18 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         options.allow_connect_method_proxying = true;
         app.server_options = Some(options);
     }
-    let mut socket_options = TcpSocketOptions::default();
-    socket_options.so_reuseport = Some(reservation.is_some());
-    proxy.add_listener(
-        ListenerConfig::tcp(proxy_addr.to_string())
+    // A listener of the proxy: joins its reservation's port, if it has one.
+    let listener = |addr: SocketAddr, reserved: bool| {
+        let mut socket_options = TcpSocketOptions::default();
+        socket_options.so_reuseport = Some(reserved);
+        ListenerConfig::tcp(addr.to_string())
             .tcp_socket_options(socket_options)
             // Room for an answer's header and a small body in one `send`
             // (Pingora's default is one MSS, 1460 bytes). Streamed bodies
             // are still flushed chunk by chunk.
-            .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER)),
-    );
+            .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER))
+    };
+    proxy.add_listener(listener(proxy_addr, reservation.is_some()));
     if let Some((addr, reservation, certs)) = &tls {
         // The certificate comes from `certs` (so it can change); the paths
         // Pingora would read are unused.
@@ -290,14 +290,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
             TlsSettings::intermediate("", "").map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
         settings.set_cert_resolver(certs.clone());
         settings.enable_h2();
-        let mut socket_options = TcpSocketOptions::default();
-        socket_options.so_reuseport = Some(reservation.is_some());
-        proxy.add_listener(
-            ListenerConfig::tcp(addr.to_string())
-                .tcp_socket_options(socket_options)
-                .l4_buffer(L4BufferSettings::default().write(PROXY_WRITE_BUFFER))
-                .tls(settings),
-        );
+        proxy.add_listener(listener(*addr, reservation.is_some()).tls(settings));
     }
     server.add_service(proxy);
     server.add_service(background_service(

@@ -711,6 +711,50 @@ impl Harness {
     }
 }
 
+/// Reads HTTP/1.1 answers from `stream` until `n` are complete (each with
+/// a Content-Length) or the peer closes; returns (status, body) each.
+pub async fn read_answers<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    n: usize,
+) -> Vec<(u16, String)> {
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while answers.len() < n {
+        // Parse whatever is complete.
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let Some((head, rest)) = text.split_once("\r\n\r\n") else { break };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if rest.len() < len {
+                break;
+            }
+            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            answers.push((status, rest[..len].to_string()));
+            let used = head.len() + 4 + len;
+            buf.drain(..used);
+        }
+        if answers.len() >= n {
+            break;
+        }
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        if read == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..read]);
+    }
+    answers
+}
+
 /// The JSON body of a response, after checking its status.
 pub async fn json_of(resp: reqwest::Response, status: u16) -> Value {
     let got = resp.status().as_u16();
@@ -798,6 +842,11 @@ impl Binary {
             .json()
             .await
             .expect("json")
+    }
+
+    /// How many lines the binary has logged so far that contain `text`.
+    pub fn lines_with(&self, text: &str) -> usize {
+        self.logs.lock().iter().filter(|l| l.contains(text)).count()
     }
 
     /// The real binary in front of a test upstream, on the config around

@@ -5,7 +5,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{json_of, Harness};
+use crate::common::{json_of, read_answers, Harness};
 
 const EDGES: &str = r#"
 tiers:
@@ -95,47 +95,6 @@ async fn a_cors_preflight_reaches_the_upstream_uncharged() {
         .expect("options");
     assert_eq!(resp.status(), 405);
     assert_eq!(h.upstream.seen().len(), 2);
-}
-
-/// Reads HTTP/1.1 answers from `stream` until `n` are complete (each with
-/// a Content-Length) or the peer closes; returns (status, body) each.
-async fn read_answers(stream: &mut tokio::net::TcpStream, n: usize) -> Vec<(u16, String)> {
-    let mut buf = Vec::new();
-    let mut answers = Vec::new();
-    let mut chunk = [0u8; 8192];
-    while answers.len() < n {
-        // Parse whatever is complete.
-        loop {
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let Some((head, rest)) = text.split_once("\r\n\r\n") else { break };
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
-                })
-                .expect("content-length");
-            if rest.len() < len {
-                break;
-            }
-            let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            answers.push((status, rest[..len].to_string()));
-            let used = head.len() + 4 + len;
-            buf.drain(..used);
-        }
-        if answers.len() >= n {
-            break;
-        }
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .expect("an answer within 10 s")
-            .expect("read");
-        if read == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..read]);
-    }
-    answers
 }
 
 /// Five requests in one write are all answered, in order, and each charged.

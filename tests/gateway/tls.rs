@@ -203,27 +203,8 @@ async fn get_on(
 ) -> u16 {
     let request = format!("GET /api/data HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\r\n");
     tls.write_all(request.as_bytes()).await.expect("write");
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if body.len() >= len {
-                return head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            }
-        }
-        let n = tls.read(&mut chunk).await.expect("read");
-        assert!(n > 0, "closed: {text}");
-        got.extend_from_slice(&chunk[..n]);
-    }
+    let answers = crate::common::read_answers(tls, 1).await;
+    answers.first().expect("an answer before the connection closed").0
 }
 
 /// `listen.proxy_tls`: the proxy over HTTPS, HTTP/2 by ALPN and HTTP/1.1,
