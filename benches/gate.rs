@@ -84,7 +84,7 @@ impl Bench {
         let gateway = Gateway {
             config: ArcSwap::from_pointee(Generation::new(config, &metrics)),
             store,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::new()),
             root_key: None,
             metrics,
             last_reload: Default::default(),

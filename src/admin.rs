@@ -321,7 +321,7 @@ async fn revoke_key(
 /// A key's record as the API shows it, its usage settled first; `None` if
 /// the key was revoked meanwhile.
 async fn record_view(gw: &Gateway, config: &Config, key: &Key) -> Result<Option<Value>, ApiError> {
-    let now = gw.clock.now();
+    let now = gw.clock.read();
     Ok(gw
         .store
         .charge(key, |record, usage| {
@@ -633,7 +633,7 @@ async fn verify(
         if !gw.store.healthy() {
             return Err(Rejection::StoreUnavailable);
         }
-        let now = gw.clock.now();
+        let now = gw.clock.read();
         let decided = gw
             .store
             .charge(&key, |record, usage| {

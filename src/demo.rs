@@ -82,7 +82,7 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
     let running = server::start(
         config,
         Options {
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::new()),
             root_key: Some(format!("demo_{root_key}")),
             threads: 2,
             config_path: None,

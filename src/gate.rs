@@ -11,8 +11,9 @@
 use http::HeaderMap;
 use jiff::Timestamp;
 
+use crate::clock::Now;
 use crate::config::{Amount, Config, Credits, Overage, PoolWindow, Route, Tier};
-use crate::ledger::{duration_ms, millis, slot, KeyRecord, Usage};
+use crate::ledger::{duration_ms, slot, KeyRecord, Usage};
 use crate::reject::Rejection;
 
 /// What a request asks of a key.
@@ -165,12 +166,14 @@ pub fn admit(
     record: &KeyRecord,
     usage: &mut Usage,
     demand: &Demand,
-    now: Timestamp,
+    now: impl Into<Now>,
 ) -> Result<Admission, Rejection> {
+    let now = now.into();
+    let (wall, now_ms) = (now.wall, now.steady_ms);
     if !record.enabled {
         return Err(Rejection::Disabled);
     }
-    if let Some(expired_at) = record.expires_at.filter(|at| *at <= now) {
+    if let Some(expired_at) = record.expires_at.filter(|at| *at <= wall) {
         return Err(Rejection::Expired { expired_at });
     }
     let (tier_index, _, tier) =
@@ -188,8 +191,7 @@ pub fn admit(
         });
     }
     let amounts = demand.amounts.as_ref().map_err(Clone::clone)?;
-    usage.settle(tier, record.refill_day, now);
-    let now_ms = millis(now);
+    usage.settle(tier, record.refill_day, wall);
     let mut shadowed = Vec::new();
 
     // Check everything first; nothing below mutates a balance until all pass.
@@ -241,7 +243,7 @@ pub fn admit(
                 return Err(Rejection::UsageExceeded {
                     cost: amounts.cost,
                     remaining,
-                    resets_at: Usage::next_refill(tier, record.refill_day, now),
+                    resets_at: Usage::next_refill(tier, record.refill_day, wall),
                     upgrade_url: tier.upgrade_url.clone(),
                 });
             }
@@ -304,7 +306,7 @@ pub fn admit(
                 usage.used,
                 remaining,
                 usage.period_start,
-                now,
+                wall,
             );
         }
     }
@@ -364,15 +366,16 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
 
 /// Charges pool units reported by the upstream after the response. The work
 /// is done, so this never refuses; it may take a pool past its limit.
-pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now: Timestamp) {
+pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now: impl Into<Now>) {
+    let now = now.into();
     let state = slot(&mut usage.pools, pool);
     state.total = state.total.saturating_add(units);
     match tier.and_then(|t| t.pools.get(pool)).map(|p| p.window) {
         Some(PoolWindow::Rolling(window)) => {
-            state.window.add(units, duration_ms(window), millis(now));
+            state.window.add(units, duration_ms(window), now.steady_ms);
         }
         Some(PoolWindow::Calendar(interval)) => {
-            let boundary = interval.period_start(now);
+            let boundary = interval.period_start(now.wall);
             if state.period_start < boundary {
                 state.used = 0;
                 state.period_start = boundary;

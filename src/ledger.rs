@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::clock::Now;
 use crate::config::{Credits, Pool, PoolWindow, Tier};
 use crate::keys::KeyHash;
 use crate::window::Window;
@@ -204,15 +205,10 @@ pub struct PoolUsage {
 impl PoolUsage {
     /// Units counted against `pool` at `now`, and when that count next
     /// drops: far enough for `units` more (rolling), or to zero (calendar).
-    pub fn standing(
-        &mut self,
-        pool: &Pool,
-        units: u64,
-        now: Timestamp,
-    ) -> (u64, Option<Timestamp>) {
+    pub fn standing(&mut self, pool: &Pool, units: u64, now: Now) -> (u64, Option<Timestamp>) {
         match pool.window {
             PoolWindow::Rolling(window) => {
-                let (window_ms, now_ms) = (duration_ms(window), millis(now));
+                let (window_ms, now_ms) = (duration_ms(window), now.steady_ms);
                 let used = self.window.used(window_ms, now_ms);
                 let at = match self
                     .window
@@ -221,9 +217,9 @@ impl PoolUsage {
                     Some(wait) if wait > 0 => Some(now_ms + wait),
                     _ => self.window.oldest_expiry_ms(window_ms, now_ms),
                 };
-                (used, at.and_then(|ms| Timestamp::from_millisecond(ms).ok()))
+                (used, at.and_then(|ms| now.wall_at(ms)))
             }
-            PoolWindow::Calendar(interval) => (self.used, interval.next_start(now)),
+            PoolWindow::Calendar(interval) => (self.used, interval.next_start(now.wall)),
         }
     }
 }
@@ -345,9 +341,4 @@ pub fn credit_limit(tier: &Tier) -> Option<u64> {
 
 pub fn duration_ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// Milliseconds since the epoch, the unit windows count in.
-pub fn millis(t: Timestamp) -> i64 {
-    t.as_millisecond()
 }

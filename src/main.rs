@@ -201,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let running = server::start(
                 config,
                 Options {
-                    clock: Arc::new(SystemClock),
+                    clock: Arc::new(SystemClock::new()),
                     root_key,
                     threads,
                     config_path: Some(path),

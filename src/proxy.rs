@@ -22,6 +22,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
@@ -160,13 +161,12 @@ fn speak_http_1_1(client: http::Version, resp: &mut ResponseHeader) {
     }
 }
 
-/// Writes a JSON answer and ends the request.
-async fn respond_json(
-    session: &mut Session,
+/// A JSON answer's header and body.
+fn json_answer(
     status: u16,
     body: &serde_json::Value,
     headers: &[(&'static str, String)],
-) -> Result<()> {
+) -> Result<(ResponseHeader, Bytes)> {
     let body = Bytes::from(body.to_string());
     let mut resp = ResponseHeader::build(status, Some(4 + headers.len()))?;
     resp.insert_header("content-type", "application/json")?;
@@ -175,8 +175,45 @@ async fn respond_json(
     for (name, value) in headers {
         resp.insert_header(*name, value.as_str())?;
     }
+    Ok((resp, body))
+}
+
+/// Writes a JSON answer and ends the request.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: &serde_json::Value,
+    headers: &[(&'static str, String)],
+) -> Result<()> {
+    let (resp, body) = json_answer(status, body, headers)?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// What was wrong with a request Pingora could not parse, in words that
+/// quote none of it (it may hold a key). Pingora says it in the error's
+/// cause (httparse's) or in the first words of its context.
+fn unreadable(error: &Error) -> &'static str {
+    if let Some(e) = error.root_cause().downcast_ref::<httparse::Error>() {
+        return match e {
+            httparse::Error::Version => "the request line is not HTTP/1.0 or HTTP/1.1",
+            httparse::Error::TooManyHeaders => "more than 256 request headers",
+            httparse::Error::HeaderName | httparse::Error::HeaderValue => {
+                "a request header is malformed"
+            }
+            _ => "the request line or a header is malformed",
+        };
+    }
+    let context = error.context.as_ref().map_or("", |c| c.as_str());
+    if context.starts_with("invalid uri") {
+        "the request target is malformed or over 64 KiB"
+    } else if context.starts_with("invalid method") {
+        "the request method is malformed"
+    } else if context.starts_with("Request header larger") {
+        "the request header is over 1 MiB"
+    } else {
+        "the request could not be read as HTTP/1.1"
+    }
 }
 
 async fn reject(session: &mut Session, ctx: &mut Ctx, rejection: Rejection) -> Result<bool> {
@@ -238,7 +275,7 @@ impl Proxy {
     ) -> Result<serde_json::Value, Rejection> {
         let (key, _) = presented_key(&session.req_header().headers)?;
         let key = self.gateway.authenticate(key).await?;
-        let now = self.gateway.clock.now();
+        let now = self.gateway.clock.read();
         let report = self
             .gateway
             .store
@@ -246,7 +283,7 @@ impl Proxy {
                 if !record.enabled {
                     return Err(Rejection::Disabled);
                 }
-                if let Some(expired_at) = record.expires_at.filter(|at| *at <= now) {
+                if let Some(expired_at) = record.expires_at.filter(|at| *at <= now.wall) {
                     return Err(Rejection::Expired { expired_at });
                 }
                 let tier = config
@@ -294,7 +331,7 @@ impl Proxy {
             return Err(Rejection::StoreUnavailable);
         }
         let demand = Demand::for_route(route, headers);
-        let now = self.gateway.clock.now();
+        let now = self.gateway.clock.read();
         // Even a rejection may have settled a refill worth keeping: the
         // store keeps what `admit` changed either way.
         let decided = self
@@ -385,6 +422,28 @@ impl ProxyHttp for Proxy {
         // dropping what followed the first (Pingora's default).
         session.set_pipelining_enabled(true);
         Ok(())
+    }
+
+    /// A request Pingora could not parse gets the §3 JSON like every other
+    /// answer (the hook comes with the vendored pingora-proxy).
+    async fn request_error_filter(&self, session: &mut HttpSession, error: &Error) -> Result<()> {
+        let rejection = Rejection::bad_request(unreadable(error));
+        let code = rejection.code();
+        self.gateway
+            .config()
+            .handles
+            .request(RouteLabel::None, None, code, 0.0);
+        crate::log::access(&crate::log::Access {
+            route: NONE,
+            tier: NONE,
+            code,
+            status: rejection.status(),
+            latency_ms: 0.0,
+            upstream_ms: None,
+            error: Some(error.etype().as_str()),
+        });
+        let (resp, body) = json_answer(rejection.status(), &rejection.body(), &[])?;
+        session.write_error_response(resp, body).await
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -593,7 +652,7 @@ impl ProxyHttp for Proxy {
         if metered.is_empty() {
             return Ok(());
         }
-        let now = self.gateway.clock.now();
+        let now = self.gateway.clock.read();
         let charged = self
             .gateway
             .store

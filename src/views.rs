@@ -2,11 +2,11 @@
 //! usage endpoint (SPEC §3, §4). Both show the same balances; both settle
 //! due refills first, so what they show is what the next request will see.
 
-use jiff::Timestamp;
 use serde_json::{json, Map, Value};
 
+use crate::clock::Now;
 use crate::config::{Config, Credits, Tier};
-use crate::ledger::{credit_limit, duration_ms, millis, slot, KeyRecord, Usage};
+use crate::ledger::{credit_limit, duration_ms, slot, KeyRecord, Usage};
 
 /// `60s`, `500ms`: the way the config file writes windows.
 pub fn window_text(d: std::time::Duration) -> String {
@@ -17,12 +17,8 @@ pub fn window_text(d: std::time::Duration) -> String {
     }
 }
 
-fn ms_to_timestamp(ms: i64) -> Option<Timestamp> {
-    Timestamp::from_millisecond(ms).ok()
-}
-
-fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
-    let now_ms = millis(now);
+fn rate_limits(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
+    let now_ms = now.steady_ms;
     tier.rate_limits
         .iter()
         .map(|(name, rl)| {
@@ -33,7 +29,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
                 "limit": rl.limit.get(),
                 "window": window_text(rl.window),
                 "remaining": rl.limit.get().saturating_sub(used),
-                "resets_at": window.oldest_expiry_ms(window_ms, now_ms).and_then(ms_to_timestamp),
+                "resets_at": window.oldest_expiry_ms(window_ms, now_ms).and_then(|ms| now.wall_at(ms)),
                 "shadow": rl.shadow,
             });
             (name.clone(), state)
@@ -41,7 +37,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Va
         .collect()
 }
 
-fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
+fn pools(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, pool) in &tier.pools {
         let state = slot(&mut usage.pools, name);
@@ -71,10 +67,16 @@ fn pools(tier: &Tier, usage: &mut Usage, now: Timestamp) -> Map<String, Value> {
 }
 
 /// The admin API's key record.
-pub fn key_record(config: &Config, record: &KeyRecord, usage: &mut Usage, now: Timestamp) -> Value {
+pub fn key_record(
+    config: &Config,
+    record: &KeyRecord,
+    usage: &mut Usage,
+    now: impl Into<Now>,
+) -> Value {
+    let now = now.into();
     let tier = config.tier(&record.tier);
     if let Some(tier) = tier {
-        usage.settle(tier, record.refill_day, now);
+        usage.settle(tier, record.refill_day, now.wall);
     }
     let credits = match tier {
         Some(t) if t.credits != Credits::Unlimited => json!({
@@ -88,7 +90,7 @@ pub fn key_record(config: &Config, record: &KeyRecord, usage: &mut Usage, now: T
                 },
             })),
             "last_refill_at": usage.period_start,
-            "next_refill_at": Usage::next_refill(t, record.refill_day, now),
+            "next_refill_at": Usage::next_refill(t, record.refill_day, now.wall),
         }),
         // The tier was removed from the config: the balance is kept (the
         // tier may come back), and shown as it stands, with no refill.
@@ -123,8 +125,14 @@ pub fn key_record(config: &Config, record: &KeyRecord, usage: &mut Usage, now: T
 }
 
 /// The customer usage endpoint's answer, for a key whose tier exists.
-pub fn usage_report(tier: &Tier, record: &KeyRecord, usage: &mut Usage, now: Timestamp) -> Value {
-    usage.settle(tier, record.refill_day, now);
+pub fn usage_report(
+    tier: &Tier,
+    record: &KeyRecord,
+    usage: &mut Usage,
+    now: impl Into<Now>,
+) -> Value {
+    let now = now.into();
+    usage.settle(tier, record.refill_day, now.wall);
     let credits = match credit_limit(tier) {
         None => json!({ "used": usage.used, "limit": null, "remaining": null, "unlimited": true }),
         Some(limit) => json!({
@@ -132,7 +140,7 @@ pub fn usage_report(tier: &Tier, record: &KeyRecord, usage: &mut Usage, now: Tim
             "limit": limit,
             "remaining": usage.remaining,
             "unlimited": false,
-            "resets_at": Usage::next_refill(tier, record.refill_day, now),
+            "resets_at": Usage::next_refill(tier, record.refill_day, now.wall),
         }),
     };
     json!({

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
+use crate::clock::Now;
 use crate::config::Config;
 use crate::ledger::CreditPolicy;
 
@@ -338,7 +339,7 @@ fn shadow_limits_count_but_never_refuse() {
         u.pools["tokens"]
             .window
             .clone()
-            .used(3_600_000, millis(now)),
+            .used(3_600_000, now.as_millisecond()),
         2
     );
 }
@@ -365,7 +366,7 @@ fn refund_restores_credits_and_pools_in_the_same_period() {
         u.pools["tokens"]
             .window
             .clone()
-            .used(3_600_000, millis(now)),
+            .used(3_600_000, now.as_millisecond()),
         0
     );
     assert_eq!(u.pools["exports"].used, 0);
@@ -519,6 +520,58 @@ fn clock_steps_never_refill_twice() {
     }
     u.settle(monthly, None, ts("2028-03-31T00:00:00Z"));
     assert_eq!(u.remaining, Some(10), "March 31 refills");
+}
+
+/// Rate windows and rolling pools count on window time: a step of the wall
+/// clock (NTP, an operator) neither ends a window early nor stretches it,
+/// while refills and expiry follow the wall clock.
+#[test]
+fn wall_clock_steps_do_not_move_windows() {
+    let c = config();
+    let r = record("free");
+    let start = ts("2026-03-01T12:00:00Z");
+    let at = |wall: &str, steady_secs: i64| Now {
+        wall: ts(wall),
+        steady_ms: start.as_millisecond() + steady_secs * 1000,
+    };
+    let mut u = usage(&c, "free", start);
+    let tokens = pools(0, &[("tokens", 100)]);
+    admit(&c, &r, &mut u, &tokens, start).expect("100 tokens of 100");
+    for _ in 0..2 {
+        admit(&c, &r, &mut u, &demand(0), start).expect("within 3 a minute");
+    }
+    // The wall clock jumps an hour ahead 10 s later: the minute and the hour
+    // still run.
+    let ahead = at("2026-03-01T13:00:10Z", 10);
+    match admit(&c, &r, &mut u, &demand(0), ahead) {
+        Err(Rejection::RateLimited { retry_after, .. }) => assert_eq!(retry_after, 50),
+        other => panic!("a wall step ended the window: {other:?}"),
+    }
+    // The rolling pool's hour still runs, and its reset is told in wall
+    // time: an hour after the charge, shifted by the step.
+    match admit(
+        &c,
+        &r,
+        &mut u,
+        &pools(0, &[("tokens", 1)]),
+        at("2026-03-01T13:01:01Z", 61),
+    ) {
+        Err(Rejection::QuotaExceeded { resets_at, .. }) => {
+            assert_eq!(resets_at, Some(ts("2026-03-01T14:00:00Z")));
+        }
+        other => panic!("a wall step ended the rolling pool's hour: {other:?}"),
+    }
+    // Stepped back an hour instead: the minute still ends after 60 s.
+    admit(&c, &r, &mut u, &demand(0), at("2026-03-01T11:01:01Z", 61)).expect("a minute passed");
+    // Window time stood still while the wall clock crossed midnight: the
+    // daily refill still comes, by the wall clock.
+    let spent = u.remaining;
+    admit(&c, &r, &mut u, &demand(1), at("2026-03-02T00:00:01Z", 62)).expect("refilled");
+    assert_eq!(
+        u.remaining,
+        Some(4),
+        "refilled to 5, then 1 spent (was {spent:?})"
+    );
 }
 
 /// One step of the property test below.

@@ -285,7 +285,7 @@ pub struct Redis {
     /// Stream entries of events sent one by one: event id → (stream, entry id).
     singles: Mutex<HashMap<String, (String, String)>>,
     /// Redis's `TIME` minus the node's clock, in µs, once measured.
-    clock_offset: Arc<std::sync::atomic::AtomicI64>,
+    clock_offset: Arc<crate::clock::Offsets>,
     offset_measured: AtomicBool,
     /// The node's own clock, once the gateway hands it over.
     node_clock: std::sync::OnceLock<crate::clock::SharedClock>,
@@ -606,11 +606,6 @@ impl Redis {
         }
     }
 
-    /// The offset [`crate::clock::OffsetClock`] adds to the node's clock.
-    pub fn clock_offset(&self) -> Arc<std::sync::atomic::AtomicI64> {
-        self.clock_offset.clone()
-    }
-
     /// The clock the gateway runs on: `clock` set to Redis's time. Waits a
     /// moment for the measure; if Redis does not answer yet, the probe
     /// measures once it does (until then the node's own clock counts).
@@ -633,7 +628,7 @@ impl Redis {
                 tracing::warn!(error = %e, "cannot read Redis's clock yet; the node's own counts until it can");
             }
         }
-        crate::clock::OffsetClock::new(clock, self.clock_offset())
+        crate::clock::OffsetClock::new(clock, self.clock_offset.clone())
     }
 
     /// Measures Redis's `TIME` against `clock` (the node's own), once: the
@@ -642,14 +637,21 @@ impl Redis {
         if self.offset_measured.load(Ordering::Acquire) {
             return Ok(());
         }
-        let before = clock.now();
+        let (before, before_steady) = (clock.now(), clock.steady());
         let started = std::time::Instant::now();
         let (secs, micros): (i64, i64) = self.run(&redis::cmd("TIME")).await?;
         let half = jiff::SignedDuration::try_from(started.elapsed() / 2).unwrap_or_default();
-        let local = before.checked_add(half).unwrap_or(before);
         let redis_us = secs.saturating_mul(1_000_000).saturating_add(micros);
-        let offset = redis_us.saturating_sub(local.as_microsecond());
-        self.clock_offset.store(offset, Ordering::Relaxed);
+        let offset_from = |local: jiff::Timestamp| {
+            let local = local.checked_add(half).unwrap_or(local);
+            redis_us.saturating_sub(local.as_microsecond())
+        };
+        let offset = offset_from(before);
+        let offsets = &self.clock_offset;
+        offsets.wall_us.store(offset, Ordering::Relaxed);
+        offsets
+            .steady_us
+            .store(offset_from(before_steady), Ordering::Relaxed);
         self.offset_measured.store(true, Ordering::Release);
         tracing::info!(offset_ms = offset / 1000, "counting time on Redis's clock");
         Ok(())

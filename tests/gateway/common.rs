@@ -663,6 +663,11 @@ impl Harness {
         self.clock.advance(by);
     }
 
+    /// Steps the wall clock alone, as NTP would: window time stays.
+    pub fn step_wall(&self, by: jiff::SignedDuration) {
+        self.clock.step(by);
+    }
+
     /// Sets the gateway's time. On Redis the gateway adds the offset it
     /// measured to Redis's clock to its own: that is kept, so the time the
     /// gateway counts with is `at`.

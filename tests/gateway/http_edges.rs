@@ -5,7 +5,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::common::{json_of, read_answers, Harness};
+use crate::common::{json_of, metric, read_answers, Harness};
 
 const EDGES: &str = r#"
 tiers:
@@ -269,4 +269,50 @@ async fn requests_past_the_caps_get_json() {
         );
     }
     assert!(h.upstream.seen().is_empty());
+}
+
+/// Requests Pingora itself cannot parse (past its own limits, or not
+/// HTTP/1.x at all) get the same JSON, naming what was wrong without
+/// quoting the request, and are counted.
+#[tokio::test]
+async fn requests_pingora_cannot_parse_get_json() {
+    let h = Harness::start(EDGES).await;
+    let secret = "tg_not_to_be_echoed";
+    let huge_target = format!(
+        "GET /public?q={}&k={secret} HTTP/1.1\r\nHost: test\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let mut too_many = String::from("GET /public HTTP/1.1\r\nHost: test\r\n");
+    for i in 0..300 {
+        too_many.push_str(&format!("x-h-{i}: v\r\n"));
+    }
+    too_many.push_str("\r\n");
+    let huge_header = format!(
+        "GET /public HTTP/1.1\r\nHost: test\r\nx-big: {}\r\n\r\n",
+        "b".repeat(1_100_000)
+    );
+    for (request, words) in [
+        (format!("GET /public?k={secret}\r\n\r\n"), "request line"),
+        (format!("GET /public HTTP/2.7\r\nx-k: {secret}\r\n\r\n"), "request line"),
+        (huge_target, "request target"),
+        (too_many, "more than 256 request headers"),
+        (huge_header, "over 1 MiB"),
+        (format!("GET /public HTTP/1.1\r\nbad header: {secret}\r\n\r\n"), "malformed"),
+    ] {
+        let (head, body) = raw_answer(&h, request.as_bytes()).await;
+        assert!(head.starts_with("http/1.1 400"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(!head.contains("server:"), "{head}");
+        assert!(!body.contains(secret), "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert_eq!(body["code"], "BAD_REQUEST", "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(words)),
+            "{words}: {body}"
+        );
+    }
+    assert!(h.upstream.seen().is_empty());
+    // Counted before the answer is written.
+    let labels = [("route", "none"), ("code", "BAD_REQUEST")];
+    assert_eq!(metric(&h.scrape().await, "tollgate_requests_total", &labels), 6.0);
 }

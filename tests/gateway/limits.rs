@@ -164,6 +164,25 @@ async fn rate_limit_headers_describe_the_tightest_limit() {
     assert_eq!(header("x-usage-remaining"), "999");
 }
 
+/// A step of the wall clock (NTP, an operator) does not end a rate window:
+/// windows count on the monotonic clock.
+#[tokio::test]
+async fn a_wall_clock_step_does_not_end_a_rate_window() {
+    let h = Harness::start(PLANS).await;
+    let (key, _) = h.create_key("tight").await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/api/data", &key).await.status(), 200);
+    }
+    assert_eq!(h.get("/api/data", &key).await.status(), 429);
+    h.step_wall(jiff::SignedDuration::from_hours(2));
+    let resp = h.get("/api/data", &key).await;
+    assert_eq!(resp.status(), 429, "the wall clock's step ended the window");
+    assert_eq!(resp.headers()["retry-after"], "60");
+    h.step_wall(jiff::SignedDuration::from_hours(-4));
+    h.advance(Duration::from_secs(60));
+    assert_eq!(h.get("/api/data", &key).await.status(), 200, "a minute passed");
+}
+
 #[tokio::test]
 async fn unlimited_tier_sends_no_usage_remaining() {
     let h = Harness::start(PLANS).await;
