@@ -28,6 +28,9 @@
 #   ROUNDS=3 (interleaved; medians reported)  CONNS=64
 #   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
 #   REDIS=0 (skip the shared-store cases)
+#   BASELINE=dir (a directory holding an earlier build's `tollgate` and
+#     `bare_pingora`: its bare Pingora (tuned), public and one-key keyed
+#     cases run interleaved beside this build's, to show one change's effect)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
@@ -49,6 +52,11 @@ fi
 
 cargo build --release --quiet --bin tollgate --example bare_pingora --example seed_keys
 BIN=target/release/tollgate
+BASELINE=${BASELINE:-}
+if [ -n "$BASELINE" ] && [ ! -x "$BASELINE/tollgate" -o ! -x "$BASELINE/bare_pingora" ]; then
+  echo "BASELINE=$BASELINE must hold the executables tollgate and bare_pingora" >&2
+  exit 1
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -153,6 +161,9 @@ load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" "$PEER_UPSTREAM
 on_proxy target/release/examples/bare_pingora 127.0.0.1:3953 "$UP" 1 defaults 2>/dev/null & PINGORA=$!; PIDS+=($PINGORA)
 # The same with the settings tollgate runs with (see bare_pingora.rs).
 on_proxy target/release/examples/bare_pingora 127.0.0.1:3957 "$UP" 1 tuned 2>/dev/null & PINGORA_TUNED=$!; PIDS+=($PINGORA_TUNED)
+if [ -n "$BASELINE" ]; then
+  on_proxy "$BASELINE/bare_pingora" 127.0.0.1:3958 "$UP" 1 tuned 2>/dev/null & PINGORA_BASE=$!; PIDS+=($PINGORA_BASE)
+fi
 
 # ---------------------------------------------------------------- tollgate
 # Eight routes, the keyed one last, so matching does its full work.
@@ -221,6 +232,13 @@ if [ "$REDIS" = 1 ]; then
 fi
 on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
 start_tollgate main 3954; TG_MAIN=$TG
+if [ -n "$BASELINE" ]; then
+  tollgate_config base 6 3944
+  (on_proxy target/release/examples/seed_keys "$WORK/base-store" bench sk_bench 1 "$WORK/keys-base.txt")
+  BIN_NOW=$BIN; BIN=$BASELINE/tollgate
+  start_tollgate base 3944; TG_BASE=$TG
+  BIN=$BIN_NOW
+fi
 if [ "$SCALE" = 1 ]; then
   tollgate_config many 6 3964
   (on_proxy target/release/examples/seed_keys "$WORK/many-store" bench sk_bench "$MANY_KEYS" "$WORK/keys-many.txt")
@@ -230,7 +248,7 @@ if [ "$SCALE" = 1 ]; then
   (on_proxy target/release/examples/seed_keys "$WORK/routes500-store" bench sk_bench 1 "$WORK/keys-r500.txt")
   start_tollgate routes500 3974; TG_R500=$TG
 fi
-for port in 3950 3951 3953 3957; do
+for port in 3950 3951 3953 3957 ${BASELINE:+3958}; do
   for _ in $(seq 500); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.01; done
 done
 for _ in $(seq 500); do
@@ -325,6 +343,13 @@ CASES=(
   "tollgate keyed, 1 key|$TG_MAIN|$WORK/keys-1.txt|http://127.0.0.1:3954/api/data"
   "tollgate keyed, 10k keys|$TG_MAIN|$WORK/keys-10k.txt|http://127.0.0.1:3954/api/data"
 )
+if [ -n "$BASELINE" ]; then
+  CASES+=(
+    "baseline: bare Pingora, tuned|$PINGORA_BASE||http://127.0.0.1:3958/api/data"
+    "baseline: tollgate public route|$TG_BASE||http://127.0.0.1:3944/health"
+    "baseline: tollgate keyed, 1 key|$TG_BASE|$WORK/keys-base.txt|http://127.0.0.1:3944/api/data"
+  )
+fi
 if [ "$REDIS" = 1 ]; then
   CASES+=(
     "tollgate on Redis, keyed, 1 key|$TG_REDIS|$WORK/keys-1.txt|http://127.0.0.1:3984/api/data"
@@ -362,6 +387,11 @@ ratio "bare Pingora tuned / defaults" "bare Pingora, tuned" "bare Pingora, defau
 ratio "bare Pingora tuned / nginx+Lua" "bare Pingora, tuned" "nginx + Lua (Kong-style), 1 key" -
 ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9
 ratio "nginx+Lua 10k keys / 1 key" "nginx + Lua, 10k keys" "nginx + Lua (Kong-style), 1 key" -
+if [ -n "$BASELINE" ]; then
+  ratio "bare Pingora tuned / baseline" "bare Pingora, tuned" "baseline: bare Pingora, tuned" -
+  ratio "public / baseline" "tollgate public route" "baseline: tollgate public route" -
+  ratio "keyed, 1 key / baseline" "tollgate keyed, 1 key" "baseline: tollgate keyed, 1 key" -
+fi
 if [ "$SCALE" = 1 ]; then
   ratio "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9
   ratio "all $MANY_KEYS keys / 1 key" "tollgate keyed, all $MANY_KEYS keys" "tollgate keyed, 1 key" -

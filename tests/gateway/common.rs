@@ -970,8 +970,15 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Waits until `check` holds, polling every 10 ms for at most 10 s: for
 /// things that happen on another thread (a file watcher's reload), never
 /// for time itself.
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..1000 {
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(10), check).await
+}
+
+/// [`eventually`] with its own bound, for a thing another process does on
+/// its own (real) clock, such as a reporter's backoff after failures.
+pub async fn eventually_within(what: &str, bound: Duration, mut check: impl FnMut() -> bool) {
+    let polls = bound.as_millis() / 10;
+    for _ in 0..polls {
         if check() {
             return;
         }

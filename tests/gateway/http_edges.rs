@@ -177,6 +177,78 @@ async fn an_http_1_0_upstream_does_not_leak_its_version() {
     assert_eq!(remaining(&h, &key).await, 97);
 }
 
+/// An HTTP/1.1 upstream on a raw socket: each connection answers requests
+/// with `ok` until the client closes it or, when `close_after` is set, just
+/// after its first answer (an upstream whose idle timeout is zero, saying
+/// nothing of it). Returns its address and the connections it accepted.
+async fn counting_upstream(
+    close_after: bool,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
+                    got.drain(..end);
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() || close_after {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Requests one after another reuse the upstream connection.
+#[tokio::test]
+async fn upstream_connections_are_kept_and_reused() {
+    let (addr, accepted) = counting_upstream(false).await;
+    let h = Harness::start_beside(EDGES, addr).await;
+    let (key, _) = h.create_key("free").await;
+    for round in 0..5 {
+        let resp = h.get("/old/x", &key).await;
+        assert_eq!(resp.status(), 200, "round {round}");
+        assert_eq!(resp.text().await.expect("body"), "ok");
+    }
+    // Idle connections are kept per worker thread, and the test gateway's
+    // two threads steal work: at most one connection each.
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    assert_eq!(remaining(&h, &key).await, 95);
+}
+
+/// An upstream that closes every connection once it has answered, without
+/// saying so: a kept connection found closed is dropped and another made,
+/// and no request fails or goes uncharged for it.
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_fails_no_request() {
+    let (addr, accepted) = counting_upstream(true).await;
+    let h = Harness::start_beside(EDGES, addr).await;
+    let (key, _) = h.create_key("free").await;
+    for round in 0..5 {
+        let resp = h.get("/old/x", &key).await;
+        assert_eq!(resp.status(), 200, "round {round}");
+        assert_eq!(resp.text().await.expect("body"), "ok");
+    }
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 5);
+    assert_eq!(remaining(&h, &key).await, 95);
+}
+
 /// An HTTP/1.0 client never gets chunked encoding: a streamed answer
 /// reaches it whole, ended by the connection closing.
 #[tokio::test]

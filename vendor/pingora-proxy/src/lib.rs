@@ -86,6 +86,7 @@ const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 type DownstreamCustomMessageReader =
     Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>;
 
+mod idle_pool;
 mod proxy_cache;
 mod proxy_common;
 mod proxy_custom;
@@ -184,6 +185,8 @@ where
 {
     inner: SV, // TODO: name it better than inner
     client_upstream: Connector<C>,
+    // tollgate: HTTP/1-only upstreams (see idle_pool.rs).
+    idle_h1: idle_pool::IdlePool,
     shutdown: ShardedNotify,
     shutdown_flag: Arc<AtomicBool>,
     pub server_options: Option<HttpServerOptions>,
@@ -220,6 +223,7 @@ impl<SV> HttpProxy<SV, ()> {
         HttpProxy {
             inner,
             client_upstream: Connector::new(Some(ConnectorOptions::from_server_conf(&conf))),
+            idle_h1: idle_pool::IdlePool::new(ConnectorOptions::from_server_conf(&conf)),
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options: None,
@@ -251,11 +255,13 @@ where
     {
         let client_options =
             client_options.unwrap_or_else(|| ConnectorOptions::from_server_conf(&conf));
+        let idle_h1 = idle_pool::IdlePool::new(client_options.clone());
         let client_upstream = Connector::new_custom(Some(client_options), connector);
 
         HttpProxy {
             inner,
             client_upstream,
+            idle_h1,
             shutdown: ShardedNotify::new(conf.threads),
             shutdown_flag: Arc::new(AtomicBool::new(false)),
             server_options,
@@ -411,6 +417,33 @@ where
             Ok(p) => p,
             Err(e) => return (false, Some(e)),
         };
+
+        // tollgate: an HTTP/1-only peer's connections come from the
+        // per-thread idle pool (idle_pool.rs), not Pingora's connector.
+        if idle_pool::IdlePool::serves(&*peer) {
+            return match self.idle_h1.get(&*peer).await {
+                Ok((mut h1, client_reused)) => {
+                    let (server_reused, client_reuse, error) = self
+                        .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
+                        .await;
+                    if client_reuse {
+                        self.idle_h1.release(h1, &*peer, peer.idle_timeout()).await;
+                    }
+                    (
+                        server_reused,
+                        error.map(|e| {
+                            self.inner
+                                .error_while_proxy(&peer, session, e, ctx, client_reused)
+                        }),
+                    )
+                }
+                Err(mut e) => {
+                    e.as_up();
+                    let new_err = self.inner.fail_to_connect(session, &peer, ctx, e);
+                    (false, Some(new_err.into_up()))
+                }
+            };
+        }
 
         let client_session = self.client_upstream.get_http_session(&*peer).await;
         match client_session {
