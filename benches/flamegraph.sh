@@ -3,7 +3,7 @@
 # (tollgate pinned to CPU 0 with one worker, wrk and a 1 KB nginx upstream
 # on CPU 1), and its top entries.
 #
-# Usage: benches/flamegraph.sh [tollgate binary] [out.svg]
+# Usage: benches/flamegraph.sh [tollgate binary] [out.svg]   (also writes out.folded)
 #   (default: target/release/tollgate, built first; keyed-flamegraph.svg)
 # Needs perf (linux-perf) and inferno (cargo install inferno --locked);
 # installs them if missing.
@@ -67,8 +67,9 @@ taskset -c 1 wrk -t1 -c64 -d3s -H "Authorization: Bearer $KEY" http://127.0.0.1:
 (sleep 1; perf record -F 499 --call-graph dwarf,16384 -p "$TG" -o "$WORK/perf.data" -- sleep 8 2>/dev/null >/dev/null) & PERF=$!
 taskset -c 1 wrk -t1 -c64 -d10s -H "Authorization: Bearer $KEY" http://127.0.0.1:3981/api/data | grep Requests/sec
 wait "$PERF"
-perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph > "$OUT"
-echo "flame graph: $OUT"
+perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "${OUT%.svg}.folded"
+inferno-flamegraph < "${OUT%.svg}.folded" > "$OUT"
+echo "flame graph: $OUT (its stacks, one a line: ${OUT%.svg}.folded)"
 echo "top entries (self time, % of tollgate's CPU):"
 # (|| true: head closing the pipe early is not a failure.)
 perf report -i "$WORK/perf.data" --no-children --sort dso,sym --stdio -g none 2>/dev/null \
