@@ -29,8 +29,9 @@
 #   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
 #   REDIS=0 (skip the shared-store cases)
 #   BASELINE=dir (a directory holding an earlier build's `tollgate` and
-#     `bare_pingora`: its bare Pingora (tuned), public and one-key keyed
-#     cases run interleaved beside this build's, to show one change's effect)
+#     `bare_pingora`: its bare Pingora (tuned), public and keyed (1 key,
+#     10k keys) cases run interleaved beside this build's, to show one
+#     change's effect)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10s}
@@ -234,7 +235,9 @@ on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
 start_tollgate main 3954; TG_MAIN=$TG
 if [ -n "$BASELINE" ]; then
   tollgate_config base 6 3944
-  (on_proxy target/release/examples/seed_keys "$WORK/base-store" bench sk_bench 1 "$WORK/keys-base.txt")
+  (on_proxy target/release/examples/seed_keys "$WORK/base-store" bench sk_bench 10001 "$WORK/keys-base-all.txt")
+  head -10000 "$WORK/keys-base-all.txt" > "$WORK/keys-base-10k.txt"
+  tail -1 "$WORK/keys-base-all.txt" > "$WORK/keys-base.txt"
   BIN_NOW=$BIN; BIN=$BASELINE/tollgate
   start_tollgate base 3944; TG_BASE=$TG
   BIN=$BIN_NOW
@@ -348,6 +351,7 @@ if [ -n "$BASELINE" ]; then
     "baseline: bare Pingora, tuned|$PINGORA_BASE||http://127.0.0.1:3958/api/data"
     "baseline: tollgate public route|$TG_BASE||http://127.0.0.1:3944/health"
     "baseline: tollgate keyed, 1 key|$TG_BASE|$WORK/keys-base.txt|http://127.0.0.1:3944/api/data"
+    "baseline: tollgate keyed, 10k keys|$TG_BASE|$WORK/keys-base-10k.txt|http://127.0.0.1:3944/api/data"
   )
 fi
 if [ "$REDIS" = 1 ]; then
@@ -391,6 +395,7 @@ if [ -n "$BASELINE" ]; then
   ratio "bare Pingora tuned / baseline" "bare Pingora, tuned" "baseline: bare Pingora, tuned" -
   ratio "public / baseline" "tollgate public route" "baseline: tollgate public route" -
   ratio "keyed, 1 key / baseline" "tollgate keyed, 1 key" "baseline: tollgate keyed, 1 key" -
+  ratio "keyed, 10k keys / baseline" "tollgate keyed, 10k keys" "baseline: tollgate keyed, 10k keys" -
 fi
 if [ "$SCALE" = 1 ]; then
   ratio "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9

@@ -522,7 +522,7 @@ impl Local {
             queued.retain(|e| seen.insert(Arc::as_ptr(e)));
         }
         let mut snap = Snapshot::default();
-        let mut states = Vec::with_capacity(queued.len());
+        snap.rows.reserve(queued.len());
         let mut later = Vec::new();
         for entry in queued {
             let state = entry.state.lock();
@@ -547,13 +547,15 @@ impl Local {
                 }
             }
             if !state.revoked {
-                let seq = self.next_seq();
-                states.push((
-                    state.record.key_id.clone(),
-                    state.usage.clone(),
-                    billing,
-                    seq,
-                ));
+                // Written out here, under the key's lock, rather than
+                // cloned and written out later: the JSON is the only copy
+                // the pass needs.
+                snap.rows.push(UsageRow {
+                    key_id: state.record.key_id.clone(),
+                    usage: to_json(&state.usage),
+                    billing: to_json(&billing),
+                    seq: self.next_seq(),
+                });
             }
             drop(state);
             snap.taken.push(entry);
@@ -563,15 +565,6 @@ impl Local {
             self.unreported.lock().extend(later.iter().cloned());
         }
         self.dirty.lock().extend(later);
-        snap.rows = states
-            .into_iter()
-            .map(|(key_id, usage, billing, seq)| UsageRow {
-                key_id,
-                usage: to_json(&usage),
-                billing: to_json(&billing),
-                seq,
-            })
-            .collect();
         snap
     }
 
