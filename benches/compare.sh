@@ -21,7 +21,8 @@
 # line per request, stderr to a file) and its metrics listener on.
 #
 # Prints req/s, p50, p99 and the proxy's CPU microseconds per request for
-# each case, then the ratios the performance targets are about, and checks
+# each case (for tollgate on its embedded store, also the part its
+# write-behind threads took), then the ratios the performance targets are about, and checks
 # that the credits tollgate charged equal the requests it served.
 #
 # Usage: benches/compare.sh [duration]     (default 10s)
@@ -29,7 +30,7 @@
 #   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
 #   REDIS=0 (skip the shared-store cases)
 #   BASELINE=dir (a directory holding an earlier build's `tollgate` and
-#     `bare_pingora`: its bare Pingora (tuned), public and keyed (1 key,
+#     `bare_pingora`, and optionally its `seed_keys`: its bare Pingora (tuned), public and keyed (1 key,
 #     10k keys) cases run interleaved beside this build's, to show one
 #     change's effect)
 set -euo pipefail
@@ -235,7 +236,10 @@ on_proxy nginx -p "$WORK/nginx" -c "$WORK/nginx/lua.conf" & LUA=$!; PIDS+=($LUA)
 start_tollgate main 3954; TG_MAIN=$TG
 if [ -n "$BASELINE" ]; then
   tollgate_config base 6 3944
-  (on_proxy target/release/examples/seed_keys "$WORK/base-store" bench sk_bench 10001 "$WORK/keys-base-all.txt")
+  # The baseline's own seed_keys when it has one: the store's format is the baseline's.
+  SEED_BASE=target/release/examples/seed_keys
+  if [ -x "$BASELINE/seed_keys" ]; then SEED_BASE=$BASELINE/seed_keys; fi
+  (on_proxy "$SEED_BASE" "$WORK/base-store" bench sk_bench 10001 "$WORK/keys-base-all.txt")
   head -10000 "$WORK/keys-base-all.txt" > "$WORK/keys-base-10k.txt"
   tail -1 "$WORK/keys-base-all.txt" > "$WORK/keys-base.txt"
   BIN_NOW=$BIN; BIN=$BASELINE/tollgate
@@ -276,6 +280,16 @@ LUA
 # lands on one sample of every case rather than on all samples of one.
 ROUNDS=${ROUNDS:-3}
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# CPU seconds of tollgate's write-behind (the store's writer thread and the
+# flusher that feeds it); 0 for other proxies.
+store_cpu() {
+  local t n total=0
+  for t in /proc/"$1"/task/*; do
+    n=$(cat "$t/comm" 2>/dev/null || true)
+    case "$n" in tollgate-store*|BG_usage_flushe*) total=$((total + $(awk '{print $14 + $15}' "$t/stat"))) ;; esac
+  done
+  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
+}
 declare -A SAMPLES SERVED
 # Waits until no proxy is still busy with the last case's tail (tollgate
 # writing behind the usage of many keys), so it is not billed to the next.
@@ -296,13 +310,13 @@ run() { # label, pid (CPU measured), keys file or "", url
   local label=$1 pid=$2 keys=$3 url=$4 before after out commands scripts
   settle
   commands=$(redis_commands); scripts=$(redis_scripts)
-  before=$(cpu "$pid")
+  before=$(cpu "$pid"); store_before=$(store_cpu "$pid")
   if [ -n "$keys" ]; then
     out=$(KEYS_FILE=$keys; export KEYS_FILE; on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/keys.lua" "$url")
   else
     out=$(on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url")
   fi
-  after=$(cpu "$pid")
+  after=$(cpu "$pid"); store_after=$(store_cpu "$pid")
   COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
   SCRIPTS[$label]=$(( ${SCRIPTS[$label]:-0} + $(redis_scripts) - scripts ))
   local rps p50 p99 total non2xx us
@@ -312,25 +326,30 @@ run() { # label, pid (CPU measured), keys file or "", url
   total=$(awk '/requests in/ {print $1}' <<<"$out")
   non2xx=$(awk '/Non-2xx/ {print $5}' <<<"$out")
   us=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.1f", (a - b) * 1e6 / n}')
-  SAMPLES[$label]+="$rps $us $p50 $p99 ${non2xx:-0};"
+  store_us=$(awk -v a="$store_after" -v b="$store_before" -v n="$total" 'BEGIN {printf "%.1f", (a - b) * 1e6 / n}')
+  SAMPLES[$label]+="$rps $us $p50 $p99 ${non2xx:-0} $store_us;"
   # Memory with a million keys in the store and ten thousand in use,
   # before the all-keys case loads many more.
   if [[ $label == *"10k of"* && -z ${RSS_MANY_10K:-} ]]; then
     RSS_MANY_10K=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
   fi
   SERVED[$label]=$(( ${SERVED[$label]:-0} + total ))
-  printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
-    "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us"
+  printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req (write-behind %s)\n' \
+    "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us" "$store_us"
 }
 declare -A RPS
 # The median sample of a case (by req/s), as one table row.
 report() { # label
   local row
   row=$(tr ';' '\n' <<<"${SAMPLES[$1]}" | grep . | sort -n | awk '{a[NR] = $0} END {print a[int((NR + 1) / 2)]}')
-  read -r rps us p50 p99 non2xx <<<"$row"
+  read -r rps us p50 p99 non2xx _ <<<"$row"
   RPS[$1]=$rps
-  printf '%-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req\n' \
-    "$1" "$rps" "$p50" "$p99" "$non2xx" "$us"
+  # The write-behind's own median (it varies less than the whole).
+  store_us=$(tr ';' '\n' <<<"${SAMPLES[$1]}" | grep . | awk '{print $6}' | sort -n \
+    | awk '{a[NR] = $0} END {print a[int((NR + 1) / 2)]}')
+  if [ "$store_us" = "0.0" ]; then store_us=""; else store_us=" (write-behind $store_us)"; fi
+  printf '%-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req%s\n' \
+    "$1" "$rps" "$p50" "$p99" "$non2xx" "$us" "$store_us"
 }
 ratio() { awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v l="$1" -v t="$4" \
   'BEGIN {r = a / b; printf "  %-34s %5.2f   (target >= %s) %s\n", l, r, t, (t == "-" ? "" : (r >= t ? "met" : "NOT MET"))}'; }
