@@ -307,7 +307,7 @@ redis_commands() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info stats | awk 
 redis_scripts() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info commandstats | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n+0}'; else echo 0; fi; }
 declare -A COMMANDS SCRIPTS
 run() { # label, pid (CPU measured), keys file or "", url
-  local label=$1 pid=$2 keys=$3 url=$4 before after out commands scripts
+  local label=$1 pid=$2 keys=$3 url=$4 before after out commands scripts store_before store_after
   settle
   commands=$(redis_commands); scripts=$(redis_scripts)
   before=$(cpu "$pid"); store_before=$(store_cpu "$pid")
@@ -319,7 +319,7 @@ run() { # label, pid (CPU measured), keys file or "", url
   after=$(cpu "$pid"); store_after=$(store_cpu "$pid")
   COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
   SCRIPTS[$label]=$(( ${SCRIPTS[$label]:-0} + $(redis_scripts) - scripts ))
-  local rps p50 p99 total non2xx us
+  local rps p50 p99 total non2xx us store_us
   rps=$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
@@ -334,8 +334,10 @@ run() { # label, pid (CPU measured), keys file or "", url
     RSS_MANY_10K=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
   fi
   SERVED[$label]=$(( ${SERVED[$label]:-0} + total ))
-  printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req (write-behind %s)\n' \
-    "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us" "$store_us"
+  local store_note=""
+  if [ "$store_us" != "0.0" ]; then store_note=" (write-behind $store_us)"; fi
+  printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req%s\n' \
+    "$label" "$rps" "$p50" "$p99" "${non2xx:-0}" "$us" "$store_note"
 }
 declare -A RPS
 # The median sample of a case (by req/s), as one table row.
