@@ -480,7 +480,12 @@ async fn events_pending_at_kill_9_are_delivered_after_the_restart() {
     let receiver = Receiver::start().await;
     receiver.answer(503);
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = serve_reporting(dir.path(), &upstream, &receiver).await;
+    // Reporting every 2 s: all 7 requests are charged before the first
+    // pass makes their events, so the first batch (retried unchanged while
+    // it fails) carries all 5 units. With a shorter interval a loaded
+    // machine lets a pass run mid-way, and the rest waits behind a batch
+    // that never succeeds.
+    let gateway = serve_reporting_every(dir.path(), &upstream, &receiver, "2s").await;
     let created = gateway.create_key(json!({ "tier": "payg" })).await;
     let (key, key_id) = (
         created["key"].as_str().expect("key").to_string(),
@@ -496,9 +501,8 @@ async fn events_pending_at_kill_9_are_delivered_after_the_restart() {
             .expect("proxy");
         assert_eq!(resp.status(), 200);
     }
-    // The binary's reporter backs off on its real clock after each failed
-    // attempt (doubling from 100 ms): on a loaded machine the attempt that
-    // carries the last unit can come several seconds after the requests.
+    // The first attempt comes 2 s after the start, on the binary's real
+    // clock.
     crate::common::eventually_within("failed attempts carrying all 5 units", Duration::from_secs(30), || {
         let mut seen = std::collections::HashSet::new();
         let units: u64 = receiver
