@@ -12,7 +12,9 @@
 //! nothing (a closed or chattering connection is dropped and the next one
 //! tried), and one idle longer than its peer's idle timeout is dropped
 //! unused. A connection closed by the upstream while idle is therefore
-//! noticed when it is next taken or expires, not at once.
+//! noticed when it is next taken or expires, not at once; every
+//! [`SWEEP_EVERY`] a release also drops the expired connections of every
+//! peer, those no longer asked for included.
 //!
 //! Used for peers that speak only HTTP/1 (no ALPN beyond it, no custom
 //! protocol); every other peer goes through Pingora's connector as before.
@@ -31,14 +33,45 @@ use tokio::io::AsyncReadExt;
 /// How long a connection may stay idle when its peer names no idle timeout.
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 
+/// How often a thread looks through all its lists for expired connections,
+/// so that those to peers no longer asked for (an upstream whose address
+/// changed) are closed too.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 struct Idle {
     stream: Stream,
     until: Instant,
 }
 
+/// A worker thread's idle connections.
+struct Lists {
+    /// By `Peer::reuse_hash`, the longest idle first.
+    by_peer: HashMap<u64, VecDeque<Idle>>,
+    /// When every list was last rid of its expired connections.
+    swept: Instant,
+}
+
+impl Lists {
+    fn sweep(&mut self, now: Instant) {
+        self.swept = now;
+        self.by_peer.retain(|_, list| {
+            drop_expired(list, now);
+            !list.is_empty()
+        });
+    }
+}
+
 thread_local! {
-    /// The idle connections of this worker thread, by `Peer::reuse_hash`.
-    static IDLE: RefCell<HashMap<u64, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<Lists> = RefCell::new(Lists {
+        by_peer: HashMap::new(),
+        swept: Instant::now(),
+    });
+}
+
+fn drop_expired(list: &mut VecDeque<Idle>, now: Instant) {
+    while list.front().is_some_and(|c| c.until <= now) {
+        list.pop_front();
+    }
 }
 
 pub(crate) struct IdlePool {
@@ -88,9 +121,13 @@ impl IdlePool {
         let Some(stream) = session.reuse().await else {
             return;
         };
-        let until = Instant::now() + idle_timeout.unwrap_or(DEFAULT_IDLE);
+        let now = Instant::now();
+        let until = now + idle_timeout.unwrap_or(DEFAULT_IDLE);
         IDLE.with_borrow_mut(|idle| {
-            let list = idle.entry(peer.reuse_hash()).or_default();
+            if now.duration_since(idle.swept) >= SWEEP_EVERY {
+                idle.sweep(now);
+            }
+            let list = idle.by_peer.entry(peer.reuse_hash()).or_default();
             if list.len() >= self.per_peer {
                 // The longest idle goes: it is the likeliest to be closed.
                 list.pop_front();
@@ -104,11 +141,8 @@ impl IdlePool {
 /// alive; those expired or found closed on the way are dropped.
 fn take(key: u64) -> Option<Stream> {
     IDLE.with_borrow_mut(|idle| {
-        let list = idle.get_mut(&key)?;
-        let now = Instant::now();
-        while list.front().is_some_and(|c| c.until <= now) {
-            list.pop_front();
-        }
+        let list = idle.by_peer.get_mut(&key)?;
+        drop_expired(list, Instant::now());
         while let Some(mut c) = list.pop_back() {
             if quiet(&mut c.stream) {
                 return Some(c.stream);
