@@ -303,6 +303,15 @@ async fn raw_answer(h: &Harness, request: &[u8]) -> (String, String) {
     (head.to_lowercase(), body.to_string())
 }
 
+/// `head` (a request line and headers) with `n` more headers, ended.
+fn with_headers(head: &str, n: usize) -> String {
+    let mut request = head.to_string();
+    for i in 0..n {
+        request.push_str(&format!("x-h-{i}: v\r\n"));
+    }
+    request + "\r\n"
+}
+
 /// Requests past tollgate's caps, and CONNECT, get the §3 JSON, with no
 /// framework banner.
 #[tokio::test]
@@ -312,11 +321,7 @@ async fn requests_past_the_caps_get_json() {
         "GET /public?q={} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
         "a".repeat(10_000)
     );
-    let mut many = String::from("GET /public HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    for i in 0..150 {
-        many.push_str(&format!("x-h-{i}: v\r\n"));
-    }
-    many.push_str("\r\n");
+    let many = with_headers("GET /public HTTP/1.1\r\nHost: test\r\nConnection: close\r\n", 150);
     let big = format!(
         "GET /public HTTP/1.1\r\nHost: test\r\nConnection: close\r\nx-big: {}\r\n\r\n",
         "b".repeat(40_000)
@@ -354,11 +359,7 @@ async fn requests_pingora_cannot_parse_get_json() {
         "GET /public?q={}&k={secret} HTTP/1.1\r\nHost: test\r\n\r\n",
         "a".repeat(100_000)
     );
-    let mut too_many = String::from("GET /public HTTP/1.1\r\nHost: test\r\n");
-    for i in 0..300 {
-        too_many.push_str(&format!("x-h-{i}: v\r\n"));
-    }
-    too_many.push_str("\r\n");
+    let too_many = with_headers("GET /public HTTP/1.1\r\nHost: test\r\n", 300);
     let huge_header = format!(
         "GET /public HTTP/1.1\r\nHost: test\r\nx-big: {}\r\n\r\n",
         "b".repeat(1_100_000)

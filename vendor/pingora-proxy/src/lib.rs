@@ -420,32 +420,15 @@ where
 
         // tollgate: an HTTP/1-only peer's connections come from the
         // per-thread idle pool (idle_pool.rs), not Pingora's connector.
-        if idle_pool::IdlePool::serves(&*peer) {
-            return match self.idle_h1.get(&*peer).await {
-                Ok((mut h1, client_reused)) => {
-                    let (server_reused, client_reuse, error) = self
-                        .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
-                        .await;
-                    if client_reuse {
-                        self.idle_h1.release(h1, &*peer, peer.idle_timeout()).await;
-                    }
-                    (
-                        server_reused,
-                        error.map(|e| {
-                            self.inner
-                                .error_while_proxy(&peer, session, e, ctx, client_reused)
-                        }),
-                    )
-                }
-                Err(mut e) => {
-                    e.as_up();
-                    let new_err = self.inner.fail_to_connect(session, &peer, ctx, e);
-                    (false, Some(new_err.into_up()))
-                }
-            };
-        }
-
-        let client_session = self.client_upstream.get_http_session(&*peer).await;
+        let pooled = idle_pool::IdlePool::serves(&*peer);
+        let client_session = if pooled {
+            self.idle_h1
+                .get(&*peer)
+                .await
+                .map(|(h1, reused)| (ClientSession::H1(h1), reused))
+        } else {
+            self.client_upstream.get_http_session(&*peer).await
+        };
         match client_session {
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
@@ -453,7 +436,9 @@ where
                         let (server_reused, client_reuse, error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse {
+                        if client_reuse && pooled {
+                            self.idle_h1.release(h1, &*peer, peer.idle_timeout()).await;
+                        } else if client_reuse {
                             let session = ClientSession::H1(h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())
