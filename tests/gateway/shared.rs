@@ -415,9 +415,13 @@ async fn events_of_a_node_killed_for_good_are_delivered_by_another() {
     let upstream = Arc::new(Upstream::start().await);
     let url = format!("url: \"{}\", claim_after: 1s", redis.url(0));
     let dir = tempfile::tempdir().expect("tempdir");
+    // Reporting every 2 s: all 7 requests are charged before the first
+    // pass, so its batch (retried unchanged while it fails) carries all 5
+    // units; with 100 ms a loaded machine can let a pass run mid-way and
+    // the rest wait behind a batch that never succeeds.
     let doomed = serve(
         dir.path(),
-        &node_text(&upstream, &url, &reporting(&receiver, "100ms")),
+        &node_text(&upstream, &url, &reporting(&receiver, "2s")),
     )
     .await;
     let created = doomed.create_key(json!({ "tier": "payg" })).await;
