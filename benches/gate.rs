@@ -9,13 +9,17 @@
 //! the write-behind). "1M keys" runs the allowed case with
 //! that many keys in the store and in memory (`TOLLGATE_BENCH_KEYS` sets
 //! the number; seeding them takes a minute).
+//!
+//! Last, the write-behind: the CPU a key written costs when load spreads
+//! over 10,000 keys (`cargo bench --bench gate -- write-behind` runs only
+//! that, in about 20 s).
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use http::{HeaderMap, HeaderValue};
 use jiff::{SignedDuration, Timestamp};
 
@@ -60,10 +64,18 @@ tiers:
   poor:
     credits: 0
     features: [api]
+  spread:
+    credits: 1000000000000
+    rate_limits:
+      requests: { limit: 1000000000, window: 60s }
+    pools:
+      exports: { limit: 1000000000000, window: 30d }
+    features: [api]
 routes:
   - { name: data, path: /api/data, upstream: main, feature: api }
   - { name: ai, path: /api/ai/*, upstream: main, feature: api, cost: { header: x-cost }, pools: { tokens: { header: x-tokens }, exports: 1 }, meter: { tokens: x-usage-tokens } }
   - { name: admin, path: /api/admin, upstream: main, feature: admin }
+  - { name: spread, path: /api/spread, upstream: main, feature: api, pools: { exports: 1 } }
 "#;
 
 const START: &str = "2026-03-10T12:00:00Z";
@@ -111,21 +123,16 @@ impl Bench {
         key.secret
     }
 
-    /// Adds `n` keys straight into the store, and loads them into memory.
-    fn many(&self, n: usize) {
+    /// Adds `n` keys on `tier` straight into the store, and loads them
+    /// into memory.
+    fn many(&self, tier: &str, n: usize) -> Vec<KeyHash> {
         let usage = serde_json::to_string(&Usage::default()).expect("json");
         let billing = serde_json::to_string(&tollgate::ledger::Billing::default()).expect("json");
         let mut hashes = Vec::with_capacity(n);
         let mut batch = Vec::with_capacity(10_000);
         for i in 0..n {
             let key = keys::generate("sk_bench");
-            let rec = KeyRecord::new(
-                keys::generate_id(),
-                &key.hash,
-                &key.start,
-                "simple",
-                ts(START),
-            );
+            let rec = KeyRecord::new(keys::generate_id(), &key.hash, &key.start, tier, ts(START));
             batch.push((
                 sqlite::Row {
                     key_id: rec.key_id.clone(),
@@ -150,6 +157,7 @@ impl Bench {
                 .expect("read")
                 .expect("known");
         }
+        hashes
     }
 
     /// One decision, as the proxy makes it.
@@ -385,7 +393,7 @@ fn bench(c: &mut Criterion) {
         .and_then(|n| n.parse().ok())
         .unwrap_or(1_000_000);
     let big = Bench::new();
-    big.many(many);
+    big.many("simple", many);
     let big_cases = cases(&big);
     let (_, allowed) = &big_cases[0];
     let mut now = ts(START);
@@ -408,9 +416,76 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// CPU time of this whole process (every thread: the store's writer too).
+fn process_cpu() -> std::time::Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    std::time::Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+/// The write-behind as `benches/compare.sh`'s 10,000-key case makes it:
+/// each pass, every key charged once on the route that spends credits, a
+/// rate limit and a rolling pool (one second of traffic apart, so the
+/// minute window fills its buckets as it would under load), then the
+/// pass that writes them. Prints the CPU a key written costs the process
+/// (the flusher and the writer thread), median of the passes after the
+/// window has filled.
+fn write_behind() {
+    const KEYS: usize = 10_000;
+    const PASSES: usize = 90;
+    let bench = Bench::new();
+    let hashes = bench.many("spread", KEYS);
+    let store = &bench.gateway.store;
+    let config = bench.gateway.config.load();
+    let demand = Demand::for_route(&config.routes[3], &HeaderMap::new());
+    let step = SignedDuration::from_micros(100);
+    let mut now = ts(START);
+    let mut samples = Vec::with_capacity(PASSES);
+    for pass in 0..PASSES {
+        for hash in &hashes {
+            now = now.checked_add(step).expect("time");
+            let key = ready(store.find(hash)).expect("read").expect("known");
+            ready(store.charge(&key, |record, usage| {
+                admit(&config, record, usage, &demand, now)
+            }))
+            .expect("store")
+            .expect("live")
+            .expect("allowed");
+        }
+        let before = process_cpu();
+        let written = bench.rt.block_on(store.flush_dirty()).expect("flush");
+        assert_eq!(written, KEYS);
+        if pass >= 60 {
+            samples.push((process_cpu() - before).as_nanos() / KEYS as u128);
+        }
+    }
+    samples.sort_unstable();
+    println!(
+        "\nwrite-behind, {KEYS} keys each charged once a pass: CPU per key written \
+         (flusher + writer), median of {} passes: {:.2} µs (min {:.2}, max {:.2})",
+        samples.len(),
+        samples[samples.len() / 2] as f64 / 1000.0,
+        samples[0] as f64 / 1000.0,
+        samples[samples.len() - 1] as f64 / 1000.0,
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(2));
     targets = bench
 }
-criterion_main!(benches);
+/// `cargo bench --bench gate` runs everything; `-- write-behind` only
+/// the write-behind.
+fn main() {
+    if std::env::args().skip(1).all(|a| a != "write-behind") {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    write_behind();
+}

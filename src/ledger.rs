@@ -96,7 +96,9 @@ pub struct Usage {
 }
 
 /// A key's billing state, kept in its usage so that it is written in the
-/// same store write as the counters it describes.
+/// same store write as the counters it describes. Fields at their default
+/// are left out of its JSON (a key that reports nothing writes
+/// `{"credits":n}`); every field reads as its default when absent.
 ///
 /// Totals only grow (net of refunds). An event reports `total - reported`
 /// and raises `reported` in the same write that puts the event in the
@@ -107,28 +109,32 @@ pub struct Usage {
 pub struct Billing {
     /// Credits charged since the key was created (the full cost, overage
     /// included), net of refunds.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub credits: u64,
     /// Overage units served since the key was created, net of refunds.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub overage: u64,
     /// How much of each total (`credits`, `overage`, a pool's name) events
     /// have reported.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub reported: BTreeMap<String, u64>,
     /// The credit period `notified` and `exceeded` speak of.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notified_period: Option<Timestamp>,
     /// Thresholds (in millionths) already notified in that period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notified: Vec<u32>,
     /// Whether `usage.exceeded` was notified in that period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exceeded: bool,
     /// Thresholds crossed and exhaustion, detected by the gate and not yet
     /// in the outbox.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detected: Vec<Detected>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Something the gate noticed that billing must hear about.

@@ -165,6 +165,11 @@ pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// A key's usage as this store keeps it: windows in their compact form.
+pub(super) fn usage_json(usage: &Usage) -> String {
+    crate::window::compact(|| to_json(usage))
+}
+
 fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
         key_id: key_id.to_string(),
@@ -312,7 +317,7 @@ impl Local {
                 hash: hash.0,
                 external_id: record.external_id.clone(),
                 record: to_json(record),
-                usage: to_json(usage),
+                usage: usage_json(usage),
                 seq: self.next_seq(),
             })
             .await?;
@@ -340,7 +345,7 @@ impl Local {
                 key_id: next.record.key_id.clone(),
                 external_id: next.record.external_id.clone(),
                 record: to_json(&next.record),
-                usage: to_json(&next.usage),
+                usage: usage_json(&next.usage),
                 seq: self.next_seq(),
             };
             (write, next)
@@ -552,7 +557,7 @@ impl Local {
                 // the pass needs.
                 snap.rows.push(UsageRow {
                     key_id: state.record.key_id.clone(),
-                    usage: to_json(&state.usage),
+                    usage: usage_json(&state.usage),
                     billing: to_json(&billing),
                     seq: self.next_seq(),
                 });
@@ -792,7 +797,7 @@ mod tests {
     async fn usage_survives_reopen_after_flush() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = keys::generate("sk_t");
-        let id;
+        let (id, window);
         {
             let store = Local::open(dir.path()).expect("open");
             let rec = record(&key.hash, Some("cus_1"));
@@ -802,15 +807,39 @@ mod tests {
                 .await
                 .expect("create");
             let entry = store.lookup(&key.hash).expect("read").expect("found");
-            entry.lock().expect("live").usage.used = 7;
+            let mut state = entry.lock().expect("live");
+            state.usage.used = 7;
+            let requests = state.usage.rate.entry("requests".into()).or_default();
+            for t in 0..5 {
+                requests.add(2, 60_000, 1_000 + t * 1_500);
+            }
+            window = requests.clone();
+            drop(state);
             store.touch(&entry);
             assert_eq!(store.flush_dirty().await.expect("flush"), 1);
         }
         let store =
             Local::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
         let entry = store.lookup_id(&id).expect("read").expect("found");
-        assert_eq!(entry.lock().expect("live").usage.used, 7);
+        let state = entry.lock().expect("live");
+        assert_eq!(state.usage.used, 7);
+        // Written in the compact form, read back the same.
+        assert_eq!(state.usage.rate["requests"], window);
+        drop(state);
         assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
+    }
+
+    #[test]
+    fn a_store_a_newer_build_wrote_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Local::open(dir.path()).expect("open"));
+        rusqlite::Connection::open(dir.path().join(sqlite::FILE))
+            .expect("open the database")
+            .execute_batch("PRAGMA user_version = 99")
+            .expect("mark it newer");
+        let refused = Local::open_waiting(dir.path(), std::time::Duration::from_secs(10));
+        let err = refused.err().expect("refused").to_string();
+        assert!(err.contains("written by a newer tollgate"), "{err}");
     }
 
     #[tokio::test]

@@ -154,10 +154,14 @@ pub fn to_redis(from: &Path, redis: &crate::config::RedisConfig) -> anyhow::Resu
         copied.keys += rows.len();
         let rows = rows
             .into_iter()
-            .map(|(row, hash, ext)| {
+            .map(|(mut row, hash, ext)| {
                 let hash = <[u8; 32]>::try_from(hash.as_slice())
                     .map(KeyHash)
                     .map_err(|_| anyhow::anyhow!("key {}: its hash is not 32 bytes", row.key_id))?;
+                // Redis keeps windows as pairs (see `window::compact`).
+                let usage: crate::ledger::Usage = serde_json::from_str(&row.usage)
+                    .with_context(|| format!("key {}: its usage is not readable", row.key_id))?;
+                row.usage = super::local::to_json(&usage);
                 Ok((row, hash, ext))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

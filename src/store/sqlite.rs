@@ -52,8 +52,10 @@ const MAX_GROUP: usize = 512;
 /// checkpoint) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+/// The schema version this build writes (`PRAGMA user_version`). 3: usage
+/// may hold windows in their compact form ([`crate::window::compact`]),
+/// which builds that know 2 cannot read.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -573,6 +575,13 @@ fn commit(
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(group.len());
     for job in group {
+        // Only a new key can be refused on its own merits; every other
+        // write goes in without a savepoint, which would copy each page it
+        // changes (a write-behind pass changes thousands).
+        if !matches!(job.write, Write::Create { .. }) {
+            results.push(apply(&tx, &job.write)?);
+            continue;
+        }
         let sp = tx.savepoint()?;
         match apply(&sp, &job.write)? {
             Ok(()) => {
@@ -639,16 +648,17 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             .execute(params![key_id, external_id, record, usage, seq(*s)])?;
         }
         Write::Usage { rows, events } => {
+            // One statement, so one lookup and one rewrite of the row:
+            // each part is written unless the row holds a newer state of it.
             let mut usage = tx.prepare_cached(
-                "UPDATE keys SET usage = ?2, seq = ?3 WHERE key_id = ?1 AND seq < ?3",
-            )?;
-            let mut billing = tx.prepare_cached(
-                "UPDATE keys SET billing = ?2, billing_seq = ?3 \
-                 WHERE key_id = ?1 AND billing_seq < ?3",
+                "UPDATE keys SET \
+                   usage = iif(seq < ?3, ?2, usage), seq = max(seq, ?3), \
+                   billing = iif(billing_seq < ?3, ?4, billing), \
+                   billing_seq = max(billing_seq, ?3) \
+                 WHERE key_id = ?1 AND (seq < ?3 OR billing_seq < ?3)",
             )?;
             for row in rows {
-                usage.execute(params![row.key_id, row.usage, seq(row.seq)])?;
-                billing.execute(params![row.key_id, row.billing, seq(row.seq)])?;
+                usage.execute(params![row.key_id, row.usage, seq(row.seq), row.billing])?;
             }
             let mut outbox = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",

@@ -498,9 +498,10 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
         .create_key(json!({ "tier": "fifty", "external_id": "cus_migrated" }))
         .await;
     let payg = embedded.create_key(json!({ "tier": "payg" })).await;
+    let limited = embedded.create_key(json!({ "tier": "limited" })).await;
     let client = bounded_client();
     let proxy = format!("http://{}/api/data", embedded.proxy);
-    for (created, times) in [(&fifty, 3), (&payg, 4)] {
+    for (created, times) in [(&fifty, 3), (&payg, 4), (&limited, 3)] {
         for _ in 0..times {
             let resp = client
                 .get(&proxy)
@@ -517,6 +518,22 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
     .await;
     embedded.signal("TERM");
     assert!(embedded.exit_status().await.success());
+    // The embedded store keeps windows in their compact form; Redis gets
+    // them as pairs, which gateways of earlier versions on it can read.
+    let limited_id = limited["key_id"].as_str().expect("id");
+    let embedded_usage: String =
+        rusqlite::Connection::open(dir.path().join("store/tollgate.sqlite3"))
+            .expect("open the store")
+            .query_row(
+                "SELECT usage FROM keys WHERE key_id = ?1",
+                [limited_id],
+                |r| r.get(0),
+            )
+            .expect("the limited key's row");
+    assert!(
+        embedded_usage.contains(r#""v":2,"t":["#),
+        "{embedded_usage}"
+    );
 
     let migrate = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -533,11 +550,11 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let first = migrate();
-    assert!(first.contains("copied 2 of 2 keys and "), "{first}");
+    assert!(first.contains("copied 3 of 3 keys and "), "{first}");
     assert!(!first.contains("and 0 outbox events"), "{first}");
     let second = migrate();
     assert!(
-        second.contains("copied 0 of 2 keys and 0 outbox events"),
+        second.contains("copied 0 of 3 keys and 0 outbox events"),
         "{second}"
     );
 
@@ -555,6 +572,15 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
     .await;
     let key = fifty["key"].as_str().expect("key");
     assert_eq!(node.usage(key).await["usage"]["credits"]["remaining"], 47);
+    let in_redis = redis.cli(&["--scan", "--pattern", &format!("tg:*:key:{limited_id}")]);
+    let in_redis = redis.cli(&["hget", in_redis.trim(), "use"]);
+    assert!(in_redis.contains(r#""buckets":[["#), "{in_redis}");
+    assert!(!in_redis.contains(r#""v":2"#), "{in_redis}");
+    let limited_usage = node.usage(limited["key"].as_str().expect("key")).await;
+    assert_eq!(
+        limited_usage["usage"]["rate_limits"]["requests"]["remaining"], 27,
+        "{limited_usage}"
+    );
     let listed = admin_json(
         &node,
         Method::GET,
