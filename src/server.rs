@@ -40,6 +40,11 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const KEY_IDLE: Duration = Duration::from_secs(600);
 /// ... checked this often.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the write-behind's usage log is folded into the keys' rows
+/// (see `store::sqlite`'s "Usage log").
+const FOLD_EVERY: Duration = Duration::from_secs(5);
+
 /// Keys held in memory before written, unused ones are dropped at once:
 /// bounds memory when traffic spreads over millions of keys (about 2 KB
 /// a key).
@@ -597,6 +602,7 @@ impl BackgroundService for Flusher {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_eviction = tokio::time::Instant::now();
+        let mut last_fold = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -606,9 +612,17 @@ impl BackgroundService for Flusher {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
             }
             // Over the cap, every key already written and not in use
-            // leaves memory now (a later request reads it back, ~3 µs);
-            // otherwise keys idle for KEY_IDLE, once a minute.
-            if store.cached() > MAX_CACHED_KEYS {
+            // leaves memory now (a later request reads it back, ~3 µs),
+            // once the log is folded; otherwise keys idle for KEY_IDLE,
+            // once a minute.
+            let over_cap = store.cached() > MAX_CACHED_KEYS;
+            if over_cap || last_fold.elapsed() >= FOLD_EVERY {
+                last_fold = tokio::time::Instant::now();
+                if let Err(e) = store.fold().await {
+                    tracing::error!(error = %e, "folding the usage log failed; charges fail closed until the store writes again");
+                }
+            }
+            if over_cap {
                 let dropped = store.evict_idle(Duration::ZERO);
                 tracing::debug!(
                     dropped,
@@ -646,6 +660,11 @@ impl BackgroundService for Flusher {
         crate::report::Reporter::new(self.gateway.clone())
             .last_attempt(LAST_REPORT)
             .await;
+        // The next start would fold the log too; a store left folded is
+        // whole for anything that reads it meanwhile.
+        if let Err(e) = store.fold().await {
+            tracing::error!(error = %e, "folding the usage log at exit failed; the next start folds it");
+        }
         self.handover.release();
         let _ = self.done.send(());
     }

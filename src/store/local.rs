@@ -85,6 +85,9 @@ pub struct Entry {
     /// When a pass last took its usage to write, in milliseconds since the
     /// store opened.
     written_ms: AtomicU64,
+    /// The `seq` its usage was last written to the usage log with: it may
+    /// leave memory once a fold has taken the log that far.
+    logged_seq: AtomicU64,
     /// One admin write of this key at a time, held across its commit.
     admin: tokio::sync::Mutex<()>,
 }
@@ -102,6 +105,7 @@ impl Entry {
             unreported: AtomicBool::new(false),
             last_used: AtomicU64::new(now),
             written_ms: AtomicU64::new(0),
+            logged_seq: AtomicU64::new(0),
             admin: tokio::sync::Mutex::new(()),
         }
     }
@@ -149,6 +153,8 @@ pub struct Local {
     keys: AtomicUsize,
     /// Orders the states written of each key (see [`sqlite`]).
     seq: AtomicU64,
+    /// Rows logged with a `seq` up to this are folded into `keys`.
+    folded: AtomicU64,
     /// Counts revocations, so a lookup can tell one raced its read.
     revocations: AtomicU64,
     /// The epoch of `Entry::last_used`.
@@ -229,6 +235,7 @@ impl Local {
             healthy,
             keys: AtomicUsize::new(keys),
             seq: AtomicU64::new(max_seq + 1),
+            folded: AtomicU64::new(max_seq),
             revocations: AtomicU64::new(0),
             opened: std::time::Instant::now(),
             flush_pass: tokio::sync::Mutex::new(()),
@@ -460,8 +467,9 @@ impl Local {
     }
 
     /// Drops from memory the keys nobody has used for `idle`, whose usage is
-    /// already written and which no request holds. Their state is on disk,
-    /// so the next lookup loads it again. Returns how many were dropped.
+    /// already written (and folded: see [`Local::fold`]) and which no
+    /// request holds. Their state is in `keys` on disk, so the next lookup
+    /// loads it again. Returns how many were dropped.
     ///
     /// Holding a cache shard's write lock, an entry of that shard whose
     /// only owner is the cache cannot be picked up by anyone meanwhile:
@@ -469,6 +477,7 @@ impl Local {
     /// dirty-queue slot holds its own `Arc`.
     pub fn evict_idle(&self, idle: std::time::Duration) -> usize {
         let cutoff = self.now_secs().saturating_sub(idle.as_secs());
+        let folded = self.folded.load(Ordering::Acquire);
         let mut dropped = 0;
         for shard in &self.cache.shards {
             let mut cache = shard.write();
@@ -477,6 +486,7 @@ impl Local {
                 Arc::strong_count(entry) > 1
                     || entry.dirty.load(Ordering::Acquire)
                     || entry.unreported.load(Ordering::Acquire)
+                    || entry.logged_seq.load(Ordering::Acquire) > folded
                     || entry.last_used.load(Ordering::Relaxed) > cutoff
             });
             dropped += before - cache.len();
@@ -555,11 +565,13 @@ impl Local {
                 // Written out here, under the key's lock, rather than
                 // cloned and written out later: the JSON is the only copy
                 // the pass needs.
+                let seq = self.next_seq();
+                entry.logged_seq.store(seq, Ordering::Release);
                 snap.rows.push(UsageRow {
                     key_id: state.record.key_id.clone(),
                     usage: usage_json(&state.usage),
                     billing: to_json(&billing),
-                    seq: self.next_seq(),
+                    seq,
                 });
             }
             drop(state);
@@ -766,12 +778,28 @@ impl Local {
         self.disk.write(Write::Unpark { ids }).await
     }
 
-    /// [`Local::flush_dirty`] for a thread outside any runtime (the last
-    /// flush after the server stopped).
+    /// Folds the usage log into the keys' rows (see [`sqlite`]'s "Usage
+    /// log"). Keys written before it may then leave memory.
+    pub async fn fold(&self) -> Result<(), StoreError> {
+        let _pass = self.flush_pass.lock().await;
+        // Every row logged so far came from a pass that has finished (they
+        // take the same lock), with a `seq` handed out before this one.
+        let upto = self.next_seq();
+        self.disk.write(Write::Fold).await?;
+        self.folded.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// [`Local::flush_dirty`] and [`Local::fold`] for a thread outside any
+    /// runtime (the last flush after the server stopped).
     pub fn flush_blocking(&self) -> Result<usize, StoreError> {
         tokio::runtime::Builder::new_current_thread()
             .build()?
-            .block_on(self.flush_dirty())
+            .block_on(async {
+                let written = self.flush_dirty().await?;
+                self.fold().await?;
+                Ok(written)
+            })
     }
 }
 
@@ -817,9 +845,13 @@ mod tests {
             drop(state);
             store.touch(&entry);
             assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+            // Dropped without a fold, as by kill -9: the usage is in the
+            // log only.
         }
+        assert_eq!(logged(dir.path()), 1);
         let store =
             Local::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
+        assert_eq!(logged(dir.path()), 0, "opening folds the log");
         let entry = store.lookup_id(&id).expect("read").expect("found");
         let state = entry.lock().expect("live");
         assert_eq!(state.usage.used, 7);
@@ -827,6 +859,50 @@ mod tests {
         assert_eq!(state.usage.rate["requests"], window);
         drop(state);
         assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
+    }
+
+    /// Rows in the store's usage log.
+    fn logged(dir: &Path) -> i64 {
+        rusqlite::Connection::open(dir.join(sqlite::FILE))
+            .expect("open the database")
+            .query_row("SELECT count(*) FROM usage_log", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_fold_never_puts_back_a_state_older_than_an_admin_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = keys::generate("sk_t");
+        {
+            let store = Local::open(dir.path()).expect("open");
+            store
+                .create(key.hash, &record(&key.hash, None), &Usage::default())
+                .await
+                .expect("create");
+            let entry = store.lookup(&key.hash).expect("read").expect("found");
+            for used in [1, 2] {
+                entry.lock().expect("live").usage.used = used;
+                store.touch(&entry);
+                store.flush_dirty().await.expect("flush");
+            }
+            // A grant after the charges were logged: its row is newer
+            // than anything in the log.
+            store
+                .update(&entry, |_, usage| {
+                    usage.remaining = Some(100);
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .expect("grant");
+            assert_eq!(logged(dir.path()), 2);
+            store.fold().await.expect("fold");
+            assert_eq!(logged(dir.path()), 0);
+        }
+        let store =
+            Local::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
+        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        let state = entry.lock().expect("live");
+        assert_eq!((state.usage.used, state.usage.remaining), (2, Some(100)));
     }
 
     #[test]
@@ -887,6 +963,10 @@ mod tests {
         store.flush_dirty().await.expect("flush");
         assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
         store.report(&|_, _, _| Vec::new()).await.expect("report");
+        // Its usage is in the log, not yet in its row: it stays until a
+        // fold has put it there.
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 0);
+        store.fold().await.expect("fold");
         assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
         assert_eq!(store.cached(), 1, "the held key stays");
         let again = store.lookup(&a.hash).expect("read").expect("found");

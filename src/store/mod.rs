@@ -348,6 +348,15 @@ impl Store {
         }
     }
 
+    /// Folds what the write-behind logged into the keys' rows, so those
+    /// keys may leave memory (see [`local::Local::fold`]).
+    pub async fn fold(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.fold().await,
+            Backend::Redis(_) => Ok(()),
+        }
+    }
+
     /// Writes everything charged so far (at shutdown).
     pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
         match &self.backend {

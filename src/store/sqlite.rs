@@ -27,6 +27,22 @@
 //! [`crate::ledger::Usage`]), and `seq`, the order in which the in-memory
 //! states were taken: a write carrying an older `seq` than the row's never
 //! overwrites it, so writes queued in any order leave the newest state.
+//! `outbox` holds billing events until their sink has them.
+//!
+//! # Usage log
+//!
+//! Under load spread over many keys nearly every charge is a key written
+//! by the next write-behind pass, and rewriting those rows in place dirties
+//! a page of `keys` for nearly every key (keys charged together are spread
+//! over the whole table). So a pass appends its rows to `usage_log`
+//! instead, which packs them into as few pages as their bytes need, and
+//! every few seconds one [`Write::Fold`] writes each logged key's newest
+//! state into `keys` (once per key, however often it was logged) and
+//! empties the log. Opening the store folds first, so after a crash the
+//! log is in `keys` before anything is read. The log has no index: a
+//! key's row in `keys` is read only when the key is not in memory, and a
+//! key leaves memory only once its last logged state has been folded
+//! ([`crate::store::local::Local::evict_idle`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +95,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sink, id)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (sink, batch);
+CREATE TABLE IF NOT EXISTS usage_log (
+    key_id  TEXT NOT NULL,
+    usage   TEXT NOT NULL,
+    billing TEXT NOT NULL,
+    seq     INTEGER NOT NULL
+);
+";
+
+/// Folds the usage log into `keys`: each logged key's newest entry (rows
+/// are appended in `seq` order, so the highest rowid), unless the row
+/// holds a newer state of it (the rule every write to `keys` follows),
+/// then empties the log. The grouping sorts only key ids and rowids.
+const FOLD: &str = "
+UPDATE keys SET
+    usage = iif(keys.seq < l.seq, l.usage, keys.usage),
+    seq = max(keys.seq, l.seq),
+    billing = iif(keys.billing_seq < l.seq, l.billing, keys.billing),
+    billing_seq = max(keys.billing_seq, l.seq)
+FROM (SELECT key_id, max(rowid) AS newest FROM usage_log GROUP BY key_id) AS n
+    JOIN usage_log AS l ON l.rowid = n.newest
+WHERE keys.key_id = l.key_id AND (keys.seq < l.seq OR keys.billing_seq < l.seq);
+DELETE FROM usage_log;
 ";
 
 /// Columns added after schema 1, for stores written by it.
@@ -150,12 +188,15 @@ pub enum Write {
         usage: String,
         seq: u64,
     },
-    /// Usage of many keys (write-behind), and the events that came from
-    /// it, in one transaction. A key revoked meanwhile is not brought back.
+    /// Usage of many keys (write-behind), appended to the usage log (see
+    /// the module's "Usage log"), and the events that came from it, in one
+    /// transaction. A key revoked meanwhile is not brought back.
     Usage {
         rows: Vec<UsageRow>,
         events: Vec<Outgoing>,
     },
+    /// The usage log folded into `keys`, and emptied.
+    Fold,
     /// Gives a sink's oldest unbatched events a batch id (before the first
     /// attempt, so retries after a restart reuse it).
     Batch {
@@ -273,7 +314,11 @@ impl Disk {
     /// writer. Returns the highest `seq` stored and the number of keys.
     pub fn open(dir: &Path, healthy: Arc<AtomicBool>) -> Result<(Disk, u64, usize), StoreError> {
         let file = dir.join(FILE);
-        let conn = writer_connection(&file)?;
+        let mut conn = writer_connection(&file)?;
+        // What the last run logged is in `keys` before anything is read.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(FOLD)?;
+        tx.commit()?;
         let (max_seq, keys): (i64, i64) = conn.query_row(
             "SELECT coalesce(max(max(seq, billing_seq)), 0), count(*) FROM keys",
             [],
@@ -648,17 +693,11 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             .execute(params![key_id, external_id, record, usage, seq(*s)])?;
         }
         Write::Usage { rows, events } => {
-            // One statement, so one lookup and one rewrite of the row:
-            // each part is written unless the row holds a newer state of it.
-            let mut usage = tx.prepare_cached(
-                "UPDATE keys SET \
-                   usage = iif(seq < ?3, ?2, usage), seq = max(seq, ?3), \
-                   billing = iif(billing_seq < ?3, ?4, billing), \
-                   billing_seq = max(billing_seq, ?3) \
-                 WHERE key_id = ?1 AND (seq < ?3 OR billing_seq < ?3)",
+            let mut append = tx.prepare_cached(
+                "INSERT INTO usage_log (key_id, usage, billing, seq) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for row in rows {
-                usage.execute(params![row.key_id, row.usage, seq(row.seq), row.billing])?;
+                append.execute(params![row.key_id, row.usage, row.billing, seq(row.seq)])?;
             }
             let mut outbox = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -667,6 +706,7 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
                 outbox.execute(params![e.sink, e.id, e.event, e.created_ms])?;
             }
         }
+        Write::Fold => tx.execute_batch(FOLD)?,
         Write::Batch { sink, batch, seqs } => {
             let mut stmt = tx.prepare_cached(
                 "UPDATE outbox SET batch = ?3 WHERE sink = ?1 AND seq = ?2 AND batch IS NULL",
