@@ -215,10 +215,9 @@ async fn counting_upstream(
     (addr, accepted)
 }
 
-/// Requests one after another reuse the upstream connection.
-#[tokio::test]
-async fn upstream_connections_are_kept_and_reused() {
-    let (addr, accepted) = counting_upstream(false).await;
+/// A gateway in front of the upstream at `addr`, and a key that has made
+/// five requests through it one after another, each answered `ok`.
+async fn five_requests_through(addr: std::net::SocketAddr) -> (Harness, String) {
     let h = Harness::start_beside(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
     for round in 0..5 {
@@ -226,6 +225,14 @@ async fn upstream_connections_are_kept_and_reused() {
         assert_eq!(resp.status(), 200, "round {round}");
         assert_eq!(resp.text().await.expect("body"), "ok");
     }
+    (h, key)
+}
+
+/// Requests one after another reuse the upstream connection.
+#[tokio::test]
+async fn upstream_connections_are_kept_and_reused() {
+    let (addr, accepted) = counting_upstream(false).await;
+    let (h, key) = five_requests_through(addr).await;
     // Idle connections are kept per worker thread, and the test gateway's
     // two threads steal work: at most one connection each.
     assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2);
@@ -238,13 +245,7 @@ async fn upstream_connections_are_kept_and_reused() {
 #[tokio::test]
 async fn an_upstream_closing_idle_connections_fails_no_request() {
     let (addr, accepted) = counting_upstream(true).await;
-    let h = Harness::start_beside(EDGES, addr).await;
-    let (key, _) = h.create_key("free").await;
-    for round in 0..5 {
-        let resp = h.get("/old/x", &key).await;
-        assert_eq!(resp.status(), 200, "round {round}");
-        assert_eq!(resp.text().await.expect("body"), "ok");
-    }
+    let (h, key) = five_requests_through(addr).await;
     assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 5);
     assert_eq!(remaining(&h, &key).await, 95);
 }

@@ -629,11 +629,10 @@ async fn a_redis_cluster_of_three_masters_stays_exact() {
         String::from_utf8_lossy(&made.stdout)
     );
     for _ in 0..1000 {
-        let info = std::process::Command::new("redis-cli")
-            .args(["-p", &masters[0].port.to_string(), "cluster", "info"])
-            .output()
-            .expect("redis-cli");
-        if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+        if masters[0]
+            .cli(&["cluster", "info"])
+            .contains("cluster_state:ok")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
