@@ -70,8 +70,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema version this build writes (`PRAGMA user_version`). 3: usage
 /// may hold windows in their compact form ([`crate::window::compact`]),
-/// which builds that know 2 cannot read.
-const SCHEMA_VERSION: i64 = 3;
+/// which builds that know 2 cannot read. 4: the latest usage of a key may
+/// be in `usage_log` (see "Usage log"), which builds that know 3 would not
+/// fold.
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -225,7 +227,7 @@ pub enum Write {
     Import(Vec<(Row, [u8; 32], Option<String>)>),
 }
 
-/// One key's usage in a write-behind pass; `billing` when it changed.
+/// One key's usage and billing state in a write-behind pass.
 pub struct UsageRow {
     pub key_id: String,
     pub usage: String,
