@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as HttpSession;
@@ -35,16 +35,17 @@ use crate::reject::Rejection;
 use crate::store::Key;
 use crate::views;
 
-// Header names, spelt once.
-const X_USAGE_REMAINING: &str = "x-usage-remaining";
-const RATELIMIT_LIMIT: &str = "ratelimit-limit";
-const RATELIMIT_REMAINING: &str = "ratelimit-remaining";
-const RATELIMIT_RESET: &str = "ratelimit-reset";
-const RATELIMIT_POLICY: &str = "ratelimit-policy";
-const RATELIMIT: &str = "ratelimit";
-const X_TOLLGATE_KEY_ID: &str = "x-tollgate-key-id";
-const X_TOLLGATE_EXTERNAL_ID: &str = "x-tollgate-external-id";
-const X_TOLLGATE_TIER: &str = "x-tollgate-tier";
+// Header names, built once: inserted by `insert_static_header`, they are
+// neither parsed nor allocated per request.
+static X_USAGE_REMAINING: HeaderName = HeaderName::from_static("x-usage-remaining");
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
+static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-external-id");
+static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
@@ -589,17 +590,19 @@ impl ProxyHttp for Proxy {
         }
         if let Some(admission) = &ctx.admission {
             if let Some(id) = &ctx.key_id {
-                upstream_request.insert_header(X_TOLLGATE_KEY_ID, id.as_str())?;
+                let id = HeaderValue::from_str(id)
+                    .map_err(|e| Error::because(ErrorType::InternalError, "key id header", e))?;
+                upstream_request.insert_static_header(&X_TOLLGATE_KEY_ID, id);
             }
             if let Some(ext) = ctx
                 .external_id
                 .as_deref()
                 .and_then(|e| HeaderValue::from_str(e).ok())
             {
-                upstream_request.insert_header(X_TOLLGATE_EXTERNAL_ID, ext)?;
+                upstream_request.insert_static_header(&X_TOLLGATE_EXTERNAL_ID, ext);
             }
             if let Some(tier) = ctx.config.as_ref().and_then(|c| c.tier_at(admission.tier)) {
-                upstream_request.insert_header(X_TOLLGATE_TIER, tier.id.as_str())?;
+                upstream_request.insert_static_header(&X_TOLLGATE_TIER, tier.id_header.clone());
             }
         }
         Ok(())
@@ -692,12 +695,14 @@ impl ProxyHttp for Proxy {
             return Ok(());
         };
         if let Some(remaining) = admission.remaining {
-            upstream_response.insert_header(X_USAGE_REMAINING, HeaderValue::from(remaining))?;
+            upstream_response
+                .insert_static_header(&X_USAGE_REMAINING, HeaderValue::from(remaining));
         }
         if let Some(t) = &admission.tightest {
-            upstream_response.insert_header(RATELIMIT_LIMIT, HeaderValue::from(t.limit))?;
-            upstream_response.insert_header(RATELIMIT_REMAINING, HeaderValue::from(t.remaining))?;
-            upstream_response.insert_header(RATELIMIT_RESET, HeaderValue::from(t.reset))?;
+            upstream_response.insert_static_header(&RATELIMIT_LIMIT, HeaderValue::from(t.limit));
+            upstream_response
+                .insert_static_header(&RATELIMIT_REMAINING, HeaderValue::from(t.remaining));
+            upstream_response.insert_static_header(&RATELIMIT_RESET, HeaderValue::from(t.reset));
         }
         let tier = config.tier_at(admission.tier);
         if let Some((tier, policy)) = tier.and_then(|t| Some((t, t.rate_limit_policy.clone()?))) {
@@ -709,9 +714,9 @@ impl ProxyHttp for Proxy {
                 let sep = if state.is_empty() { "" } else { ", " };
                 let _ = write!(state, "{sep}\"{name}\";r={};t={}", r.remaining, r.reset);
             }
-            upstream_response.insert_header(RATELIMIT_POLICY, policy)?;
+            upstream_response.insert_static_header(&RATELIMIT_POLICY, policy);
             if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
-                upstream_response.insert_header(RATELIMIT, state)?;
+                upstream_response.insert_static_header(&RATELIMIT, state);
             }
         }
         Ok(())

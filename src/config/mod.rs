@@ -115,6 +115,8 @@ pub struct Pool {
 #[derive(Debug, Clone)]
 pub struct Tier {
     pub id: String,
+    /// `id` as the `X-Tollgate-Tier` value sent upstream, built once.
+    pub id_header: http::HeaderValue,
     pub name: String,
     pub key_prefix: String,
     pub credits: Credits,

@@ -736,8 +736,11 @@ impl Check<'_> {
             return None;
         }
         let rate_limit_policy = Tier::policy_header(&rate_limits);
+        // Letters, digits, '-' and '_' (checked above): always a valid value.
+        let id_header = http::HeaderValue::from_str(id).ok()?;
         Some(Tier {
             id: id.to_string(),
+            id_header,
             name: t.name.clone().unwrap_or_else(|| id.to_string()),
             key_prefix,
             credits,

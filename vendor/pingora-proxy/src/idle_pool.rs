@@ -105,7 +105,9 @@ impl IdlePool {
         if let Some(stream) = take(peer.reuse_hash()) {
             return Ok((HttpSession::new_with_options(stream, peer), true));
         }
-        let stream = self.transport.new_stream(peer).await?;
+        // Boxed: connecting is rare on a kept-alive path, and its future
+        // (over 8 KiB) would otherwise be part of every request's.
+        let stream = Box::pin(self.transport.new_stream(peer)).await?;
         Ok((HttpSession::new_with_options(stream, peer), false))
     }
 

@@ -87,6 +87,7 @@ type DownstreamCustomMessageReader =
     Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>;
 
 mod idle_pool;
+mod keepalive;
 mod proxy_cache;
 mod proxy_common;
 mod proxy_custom;
@@ -427,7 +428,11 @@ where
                 .await
                 .map(|(h1, reused)| (ClientSession::H1(h1), reused))
         } else {
-            self.client_upstream.get_http_session(&*peer).await
+            // tollgate: this and the h2 and custom paths below are boxed, so
+            // that their futures (3-9 KiB each) are not part of every
+            // request's: the whole request future is boxed and copied once
+            // per request (`process_new_http`), so its size is paid by all.
+            Box::pin(self.client_upstream.get_http_session(&*peer)).await
         };
         match client_session {
             Ok((client_session, client_reused)) => {
@@ -440,20 +445,31 @@ where
                             self.idle_h1.release(h1, &*peer, peer.idle_timeout()).await;
                         } else if client_reuse {
                             let session = ClientSession::H1(h1);
-                            self.client_upstream
-                                .release_http_session(session, &*peer, peer.idle_timeout())
-                                .await;
+                            Box::pin(self.client_upstream.release_http_session(
+                                session,
+                                &*peer,
+                                peer.idle_timeout(),
+                            ))
+                            .await;
                         }
                         (server_reused, error)
                     }
                     ClientSession::H2(mut h2) => {
-                        let (server_reused, mut error) = self
-                            .proxy_to_h2_upstream(session, &mut h2, client_reused, &peer, ctx)
-                            .await;
+                        let (server_reused, mut error) = Box::pin(self.proxy_to_h2_upstream(
+                            session,
+                            &mut h2,
+                            client_reused,
+                            &peer,
+                            ctx,
+                        ))
+                        .await;
                         let session = ClientSession::H2(h2);
-                        self.client_upstream
-                            .release_http_session(session, &*peer, peer.idle_timeout())
-                            .await;
+                        Box::pin(self.client_upstream.release_http_session(
+                            session,
+                            &*peer,
+                            peer.idle_timeout(),
+                        ))
+                        .await;
 
                         if let Some(e) = error.as_mut() {
                             // try to downgrade if A. origin says so or B. origin sends an invalid
@@ -476,13 +492,21 @@ where
                         (server_reused, error)
                     }
                     ClientSession::Custom(mut c) => {
-                        let (server_reused, error) = self
-                            .proxy_to_custom_upstream(session, &mut c, client_reused, &peer, ctx)
-                            .await;
+                        let (server_reused, error) = Box::pin(self.proxy_to_custom_upstream(
+                            session,
+                            &mut c,
+                            client_reused,
+                            &peer,
+                            ctx,
+                        ))
+                        .await;
                         let session = ClientSession::Custom(c);
-                        self.client_upstream
-                            .release_http_session(session, &*peer, peer.idle_timeout())
-                            .await;
+                        Box::pin(self.client_upstream.release_http_session(
+                            session,
+                            &*peer,
+                            peer.idle_timeout(),
+                        ))
+                        .await;
                         (server_reused, error)
                     }
                 };
@@ -1568,14 +1592,19 @@ impl SubrequestSpawner {
     }
 }
 
-#[async_trait]
-impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+// tollgate: `HttpProxy` serves its connections itself (`ServerApp`, in
+// keepalive.rs), so that an HTTP/1 connection's requests run in one loop
+// rather than as one boxed future each; `keepalive::Connection` hands
+// HTTP/2, h2c and custom-protocol connections to Pingora's own handling.
+impl<SV, C> HttpProxy<SV, C>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    /// One request of a downstream session (Pingora's
+    /// `HttpServerApp::process_new_http`).
+    async fn serve_http(
         self: &Arc<Self>,
         mut session: HttpSession,
         shutdown: &ShutdownWatch,
@@ -1619,14 +1648,7 @@ where
         self.shutdown.notify_waiters();
     }
 
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.server_options.as_ref()
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.h2_options.clone()
-    }
-    async fn process_custom_session(
+    async fn custom_session(
         self: Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
@@ -1640,8 +1662,6 @@ where
 
         process_custom_session(self.clone(), stream, shutdown).await
     }
-
-    // TODO implement h2_options
 }
 
 use pingora_core::services::listening::{RuntimeOptsOverride, Service};
@@ -1652,8 +1672,8 @@ use pingora_core::services::listening::{RuntimeOptsOverride, Service};
 /// for example when implementing SNI-based routing that decides between TLS passthrough
 /// and TLS termination on a single port.
 ///
-/// The returned `HttpProxy` is fully initialized and ready to process requests via
-/// [`HttpServerApp::process_new_http()`].
+/// The returned `HttpProxy` is fully initialized and ready to process connections via
+/// [`pingora_core::apps::ServerApp::process_new()`].
 ///
 /// # Example
 ///
@@ -1671,8 +1691,7 @@ use pingora_core::services::listening::{RuntimeOptsOverride, Service};
 ///     // Peek SNI, decide routing...
 ///     if should_terminate_tls {
 ///         let tls_stream = my_acceptor.accept(stream).await?;
-///         let session = HttpSession::new_http1(Box::new(tls_stream));
-///         proxy.process_new_http(session, &shutdown).await;
+///         proxy.process_new(Box::new(tls_stream), &shutdown).await;
 ///     }
 /// }
 /// ```
