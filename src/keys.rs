@@ -11,6 +11,23 @@ use sha2::{Digest, Sha256};
 
 /// Bitcoin's base58 alphabet: no `0`, `O`, `I`, `l`.
 const ALPHABET: &[u8; 58] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
+/// Whether a byte is one of `ALPHABET`'s, by table (checked on every
+/// request's key: a search of the alphabet per byte cost more than the
+/// rest of the shape check).
+const IN_ALPHABET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[ALPHABET[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+fn base58(b: u8) -> bool {
+    IN_ALPHABET[b as usize]
+}
 const RANDOM_LEN: usize = 22;
 const CHECKSUM_LEN: usize = 6;
 /// Characters of the random part shown in a key record's `start`.
@@ -83,7 +100,7 @@ pub fn generate_id() -> String {
 /// 16 base58 digits.
 pub fn is_key_id(id: &str) -> bool {
     id.strip_prefix("key_")
-        .is_some_and(|rest| rest.len() == ID_LEN && rest.bytes().all(|b| ALPHABET.contains(&b)))
+        .is_some_and(|rest| rest.len() == ID_LEN && rest.bytes().all(base58))
 }
 
 /// `<prefix>_<random base58>`: ids for keys, events and batches.
@@ -107,9 +124,7 @@ pub fn well_shaped(key: &str) -> bool {
     let Some((prefix, tail)) = key.rsplit_once('_') else {
         return false;
     };
-    !prefix.is_empty()
-        && tail.len() == RANDOM_LEN + CHECKSUM_LEN
-        && tail.bytes().all(|b| ALPHABET.contains(&b))
+    !prefix.is_empty() && tail.len() == RANDOM_LEN + CHECKSUM_LEN && tail.bytes().all(base58)
 }
 
 /// Whether a well-shaped key's last characters are the checksum of the
@@ -143,6 +158,19 @@ fn checksum(body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_alphabet_table_holds_exactly_the_alphabet() {
+        for b in 0..=u8::MAX {
+            assert_eq!(base58(b), ALPHABET.contains(&b), "byte {b}");
+        }
+        let key = generate("sk_pro").secret;
+        for bad in ['0', 'O', 'I', 'l', '+', 'é'] {
+            let mut k = key.clone();
+            k.replace_range(k.len() - 7..k.len() - 6, &bad.to_string());
+            assert!(!well_shaped(&k), "{k}");
+        }
+    }
 
     #[test]
     fn generated_keys_are_well_formed_and_distinct() {

@@ -865,10 +865,16 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
     const PINGORA_MAX_HEADER_COUNT: usize = 4096;
     const INIT_HEADER_SIZE: usize = 8;
 
+    // tollgate: room for the headers a proxy adds to what it parsed (tollgate adds
+    // up to 6 to an answer and 3 to a request), so that adding them does not grow
+    // (reallocate and rehash) the value map and the case map: 4 grows a request
+    // before. A headroom, not a limit: more headers still grow the maps.
+    const ADDED_HEADERS: usize = 8;
+
     // We select the size hint or the max size here, ensuring that we pick a value substantially lower
     // than 1 << 15 with room to grow the header map.
     std::cmp::min(
-        size_hint.unwrap_or(INIT_HEADER_SIZE),
+        size_hint.map_or(INIT_HEADER_SIZE, |n| n + ADDED_HEADERS),
         PINGORA_MAX_HEADER_COUNT,
     )
 }
