@@ -5,6 +5,9 @@
 #
 # Usage: benches/flamegraph.sh [tollgate binary] [out.svg]   (also writes out.folded)
 #   (default: target/release/tollgate, built first; keyed-flamegraph.svg)
+#   KEYS=10000: the traffic spread over that many keys (seeded into the
+#   store by benches/seed_keys.rs, one picked at random per request, as
+#   compare.sh's 10k-key case does); default one key.
 # Needs perf (linux-perf) and inferno (cargo install inferno --locked);
 # installs them if missing.
 set -euo pipefail
@@ -56,16 +59,35 @@ routes:
   - { name: public, path: /health, upstream: up, auth: none }
   - { name: keyed, path: /api/data, upstream: up, feature: api, pools: { exports: 1 } }
 YAML
+KEYS=${KEYS:-1}
+if [ "$KEYS" -gt 1 ]; then
+  cargo build --release --quiet --example seed_keys
+  target/release/examples/seed_keys "$WORK/store" bench sk_bench "$KEYS" "$WORK/keys.txt" >/dev/null
+  cat > "$WORK/keys.lua" <<'LUA'
+local keys = {}
+for line in io.lines(os.getenv("KEYS_FILE")) do keys[#keys + 1] = "Bearer " .. line end
+local n = #keys
+request = function()
+  return wrk.format("GET", "/api/data", { ["Authorization"] = keys[math.random(n)] })
+end
+LUA
+fi
 TOLLGATE_ROOT_KEY=bench taskset -c 0 "$BIN" serve --config "$WORK/tollgate.yaml" --threads 1 \
   2>"$WORK/logs/tollgate.log" & TG=$!; PIDS+=($TG)
 for _ in $(seq 500); do curl -s -o /dev/null http://127.0.0.1:3981/health && break; sleep 0.02; done
-KEY=$(curl -s -X POST http://127.0.0.1:3982/v1/keys -H 'Authorization: Bearer bench' -d '{"tier":"bench"}' \
-      | sed -E 's/.*"key":"([^"]+)".*/\1/')
+if [ "$KEYS" -gt 1 ]; then
+  export KEYS_FILE="$WORK/keys.txt"
+  LOAD=(-s "$WORK/keys.lua")
+else
+  KEY=$(curl -s -X POST http://127.0.0.1:3982/v1/keys -H 'Authorization: Bearer bench' -d '{"tier":"bench"}' \
+        | sed -E 's/.*"key":"([^"]+)".*/\1/')
+  LOAD=(-H "Authorization: Bearer $KEY")
+fi
 
 # Warm up, then record 8 s of a 10 s run.
-taskset -c 1 wrk -t1 -c64 -d3s -H "Authorization: Bearer $KEY" http://127.0.0.1:3981/api/data >/dev/null
+taskset -c 1 wrk -t1 -c64 -d3s "${LOAD[@]}" http://127.0.0.1:3981/api/data >/dev/null
 (sleep 1; perf record -F 499 --call-graph dwarf,16384 -p "$TG" -o "$WORK/perf.data" -- sleep 8 2>/dev/null >/dev/null) & PERF=$!
-taskset -c 1 wrk -t1 -c64 -d10s -H "Authorization: Bearer $KEY" http://127.0.0.1:3981/api/data | grep Requests/sec
+taskset -c 1 wrk -t1 -c64 -d10s "${LOAD[@]}" http://127.0.0.1:3981/api/data | grep Requests/sec
 wait "$PERF"
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "${OUT%.svg}.folded"
 inferno-flamegraph < "${OUT%.svg}.folded" > "$OUT"

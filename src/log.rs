@@ -249,7 +249,31 @@ fn timestamp(out: &mut String) {
         }
         out.push_str(&cached.1);
     });
-    let _ = write!(out, ".{micros:06}Z");
+    fraction(out, micros);
+}
+
+/// `.{micros:06}Z`, without `core::fmt`.
+fn fraction(out: &mut String, micros: i32) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(micros);
+    out.push('.');
+    out.extend(std::iter::repeat_n(
+        '0',
+        6usize.saturating_sub(digits.len()),
+    ));
+    out.push_str(digits);
+    out.push('Z');
+}
+
+/// `value` as `{:?}` writes it. Where Debug writes plain decimals (a
+/// magnitude from 1e-4 to 1e16, or zero), the shortest digits that read
+/// back as `value` are `ryu`'s, a third of the work of `core::fmt`'s.
+fn debug_f64(out: &mut String, value: f64) {
+    if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
+        out.push_str(ryu::Buffer::new().format_finite(value));
+    } else {
+        let _ = write!(out, "{value:?}");
+    }
 }
 
 /// `value` as `{:?}` writes it, without Debug's per-character escaping
@@ -281,9 +305,13 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
     }
     let field = |out: &mut String, name: &str| {
         if ansi {
-            let _ = write!(out, " \x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m");
+            out.push_str(" \x1b[3m");
+            out.push_str(name);
+            out.push_str("\x1b[0m\x1b[2m=\x1b[0m");
         } else {
-            let _ = write!(out, " {name}=");
+            out.push(' ');
+            out.push_str(name);
+            out.push('=');
         }
     };
     field(out, "route");
@@ -293,12 +321,12 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
     field(out, "code");
     quoted(out, line.code);
     field(out, "status");
-    let _ = write!(out, "{}", line.status);
+    out.push_str(itoa::Buffer::new().format(line.status));
     field(out, "latency_ms");
-    let _ = write!(out, "{:?}", line.latency_ms);
+    debug_f64(out, line.latency_ms);
     if let Some(ms) = line.upstream_ms {
         field(out, "upstream_ms");
-        let _ = write!(out, "{ms:?}");
+        debug_f64(out, ms);
     }
     if let Some(error) = line.error {
         field(out, "error");
@@ -480,6 +508,21 @@ mod tests {
     }
 
     #[test]
+    fn the_fraction_of_a_second_has_six_digits() {
+        for (micros, written) in [
+            (0, ".000000Z"),
+            (7, ".000007Z"),
+            (4_250, ".004250Z"),
+            (999_999, ".999999Z"),
+        ] {
+            let mut out = String::new();
+            fraction(&mut out, micros);
+            assert_eq!(out, written);
+            assert_eq!(out, format!(".{micros:06}Z"));
+        }
+    }
+
+    #[test]
     fn access_lines_match_what_tracing_subscriber_writes() {
         let lines = [
             Access {
@@ -501,6 +544,38 @@ mod tests {
                 error: Some("ConnectRefused"),
             },
         ];
+        // Latencies across the forms Debug writes floats in: ryu's where
+        // Debug writes decimals, Debug's own beyond.
+        let latencies = [
+            0.0,
+            -0.0,
+            0.0123,
+            0.1 + 0.2,
+            1e-4,
+            9.99e-5,
+            1e-7,
+            12345.678,
+            1e15,
+            1e16,
+            3.5e20,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            f64::NAN,
+            f64::INFINITY,
+            1.0 / 3.0,
+        ];
+        let lines: Vec<Access<'_>> = lines
+            .into_iter()
+            .chain(latencies.iter().map(|&ms| Access {
+                route: "r",
+                tier: "t",
+                code: "OK",
+                status: 200,
+                latency_ms: ms,
+                upstream_ms: Some(ms / 7.0),
+                error: None,
+            }))
+            .collect();
         for line in &lines {
             for ansi in [false, true] {
                 let theirs = from_subscriber(false, ansi, line);
