@@ -263,21 +263,12 @@ for _ in $(seq 500); do
   sleep 0.01
 done
 
-# wrk picks a key per request from a file, for the URL's path. The same
+# wrk picks a key per request from a file (benches/keys.lua). The same
 # script for every case, so wrk's own cost (on the core it shares with the
 # upstream) is the same in each: a case without keys sends one key's value
 # in a header no proxy reads (X-Bench-Key). (Until 2026-12-04 those cases
 # ran wrk without a script, so ratios between a keyed and an unkeyed case
 # also held wrk's Lua.)
-cat > "$WORK/keys.lua" <<'LUA'
-local keys = {}
-for line in io.lines(os.getenv("KEYS_FILE")) do keys[#keys + 1] = "Bearer " .. line end
-local n = #keys
-local header = os.getenv("KEY_HEADER") or "Authorization"
-request = function()
-  return wrk.format("GET", nil, { [header] = keys[math.random(n)] })
-end
-LUA
 
 # ---------------------------------------------------------------- measuring
 # Every case runs ROUNDS times, the rounds interleaved, and the median of
@@ -319,7 +310,7 @@ run() { # label, pid (CPU measured), keys file or "", url
   local header=Authorization
   if [ -z "$keys" ]; then keys=$WORK/keys-1.txt; header=X-Bench-Key; fi
   out=$(KEYS_FILE=$keys KEY_HEADER=$header; export KEYS_FILE KEY_HEADER
-    on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WORK/keys.lua" "$url")
+    on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s benches/keys.lua "$url")
   after=$(cpu "$pid"); store_after=$(store_cpu "$pid")
   COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
   SCRIPTS[$label]=$(( ${SCRIPTS[$label]:-0} + $(redis_scripts) - scripts ))
@@ -474,7 +465,7 @@ if [ "$REDIS" = 1 ]; then
   settle
   per=$((CONNS / 3))
   for n in 0 1 2; do
-    KEYS_FILE=$WORK/keys-1.txt on_load wrk -t1 -c"$per" -d"$DURATION" -s "$WORK/keys.lua" \
+    KEYS_FILE=$WORK/keys-1.txt on_load wrk -t1 -c"$per" -d"$DURATION" -s benches/keys.lua \
       "http://127.0.0.1:$((4000 + 10 * n))/api/data" > "$WORK/three-$n.txt" &
   done
   wait_for_wrk() { while pgrep -x wrk >/dev/null; do sleep 0.2; done; }

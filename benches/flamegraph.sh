@@ -63,21 +63,13 @@ KEYS=${KEYS:-1}
 if [ "$KEYS" -gt 1 ]; then
   cargo build --release --quiet --example seed_keys
   target/release/examples/seed_keys "$WORK/store" bench sk_bench "$KEYS" "$WORK/keys.txt" >/dev/null
-  cat > "$WORK/keys.lua" <<'LUA'
-local keys = {}
-for line in io.lines(os.getenv("KEYS_FILE")) do keys[#keys + 1] = "Bearer " .. line end
-local n = #keys
-request = function()
-  return wrk.format("GET", "/api/data", { ["Authorization"] = keys[math.random(n)] })
-end
-LUA
 fi
 TOLLGATE_ROOT_KEY=bench taskset -c 0 "$BIN" serve --config "$WORK/tollgate.yaml" --threads 1 \
   2>"$WORK/logs/tollgate.log" & TG=$!; PIDS+=($TG)
 for _ in $(seq 500); do curl -s -o /dev/null http://127.0.0.1:3981/health && break; sleep 0.02; done
 if [ "$KEYS" -gt 1 ]; then
   export KEYS_FILE="$WORK/keys.txt"
-  LOAD=(-s "$WORK/keys.lua")
+  LOAD=(-s benches/keys.lua)
 else
   KEY=$(curl -s -X POST http://127.0.0.1:3982/v1/keys -H 'Authorization: Bearer bench' -d '{"tier":"bench"}' \
         | sed -E 's/.*"key":"([^"]+)".*/\1/')

@@ -28,9 +28,12 @@ where
     ) -> Option<Stream> {
         let options = self.server_options.as_ref();
         let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
-        let custom = options.is_some_and(|o| o.force_custom)
-            || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_)));
-        if h2c || custom || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        let custom = options.is_some_and(|o| o.force_custom);
+        let alpn_not_h1 = matches!(
+            stream.selected_alpn_proto(),
+            Some(ALPN::H2 | ALPN::Custom(_))
+        );
+        if h2c || custom || alpn_not_h1 {
             let connection = Arc::new(Connection(self.clone()));
             return ServerApp::process_new(&connection, stream, shutdown).await;
         }
@@ -78,10 +81,6 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         self.0.serve_http(session, shutdown).await
-    }
-
-    async fn http_cleanup(&self) {
-        self.0.http_cleanup().await;
     }
 
     fn server_options(&self) -> Option<&HttpServerOptions> {

@@ -430,8 +430,9 @@ where
         } else {
             // tollgate: this and the h2 and custom paths below are boxed, so
             // that their futures (3-9 KiB each) are not part of every
-            // request's: the whole request future is boxed and copied once
-            // per request (`process_new_http`), so its size is paid by all.
+            // request's: an HTTP/1 connection's future holds one request's
+            // (keepalive.rs), and Pingora's HTTP/2 path still boxes and
+            // copies a request's future per request.
             Box::pin(self.client_upstream.get_http_session(&*peer)).await
         };
         match client_session {
