@@ -18,7 +18,7 @@ use pingora::prelude::*;
 use pingora::server::configuration::{Opt, ServerConf};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tollgate::alloc::Allocator = tollgate::alloc::Allocator;
 
 struct PassThrough {
     upstream: std::net::SocketAddr,

@@ -30,6 +30,7 @@
 //! - [`upgrade`]: zero-downtime binary upgrade with the store handed over.
 //! - [`demo`], [`echo`]: the quick start and its built-in upstream.
 pub mod admin;
+pub mod alloc;
 pub mod calendar;
 pub mod client;
 pub mod clock;

@@ -10,9 +10,10 @@ use clap::{Parser, Subcommand};
 use tollgate::clock::SystemClock;
 
 /// Pingora allocates per request from many threads; glibc's malloc showed
-/// as ~11% of CPU under load (BENCHMARKS.md).
+/// as ~11% of CPU under load (BENCHMARKS.md). mimalloc, entered as
+/// [`tollgate::alloc`] says.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tollgate::alloc::Allocator = tollgate::alloc::Allocator;
 use tollgate::config::Config;
 use tollgate::log;
 use tollgate::server::{self, Options};
