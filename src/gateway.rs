@@ -109,11 +109,16 @@ pub enum KeySource {
     ApiKey,
 }
 
+/// The header names a key comes in, built once (a name given as a string
+/// is parsed and hashed again on every lookup).
+static AUTHORIZATION: http::HeaderName = http::header::AUTHORIZATION;
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 impl KeySource {
-    pub fn header(self) -> &'static str {
+    pub fn header(self) -> &'static http::HeaderName {
         match self {
-            KeySource::Authorization => "authorization",
-            KeySource::ApiKey => "x-api-key",
+            KeySource::Authorization => &AUTHORIZATION,
+            KeySource::ApiKey => &X_API_KEY,
         }
     }
 }
@@ -122,21 +127,18 @@ impl KeySource {
 /// `X-API-Key`. Two keys, in any combination, is a bad request.
 pub fn presented_key(headers: &HeaderMap) -> Result<(&str, KeySource), Rejection> {
     let mut other_scheme = None;
-    let bearer = headers
-        .get_all(http::header::AUTHORIZATION)
-        .iter()
-        .filter_map(|v| {
-            let (scheme, token) = authorization(v.to_str().ok()?);
-            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
-                Some(token)
-            } else {
-                other_scheme.get_or_insert_with(|| scheme_name(scheme));
-                None
-            }
-        });
+    let bearer = headers.get_all(&AUTHORIZATION).iter().filter_map(|v| {
+        let (scheme, token) = authorization(v.to_str().ok()?);
+        if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+            Some(token)
+        } else {
+            other_scheme.get_or_insert_with(|| scheme_name(scheme));
+            None
+        }
+    });
     let bearer = bearer.map(|k| (k, KeySource::Authorization));
     let api_key = headers
-        .get_all("x-api-key")
+        .get_all(&X_API_KEY)
         .iter()
         .map(|v| (v.to_str().unwrap_or(""), KeySource::ApiKey));
     let mut keys = bearer.chain(api_key);

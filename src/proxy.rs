@@ -13,7 +13,6 @@
 //! - `fail_to_proxy`: the upstream did not answer; refund and answer 502.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,6 +45,21 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
 static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-external-id");
 static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
+
+/// Header values built in one buffer (see `response_filter`).
+struct Values {
+    bytes: Vec<u8>,
+}
+
+impl Values {
+    /// Writes `n` in decimal; returns where it is.
+    fn number(&mut self, n: u64) -> std::ops::Range<usize> {
+        let start = self.bytes.len();
+        self.bytes
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        start..self.bytes.len()
+    }
+}
 
 pub struct Proxy {
     gateway: Arc<Gateway>,
@@ -694,28 +708,59 @@ impl ProxyHttp for Proxy {
         let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
             return Ok(());
         };
-        if let Some(remaining) = admission.remaining {
-            upstream_response
-                .insert_static_header(&X_USAGE_REMAINING, HeaderValue::from(remaining));
-        }
-        if let Some(t) = &admission.tightest {
-            upstream_response.insert_static_header(&RATELIMIT_LIMIT, HeaderValue::from(t.limit));
-            upstream_response
-                .insert_static_header(&RATELIMIT_REMAINING, HeaderValue::from(t.remaining));
-            upstream_response.insert_static_header(&RATELIMIT_RESET, HeaderValue::from(t.reset));
-        }
+        // Every value is written into one buffer and handed out as a slice
+        // of it: two allocations for an answer's numbers and state, not six.
+        let mut values = Values {
+            bytes: Vec::with_capacity(64 + 48 * admission.rates.len()),
+        };
+        let remaining = admission.remaining.map(|n| values.number(n));
+        let tightest = admission.tightest.as_ref().map(|t| {
+            [
+                values.number(t.limit),
+                values.number(t.remaining),
+                values.number(t.reset),
+            ]
+        });
         let tier = config.tier_at(admission.tier);
-        if let Some((tier, policy)) = tier.and_then(|t| Some((t, t.rate_limit_policy.clone()?))) {
-            let mut state = String::with_capacity(48 * admission.rates.len());
+        let policy = tier.and_then(|t| Some((t, t.rate_limit_policy.clone()?)));
+        let state = policy.as_ref().map(|(tier, _)| {
+            let start = values.bytes.len();
             for r in &admission.rates {
                 let Some((name, _)) = tier.rate_limits.get_index(r.index) else {
                     continue;
                 };
-                let sep = if state.is_empty() { "" } else { ", " };
-                let _ = write!(state, "{sep}\"{name}\";r={};t={}", r.remaining, r.reset);
+                if values.bytes.len() > start {
+                    values.bytes.extend_from_slice(b", ");
+                }
+                values.bytes.push(b'"');
+                values.bytes.extend_from_slice(name.as_bytes());
+                values.bytes.extend_from_slice(b"\";r=");
+                values.number(r.remaining);
+                values.bytes.extend_from_slice(b";t=");
+                values.number(r.reset);
             }
+            start..values.bytes.len()
+        });
+        let values = Bytes::from(values.bytes);
+        let value =
+            |span: std::ops::Range<usize>| HeaderValue::from_maybe_shared(values.slice(span));
+        if let Some(Ok(remaining)) = remaining.map(value) {
+            upstream_response.insert_static_header(&X_USAGE_REMAINING, remaining);
+        }
+        if let Some([limit, remaining, reset]) = tightest {
+            for (name, span) in [
+                (&RATELIMIT_LIMIT, limit),
+                (&RATELIMIT_REMAINING, remaining),
+                (&RATELIMIT_RESET, reset),
+            ] {
+                if let Ok(v) = value(span) {
+                    upstream_response.insert_static_header(name, v);
+                }
+            }
+        }
+        if let (Some((_, policy)), Some(state)) = (policy, state) {
             upstream_response.insert_static_header(&RATELIMIT_POLICY, policy);
-            if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
+            if let Ok(state) = value(state) {
                 upstream_response.insert_static_header(&RATELIMIT, state);
             }
         }
