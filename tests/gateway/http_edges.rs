@@ -390,3 +390,32 @@ async fn requests_pingora_cannot_parse_get_json() {
     let labels = [("route", "none"), ("code", "BAD_REQUEST")];
     assert_eq!(metric(&h.scrape().await, "tollgate_requests_total", &labels), 6.0);
 }
+
+/// Hop-by-hop fields, and those the client's `Connection` names, stop at
+/// the gateway; the rest of the request goes on. (The sanitiser skips its
+/// work for a request that has none of these fields: this is the case
+/// where it must not.)
+#[tokio::test]
+async fn hop_by_hop_fields_are_not_forwarded() {
+    let h = Harness::start(EDGES).await;
+    let (head, body) = raw_answer(
+        &h,
+        b"GET /public HTTP/1.1\r\nHost: t\r\nConnection: close, X-Nominated\r\n\
+          X-Nominated: gone\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+          TE: trailers\r\nProxy-Authorization: Basic eA==\r\nX-Kept: yes\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let seen: Value = serde_json::from_str(&body).expect("the echo's JSON");
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-kept"], "yes", "{headers}");
+    for gone in [
+        "x-nominated",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "proxy-authorization",
+    ] {
+        assert!(headers.get(gone).is_none(), "{gone} reached the upstream: {headers}");
+    }
+}
