@@ -419,3 +419,64 @@ async fn hop_by_hop_fields_are_not_forwarded() {
         assert!(headers.get(gone).is_none(), "{gone} reached the upstream: {headers}");
     }
 }
+
+/// Header names go on in the spelling they came in, both ways, each value
+/// of a repeated name in its own; the ones tollgate adds in lower case.
+#[tokio::test]
+async fn header_names_keep_their_spelling_both_ways() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = upstream.accept().await {
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = seen_tx.send(String::from_utf8_lossy(&got).into_owned());
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nX-Mixed: 1\r\n\
+                          x-mixed: 2\r\nX-MIXED: 3\r\nX-Upper: b\r\nContent-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let h = Harness::start_beside(EDGES, addr).await;
+    let (key, _) = h.create_key("free").await;
+    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /old/x HTTP/1.1\r\nhost: test\r\nAuthorization: Bearer {key}\r\nx-seq: 1\r\n\
+         X-Seq: 2\r\nUser-Agent: t\r\nACCEPT: */*\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.expect("read"), 1, "closed");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    for line in [
+        "content-type: text/plain\r\n",
+        "X-Mixed: 1\r\nx-mixed: 2\r\nX-MIXED: 3\r\n",
+        "X-Upper: b\r\n",
+        "x-usage-remaining: 99\r\n",
+    ] {
+        assert!(head.contains(line), "{line:?} not in the answer:\n{head}");
+    }
+    let seen = seen_rx.recv().await.expect("the upstream saw the request");
+    for line in ["host: test\r\n", "x-seq: 1\r\nX-Seq: 2\r\n", "User-Agent: t\r\n", "ACCEPT: */*\r\n"] {
+        assert!(seen.contains(line), "{line:?} not in the request:\n{seen}");
+    }
+    assert!(!seen.to_lowercase().contains("authorization"), "{seen}");
+}

@@ -50,14 +50,14 @@ pub mod prelude {
     pub use crate::ResponseHeader;
 }
 
-/* an ordered header map to store the original case of each header name
-HMap({
-    "foo": ["Foo", "foO", "FoO"]
-})
-The order how HeaderMap iter over its items is "arbitrary, but consistent".
-Hopefully this property makes sure this map of header names always iterates in the
-same order of the map of header values.
-This idea is inspaired by hyper @nox
+/* tollgate: the spellings header names arrived in, for the names whose spelling
+differs from the one the writer uses without one (`default_spelling`: Title-Case
+for a few standard names, the lower-case name otherwise). Most names arrive spelt
+that way, so most messages record nothing and pay no second map insert for each of
+their headers (upstream Pingora recorded a spelling for every value). A name with
+any spelling recorded has one for each of its values, in order (the values added
+before the first unusual spelling are filled in with the default), so every value
+still goes out as it came: HMap({"foo": ["Foo", "foO", "FoO"]}). vendor/README.md.
 */
 type CaseMap = HMap<CaseHeaderName>;
 
@@ -167,9 +167,7 @@ impl RequestHeader {
         size_hint: Option<usize>,
     ) -> Result<Self> {
         let mut req = Self::build_no_case(method, path, size_hint)?;
-        req.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        req.header_name_map = Some(CaseMap::with_capacity(0));
         Ok(req)
     }
 
@@ -260,11 +258,12 @@ impl RequestHeader {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
     }
 
-    /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
-    /// Otherwise returns an empty iterator.
+    /// If case sensitivity is enabled, returns an iterator over the header names as they go on
+    /// the wire and their values. Otherwise returns an empty iterator.
     ///
-    /// Headers of the same name are visited in insertion order.
-    pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
+    /// Headers of the same name are visited in insertion order. (tollgate: the names are owned,
+    /// as most are no longer stored: see `CaseMap`.)
+    pub fn case_header_iter(&self) -> impl Iterator<Item = (CaseHeaderName, &HeaderValue)> + '_ {
         case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
     }
 
@@ -273,31 +272,8 @@ impl RequestHeader {
         self.header_name_map.is_some()
     }
 
-    pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
-        &self,
-        mut f: F,
-    ) -> Result<()> {
-        let key_map = self.header_name_map.as_ref();
-        let value_map = &self.base.headers;
-
-        if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
-                f(HeaderNameVariant::Case(case_header), val)?;
-            }
-        } else {
-            for (header, value) in value_map {
-                let titled_header =
-                    case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-                f(HeaderNameVariant::Titled(titled_header), value)?;
-            }
-        }
-
-        Ok(())
+    pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(&self, f: F) -> Result<()> {
+        map_headers(self.header_name_map.as_ref(), &self.base.headers, f)
     }
 
     /// Return mutable access to the request extensions.
@@ -521,9 +497,7 @@ impl From<Box<ResponseHeader>> for Box<RespParts> {
 impl ResponseHeader {
     fn new(size_hint: Option<usize>) -> Self {
         let mut resp_header = Self::new_no_case(size_hint);
-        resp_header.header_name_map = Some(CaseMap::with_capacity(http_header_map_upper_bound(
-            size_hint,
-        )));
+        resp_header.header_name_map = Some(CaseMap::with_capacity(0));
         resp_header
     }
 
@@ -628,11 +602,12 @@ impl ResponseHeader {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
     }
 
-    /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
-    /// Otherwise returns an empty iterator.
+    /// If case sensitivity is enabled, returns an iterator over the header names as they go on
+    /// the wire and their values. Otherwise returns an empty iterator.
     ///
-    /// Headers of the same name are visited in insertion order.
-    pub fn case_header_iter(&self) -> impl Iterator<Item = (&CaseHeaderName, &HeaderValue)> + '_ {
+    /// Headers of the same name are visited in insertion order. (tollgate: the names are owned,
+    /// as most are no longer stored: see `CaseMap`.)
+    pub fn case_header_iter(&self) -> impl Iterator<Item = (CaseHeaderName, &HeaderValue)> + '_ {
         case_header_iter(self.header_name_map.as_ref(), &self.base.headers)
     }
 
@@ -641,31 +616,8 @@ impl ResponseHeader {
         self.header_name_map.is_some()
     }
 
-    pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
-        &self,
-        mut f: F,
-    ) -> Result<()> {
-        let key_map = self.header_name_map.as_ref();
-        let value_map = &self.base.headers;
-
-        if let Some(key_map) = key_map {
-            let iter = key_map.iter().zip(value_map.iter());
-            for ((header, case_header), (header2, val)) in iter {
-                if header != header2 {
-                    // in case the header iteration order changes in future versions of HMap
-                    panic!("header iter mismatch {}, {}", header, header2)
-                }
-                f(HeaderNameVariant::Case(case_header), val)?;
-            }
-        } else {
-            for (header, value) in value_map {
-                let titled_header =
-                    case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-                f(HeaderNameVariant::Titled(titled_header), value)?;
-            }
-        }
-
-        Ok(())
+    pub fn map<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(&self, f: F) -> Result<()> {
+        map_headers(self.header_name_map.as_ref(), &self.base.headers, f)
     }
 
     /// Return mutable access to the response extensions.
@@ -891,21 +843,31 @@ fn append_header_value<T>(
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    // store the original case in the map
-    if let Some(name_map) = name_map {
-        // Use the non-panicking `try_append`: the infallible `append` calls
-        // `.expect("size overflows MAX_SIZE")` internally, which would abort the
-        // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
-        name_map
-            .try_append(header_name.clone(), case_header_name)
-            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
-    }
-
-    // Non-panicking `try_append` for the same reason as the case map above.
-    value_map.try_append(header_name, value).or_err(
+    // Non-panicking `try_append`: the infallible `append` calls
+    // `.expect("size overflows MAX_SIZE")` internally, which would abort the
+    // process if the map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
+    let appended = value_map.try_append(header_name.clone(), value).or_err(
         InvalidHTTPHeader,
         "header value map size overflows MAX_SIZE",
-    )
+    )?;
+    if let Some(name_map) = name_map {
+        if !name_map.is_empty() && name_map.contains_key(&header_name) {
+            try_append_spelling(name_map, header_name, case_header_name)?;
+        } else if is_unusual(&header_name, &case_header_name) {
+            // The name's earlier values go out spelt the default way: say
+            // so, so that its spellings line up with its values.
+            let earlier = value_map.get_all(&header_name).iter().count() - 1;
+            for _ in 0..earlier {
+                try_append_spelling(
+                    name_map,
+                    header_name.clone(),
+                    (&header_name).into_case_header_name(),
+                )?;
+            }
+            try_append_spelling(name_map, header_name, case_header_name)?;
+        }
+    }
+    Ok(appended)
 }
 
 #[inline]
@@ -920,11 +882,14 @@ fn insert_header_value<T>(
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
+    value_map.insert(header_name.clone(), value);
     if let Some(name_map) = name_map {
-        // store the original case in the map
-        name_map.insert(header_name.clone(), case_header_name);
+        // The name's values are all this one now: its old spellings go.
+        forget_spelling(name_map, &header_name);
+        if is_unusual(&header_name, &case_header_name) {
+            name_map.insert(header_name, case_header_name);
+        }
     }
-    value_map.insert(header_name, value);
     Ok(())
 }
 
@@ -935,10 +900,49 @@ fn insert_static_header_value<T>(
     name: &'static HeaderName,
     value: T,
 ) {
-    if let Some(name_map) = name_map {
-        name_map.insert(name.clone(), CaseHeaderName::from_static(name.as_str()));
-    }
     value_map.insert(name.clone(), value);
+    if let Some(name_map) = name_map {
+        forget_spelling(name_map, name);
+        // Sent as spelt in the program: a standard name in lower case too.
+        if default_spelling(name) != name.as_str() {
+            name_map.insert(name.clone(), CaseHeaderName::from_static(name.as_str()));
+        }
+    }
+}
+
+/// How a header name with no recorded spelling goes on the wire.
+#[inline]
+fn default_spelling(name: &HeaderName) -> &str {
+    case_header_name::titled_header_name_str(name).unwrap_or(name.as_str())
+}
+
+/// Whether `spelling` is not how `name` goes out without a recorded one.
+#[inline]
+fn is_unusual(name: &HeaderName, spelling: &CaseHeaderName) -> bool {
+    spelling.as_slice() != default_spelling(name).as_bytes()
+}
+
+/// Non-panicking, as for the value map.
+fn try_append_spelling(
+    name_map: &mut CaseMap,
+    name: HeaderName,
+    spelling: CaseHeaderName,
+) -> Result<()> {
+    name_map
+        .try_append(name, spelling)
+        .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
+    Ok(())
+}
+
+/// Drops the recorded spellings of `name` (most maps have none to look in).
+#[inline]
+fn forget_spelling<'a, N: ?Sized>(name_map: &mut CaseMap, name: &'a N)
+where
+    &'a N: 'a + AsHeaderName,
+{
+    if !name_map.is_empty() {
+        name_map.remove(name);
+    }
 }
 
 // the &N here is to avoid clone(). None Copy type like String can impl AsHeaderName
@@ -954,7 +958,7 @@ where
     let removed = value_map.remove(name);
     if removed.is_some() {
         if let Some(name_map) = name_map {
-            name_map.remove(name);
+            forget_spelling(name_map, name);
         }
     }
     removed
@@ -1062,39 +1066,67 @@ fn header_to_h1_wire(key_map: Option<&CaseMap>, value_map: &HMap, buf: &mut impl
     const CRLF: &[u8; 2] = b"\r\n";
     const HEADER_KV_DELIMITER: &[u8; 2] = b": ";
 
-    if let Some(key_map) = key_map {
-        case_header_iter(key_map.into(), value_map).for_each(|(case_header, val)| {
-            buf.put_slice(case_header.as_slice());
-            buf.put_slice(HEADER_KV_DELIMITER);
-            buf.put_slice(val.as_ref());
-            buf.put_slice(CRLF);
+    for (spelling, value) in spelled(key_map, value_map) {
+        buf.put_slice(match spelling {
+            HeaderNameVariant::Case(name) => name.as_slice(),
+            HeaderNameVariant::Titled(name) => name.as_bytes(),
         });
-    } else {
-        for (header, value) in value_map {
-            let titled_header =
-                case_header_name::titled_header_name_str(header).unwrap_or(header.as_str());
-            buf.put_slice(titled_header.as_bytes());
-            buf.put_slice(HEADER_KV_DELIMITER);
-            buf.put_slice(value.as_ref());
-            buf.put_slice(CRLF);
-        }
+        buf.put_slice(HEADER_KV_DELIMITER);
+        buf.put_slice(value.as_ref());
+        buf.put_slice(CRLF);
     }
+}
+
+fn map_headers<F: FnMut(HeaderNameVariant, &HeaderValue) -> Result<()>>(
+    key_map: Option<&CaseMap>,
+    value_map: &HMap,
+    mut f: F,
+) -> Result<()> {
+    for (spelling, value) in spelled(key_map, value_map) {
+        f(spelling, value)?;
+    }
+    Ok(())
 }
 
 #[inline]
 fn case_header_iter<'a>(
     name_map: Option<&'a CaseMap>,
     value_map: &'a HMap,
-) -> impl Iterator<Item = (&'a CaseHeaderName, &'a HeaderValue)> + 'a {
-    name_map.into_iter().flat_map(|name_map| {
-        name_map
-            .iter()
-            .zip(value_map.iter())
-            .map(|((h1, name), (h2, value))| {
-                // in case the header iteration order changes in future versions of HMap
-                assert_eq!(h1, h2, "header iter mismatch {}, {}", h1, h2);
-                (name, value)
-            })
+) -> impl Iterator<Item = (CaseHeaderName, &'a HeaderValue)> + 'a {
+    name_map.into_iter().flat_map(move |name_map| {
+        spelled(Some(name_map), value_map).map(|(spelling, value)| match spelling {
+            HeaderNameVariant::Case(name) => (name.clone(), value),
+            HeaderNameVariant::Titled(name) => (CaseHeaderName::from_slice(name.as_bytes()), value),
+        })
+    })
+}
+
+/// Each value in the value map's order (a name's values together, in the
+/// order they were added) with its name as it goes on the wire: its
+/// recorded spelling, or the default one.
+fn spelled<'a>(
+    key_map: Option<&'a CaseMap>,
+    value_map: &'a HMap,
+) -> impl Iterator<Item = (HeaderNameVariant<'a>, &'a HeaderValue)> + 'a {
+    let spellings = key_map.filter(|m| !m.is_empty());
+    // The spellings of the name whose values are being visited.
+    let mut current: Option<(&'a HeaderName, http::header::ValueIter<'a, CaseHeaderName>)> = None;
+    value_map.iter().map(move |(name, value)| {
+        let spelling = spellings.and_then(|spellings| match &mut current {
+            // The same entry's next value: the iterator hands out the very same name.
+            Some((previous, rest)) if std::ptr::eq(*previous, name) => rest.next(),
+            _ => {
+                let mut rest = spellings.get_all(name).iter();
+                let first = rest.next();
+                current = Some((name, rest));
+                first
+            }
+        });
+        let spelling = match spelling {
+            Some(recorded) => HeaderNameVariant::Case(recorded),
+            None => HeaderNameVariant::Titled(default_spelling(name)),
+        };
+        (spelling, value)
     })
 }
 
@@ -1105,7 +1137,8 @@ mod tests {
     #[test]
     fn header_map_upper_bound() {
         assert_eq!(8, http_header_map_upper_bound(None));
-        assert_eq!(16, http_header_map_upper_bound(Some(16)));
+        // tollgate: with room for the headers a proxy adds.
+        assert_eq!(16 + 8, http_header_map_upper_bound(Some(16)));
         assert_eq!(4096, http_header_map_upper_bound(Some(7777)));
     }
 
@@ -1146,6 +1179,36 @@ mod tests {
                 _ => panic!("too many headers"),
             }
         });
+    }
+
+    // tollgate: spellings are recorded only where they differ from the default.
+    #[test]
+    fn usual_spellings_are_not_recorded_and_unusual_ones_line_up() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("Host", "h").unwrap();
+        req.append_header("x-a", "1").unwrap();
+        req.append_header("x-a", "2").unwrap();
+        assert!(req.header_name_map.as_ref().unwrap().is_empty());
+        // The first unusual spelling of a name: its earlier values keep theirs.
+        req.append_header("X-A", "3").unwrap();
+        req.append_header("x-a", "4").unwrap();
+        static LOWER_HOST: HeaderName = http::header::HOST;
+        req.insert_static_header(&LOWER_HOST, HeaderValue::from_static("g"));
+        let mut buf: Vec<u8> = vec![];
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"host: g\r\nx-a: 1\r\nx-a: 2\r\nX-A: 3\r\nx-a: 4\r\n");
+        let names: Vec<_> = req
+            .case_header_iter()
+            .map(|(k, _)| String::from_utf8_lossy(k.as_slice()).into_owned())
+            .collect();
+        assert_eq!(names, ["host", "x-a", "x-a", "X-A", "x-a"]);
+        // Replaced and removed names leave no spelling behind.
+        req.insert_header("x-a", "5").unwrap();
+        req.remove_header("host");
+        assert!(req.header_name_map.as_ref().unwrap().is_empty());
+        let mut buf: Vec<u8> = vec![];
+        req.header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"x-a: 5\r\n");
     }
 
     #[test]
