@@ -267,13 +267,49 @@ fn fraction(out: &mut String, micros: i32) {
 
 /// `value` as `{:?}` writes it. Where Debug writes plain decimals (a
 /// magnitude from 1e-4 to 1e16, or zero), the shortest digits that read
-/// back as `value` are `ryu`'s, a third of the work of `core::fmt`'s.
+/// back as `value` are `ryu`'s, a third of the work of `core::fmt`'s;
+/// and for a whole number of thousandths (the latencies tollgate logs,
+/// microseconds in milliseconds), they are that number's own digits
+/// (see [`thousandths`]), written with integers at a quarter of `ryu`'s.
 fn debug_f64(out: &mut String, value: f64) {
-    if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
+    if let Some(m) = thousandths(value) {
+        out.push_str(itoa::Buffer::new().format(m / 1000));
+        out.push('.');
+        let fraction = m % 1000;
+        if fraction == 0 {
+            out.push('0');
+        } else {
+            let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
+            let used = if fraction % 10 != 0 {
+                3
+            } else if fraction % 100 != 0 {
+                2
+            } else {
+                1
+            };
+            for d in &digits[..used] {
+                out.push(char::from(b'0' + *d as u8));
+            }
+        }
+    } else if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
         out.push_str(ryu::Buffer::new().format_finite(value));
     } else {
         let _ = write!(out, "{value:?}");
     }
+}
+
+/// `m` when `value` is the double nearest to `m / 1000`, from 0.001 to
+/// 1e12. Then `m / 1000` in decimal, at most 15 significant digits, is the
+/// shortest decimal that reads back as `value`: it reads back as `value`
+/// (the nearest double, by the condition), and no other decimal of at
+/// most 15 significant digits does (doubles are closer together than
+/// such decimals), so neither does a shorter one.
+fn thousandths(value: f64) -> Option<u64> {
+    if !(1e-3..1e12).contains(&value) {
+        return None;
+    }
+    let m = (value * 1000.0).round();
+    (m / 1000.0 == value).then_some(m as u64)
 }
 
 /// `value` as `{:?}` writes it, without Debug's per-character escaping
@@ -563,6 +599,20 @@ mod tests {
             f64::NAN,
             f64::INFINITY,
             1.0 / 3.0,
+            // Whole thousandths, as tollgate logs them.
+            0.001,
+            0.01,
+            0.5,
+            0.523,
+            0.52,
+            1.0,
+            12.0,
+            12.05,
+            999.999,
+            1000.0,
+            86_400_000.001,
+            999_999_999_999.999,
+            1e12,
         ];
         let lines: Vec<Access<'_>> = lines
             .into_iter()

@@ -46,6 +46,12 @@ static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-i
 static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-external-id");
 static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 
+/// A duration in milliseconds to the microsecond, as the access line
+/// gives it (`log::debug_f64` writes such a number without `ryu`).
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
 /// Header values built in one buffer (see `response_filter`).
 struct Values {
     bytes: Vec<u8>,
@@ -631,9 +637,7 @@ impl ProxyHttp for Proxy {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
-        ctx.upstream_ms = ctx
-            .upstream_started
-            .map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        ctx.upstream_ms = ctx.upstream_started.map(|t| millis(t.elapsed()));
         if ctx.admission.is_none() {
             return Ok(());
         }
@@ -827,7 +831,8 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let elapsed = ctx.started.elapsed().as_secs_f64();
+        let took = ctx.started.elapsed();
+        let elapsed = took.as_secs_f64();
         let Some(config) = &ctx.config else { return };
         let label = match (ctx.route, ctx.usage) {
             (_, true) => RouteLabel::Usage,
@@ -854,7 +859,7 @@ impl ProxyHttp for Proxy {
             tier,
             code: ctx.code,
             status,
-            latency_ms: elapsed * 1000.0,
+            latency_ms: millis(took),
             upstream_ms: ctx.upstream_ms,
             error: error.map(|e| e.etype().as_str()),
         });
