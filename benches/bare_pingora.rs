@@ -13,7 +13,6 @@
 //! with: current-thread runtimes, a write buffer that sends a small answer
 //! in one `send`, no compression module).
 
-use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::{Opt, ServerConf};
 
@@ -25,7 +24,6 @@ struct PassThrough {
     tuned: bool,
 }
 
-#[async_trait]
 impl ProxyHttp for PassThrough {
     type CTX = ();
 

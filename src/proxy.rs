@@ -16,7 +16,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -408,7 +407,6 @@ impl Proxy {
     }
 }
 
-#[async_trait]
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
