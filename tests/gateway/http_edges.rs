@@ -132,25 +132,10 @@ async fn pipelined_requests_are_all_answered_in_order() {
 /// connection it can keep using.
 #[tokio::test]
 async fn an_http_1_0_upstream_does_not_leak_its_version() {
-    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = old.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = old.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = conn
-                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let addr = raw_upstream(|_| {
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
     let h = Harness::start_beside(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
     let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
@@ -160,14 +145,7 @@ async fn an_http_1_0_upstream_does_not_leak_its_version() {
         let request =
             format!("GET /old/x HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("write");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).await.expect("read");
-            assert_eq!(n, 1, "round {round}: the connection closed");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_lowercase();
+        let head = read_head(&mut stream).await.to_lowercase();
         assert!(head.starts_with("http/1.1 200"), "round {round}: {head}");
         assert!(!head.contains("connection: close"), "round {round}: {head}");
         let mut body = [0u8; 2];
@@ -175,6 +153,45 @@ async fn an_http_1_0_upstream_does_not_leak_its_version() {
         assert_eq!(&body, b"ok");
     }
     assert_eq!(remaining(&h, &key).await, 97);
+}
+
+/// An upstream on a raw socket that answers the first request head of
+/// each connection with what `answer` makes of it. Returns its address.
+async fn raw_upstream(
+    answer: impl Fn(&[u8]) -> &'static [u8] + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(answer(&got)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An answer's head, read a byte at a time (so nothing after it is taken).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("read");
+        assert_eq!(n, 1, "the connection closed in the head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// An HTTP/1.1 upstream on a raw socket: each connection answers requests
@@ -424,31 +441,13 @@ async fn hop_by_hop_fields_are_not_forwarded() {
 /// of a repeated name in its own; the ones tollgate adds in lower case.
 #[tokio::test]
 async fn header_names_keep_their_spelling_both_ways() {
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = upstream.local_addr().expect("addr");
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = upstream.accept().await {
-            let seen_tx = seen_tx.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = seen_tx.send(String::from_utf8_lossy(&got).into_owned());
-                let _ = conn
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nX-Mixed: 1\r\n\
-                          x-mixed: 2\r\nX-MIXED: 3\r\nX-Upper: b\r\nContent-Length: 2\r\n\r\nok",
-                    )
-                    .await;
-            });
-        }
-    });
+    let addr = raw_upstream(move |head| {
+        let _ = seen_tx.send(String::from_utf8_lossy(head).into_owned());
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nX-Mixed: 1\r\n\
+          x-mixed: 2\r\nX-MIXED: 3\r\nX-Upper: b\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
     let h = Harness::start_beside(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
     let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
@@ -459,13 +458,7 @@ async fn header_names_keep_their_spelling_both_ways() {
          X-Seq: 2\r\nUser-Agent: t\r\nACCEPT: */*\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).await.expect("read"), 1, "closed");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let head = read_head(&mut stream).await;
     for line in [
         "content-type: text/plain\r\n",
         "X-Mixed: 1\r\nx-mixed: 2\r\nX-MIXED: 3\r\n",
