@@ -56,6 +56,9 @@ pub struct Gateway {
     pub last_reload: parking_lot::Mutex<Option<[u8; 32]>>,
     /// Proxied requests under way, for the drain at shutdown.
     pub in_flight: InFlight,
+    /// Proxy connections being served: one accepted just before the stop
+    /// may not have a request under way yet, and is served after it.
+    pub connections: InFlight,
 }
 
 /// A count of requests under way that can be waited on to reach zero.
@@ -74,6 +77,18 @@ impl InFlight {
     pub async fn idle(&self) {
         self.idle.notified().await;
     }
+
+    /// One more under way.
+    pub fn enter(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// One fewer under way; wakes [`InFlight::idle`] at zero.
+    pub fn leave(&self) {
+        if self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 /// Counts one request in flight while it lives.
@@ -81,24 +96,14 @@ pub struct InFlightGuard(Arc<Gateway>);
 
 impl InFlightGuard {
     pub fn enter(gateway: Arc<Gateway>) -> Self {
-        gateway
-            .in_flight
-            .count
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        gateway.in_flight.enter();
         Self(gateway)
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        let in_flight = &self.0.in_flight;
-        if in_flight
-            .count
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            in_flight.idle.notify_waiters();
-        }
+        self.0.in_flight.leave();
     }
 }
 

@@ -414,6 +414,14 @@ impl ProxyHttp for Proxy {
     /// which costs a boxed filter call per request and does nothing.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
+    fn connection_opened(&self) {
+        self.gateway.connections.enter();
+    }
+
+    fn connection_closed(&self) {
+        self.gateway.connections.leave();
+    }
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             _in_flight: InFlightGuard::enter(self.gateway.clone()),

@@ -45,6 +45,10 @@ const EVICT_EVERY: Duration = Duration::from_secs(60);
 /// (see `store::sqlite`'s "Usage log").
 const FOLD_EVERY: Duration = Duration::from_secs(5);
 
+/// How long the drain lets the tasks of connections accepted just before
+/// the stop start being served (and so be counted) before it looks.
+const CONNECTIONS_SETTLE: Duration = Duration::from_millis(50);
+
 /// Keys held in memory before written, unused ones are dropped at once:
 /// bounds memory when traffic spreads over millions of keys (about 2 KB
 /// a key).
@@ -265,6 +269,7 @@ pub fn start(config: Config, options: Options) -> anyhow::Result<Running> {
         metrics,
         last_reload: Mutex::new(None),
         in_flight: Default::default(),
+        connections: Default::default(),
     });
 
     let mut proxy =
@@ -635,15 +640,23 @@ impl BackgroundService for Flusher {
                 tracing::debug!(dropped, cached = store.cached(), "idle keys left memory");
             }
         }
+        // The drain waits for every connection, not only the requests
+        // under way: a connection accepted just before the stop has no
+        // request under way yet, and its request, served after a flush
+        // that did not wait for it, would be answered and its charge lost
+        // at exit. Its task gets a moment to start first, so it is counted.
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        tokio::time::sleep(CONNECTIONS_SETTLE).await;
         loop {
             let in_flight = self.gateway.in_flight.get();
-            if in_flight == 0 {
+            let connections = self.gateway.connections.get();
+            if in_flight == 0 && connections == 0 {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     in_flight,
+                    connections,
                     "drain timeout: stopping with requests still in flight"
                 );
                 break;
@@ -651,6 +664,7 @@ impl BackgroundService for Flusher {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.gateway.in_flight.idle() => {}
+                _ = self.gateway.connections.idle() => {}
             }
         }
         match store.flush_dirty().await {

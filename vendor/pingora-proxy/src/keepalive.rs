@@ -26,6 +26,8 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        self.inner.connection_opened();
+        let _served = Served(&self.inner);
         let options = self.server_options.as_ref();
         let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
         let custom = options.is_some_and(|o| o.force_custom);
@@ -60,6 +62,16 @@ where
 
     async fn cleanup(&self) {
         self.http_cleanup().await;
+    }
+}
+
+/// Tells the proxy a connection is done when it is dropped (however
+/// `process_new` ends).
+struct Served<'a, SV: ProxyHttp>(&'a SV);
+
+impl<SV: ProxyHttp> Drop for Served<'_, SV> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
     }
 }
 

@@ -127,6 +127,17 @@ pub trait ProxyHttp: Sync {
         async move { session.respond_error(400).await }
     }
 
+    /// A downstream connection has started being served: called before any request is read
+    /// from it, and [`Self::connection_closed`] when it is done. A program that must know when
+    /// no request can start any more (a shutdown that writes state out once) counts these:
+    /// a connection accepted just before the stop is served after it.
+    ///
+    /// (tollgate's vendored copy: added with `request_error_filter`.)
+    fn connection_opened(&self) {}
+
+    /// The connection [`Self::connection_opened`] announced is done.
+    fn connection_closed(&self) {}
+
     /// Handle the incoming request before any downstream module is executed.
     ///
     /// This function is similar to [Self::request_filter()] but executes before any other logic,
