@@ -8,7 +8,7 @@
 //! marks the page as holding interior pointers (which slows every free on
 //! it): 16 of a keyed request's 83 allocations took that path, at ~190
 //! instructions each against ~40 for `mi_malloc` (callgrind, BENCHMARKS.md
-//! "The allocator's entry"). Every mimalloc block is aligned to at least
+//! "Fewer map operations and boxes a request"). Every mimalloc block is aligned to at least
 //! a machine word, so a layout asking no more than that needs no aligned
 //! entry at all: the rule Rust's own `System` allocator follows for
 //! `malloc`. Larger alignments still go to the aligned functions.

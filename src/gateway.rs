@@ -61,7 +61,8 @@ pub struct Gateway {
     pub connections: InFlight,
 }
 
-/// A count of requests under way that can be waited on to reach zero.
+/// A count of things under way (requests, connections) that can be waited
+/// on to reach zero.
 #[derive(Default)]
 pub struct InFlight {
     count: std::sync::atomic::AtomicUsize,

@@ -275,22 +275,11 @@ fn debug_f64(out: &mut String, value: f64) {
     if let Some(m) = thousandths(value) {
         out.push_str(itoa::Buffer::new().format(m / 1000));
         out.push('.');
-        let fraction = m % 1000;
-        if fraction == 0 {
-            out.push('0');
-        } else {
-            let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
-            let used = if fraction % 10 != 0 {
-                3
-            } else if fraction % 100 != 0 {
-                2
-            } else {
-                1
-            };
-            for d in &digits[..used] {
-                out.push(char::from(b'0' + *d as u8));
-            }
-        }
+        // Three digits without their trailing zeros; Debug writes `x.0`.
+        let f = m % 1000;
+        let digits = [f / 100, f / 10 % 10, f % 10].map(|d| b'0' + d as u8);
+        let digits = std::str::from_utf8(&digits).map_or("", |d| d.trim_end_matches('0'));
+        out.push_str(if digits.is_empty() { "0" } else { digits });
     } else if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
         out.push_str(ryu::Buffer::new().format_finite(value));
     } else {

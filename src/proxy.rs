@@ -51,19 +51,11 @@ fn millis(d: std::time::Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
-/// Header values built in one buffer (see `response_filter`).
-struct Values {
-    bytes: Vec<u8>,
-}
-
-impl Values {
-    /// Writes `n` in decimal; returns where it is.
-    fn number(&mut self, n: u64) -> std::ops::Range<usize> {
-        let start = self.bytes.len();
-        self.bytes
-            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        start..self.bytes.len()
-    }
+/// Writes `n` in decimal at the end of `buf`; returns where it is.
+fn push_number(buf: &mut Vec<u8>, n: u64) -> std::ops::Range<usize> {
+    let start = buf.len();
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    start..buf.len()
 }
 
 pub struct Proxy {
@@ -720,38 +712,36 @@ impl ProxyHttp for Proxy {
         };
         // Every value is written into one buffer and handed out as a slice
         // of it: two allocations for an answer's numbers and state, not six.
-        let mut values = Values {
-            bytes: Vec::with_capacity(64 + 48 * admission.rates.len()),
-        };
-        let remaining = admission.remaining.map(|n| values.number(n));
+        let mut values = Vec::with_capacity(64 + 48 * admission.rates.len());
+        let remaining = admission.remaining.map(|n| push_number(&mut values, n));
         let tightest = admission.tightest.as_ref().map(|t| {
             [
-                values.number(t.limit),
-                values.number(t.remaining),
-                values.number(t.reset),
+                push_number(&mut values, t.limit),
+                push_number(&mut values, t.remaining),
+                push_number(&mut values, t.reset),
             ]
         });
-        let tier = config.tier_at(admission.tier);
-        let policy = tier.and_then(|t| Some((t, t.rate_limit_policy.clone()?)));
-        let state = policy.as_ref().map(|(tier, _)| {
-            let start = values.bytes.len();
+        // The policy, and the state of each of its limits after this request.
+        let policy = config.tier_at(admission.tier).and_then(|tier| {
+            let policy = tier.rate_limit_policy.clone()?;
+            let start = values.len();
             for r in &admission.rates {
                 let Some((name, _)) = tier.rate_limits.get_index(r.index) else {
                     continue;
                 };
-                if values.bytes.len() > start {
-                    values.bytes.extend_from_slice(b", ");
+                if values.len() > start {
+                    values.extend_from_slice(b", ");
                 }
-                values.bytes.push(b'"');
-                values.bytes.extend_from_slice(name.as_bytes());
-                values.bytes.extend_from_slice(b"\";r=");
-                values.number(r.remaining);
-                values.bytes.extend_from_slice(b";t=");
-                values.number(r.reset);
+                values.push(b'"');
+                values.extend_from_slice(name.as_bytes());
+                values.extend_from_slice(b"\";r=");
+                push_number(&mut values, r.remaining);
+                values.extend_from_slice(b";t=");
+                push_number(&mut values, r.reset);
             }
-            start..values.bytes.len()
+            Some((policy, start..values.len()))
         });
-        let values = Bytes::from(values.bytes);
+        let values = Bytes::from(values);
         let value =
             |span: std::ops::Range<usize>| HeaderValue::from_maybe_shared(values.slice(span));
         if let Some(Ok(remaining)) = remaining.map(value) {
@@ -768,7 +758,7 @@ impl ProxyHttp for Proxy {
                 }
             }
         }
-        if let (Some((_, policy)), Some(state)) = (policy, state) {
+        if let Some((policy, state)) = policy {
             upstream_response.insert_static_header(&RATELIMIT_POLICY, policy);
             if let Ok(state) = value(state) {
                 upstream_response.insert_static_header(&RATELIMIT, state);

@@ -102,9 +102,7 @@ async fn a_cors_preflight_reaches_the_upstream_uncharged() {
 async fn pipelined_requests_are_all_answered_in_order() {
     let h = Harness::start(EDGES).await;
     let (key, _) = h.create_key("free").await;
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
-        .await
-        .expect("connect");
+    let mut stream = connect(&h).await;
     let mut batch = String::new();
     for i in 0..5 {
         batch.push_str(&format!(
@@ -138,9 +136,7 @@ async fn an_http_1_0_upstream_does_not_leak_its_version() {
     .await;
     let h = Harness::start_beside(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
-        .await
-        .expect("connect");
+    let mut stream = connect(&h).await;
     for round in 0..3 {
         let request =
             format!("GET /old/x HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n\r\n");
@@ -180,6 +176,13 @@ async fn raw_upstream(
         }
     });
     addr
+}
+
+/// A fresh connection to the gateway's proxy listener.
+async fn connect(h: &Harness) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(h.gateway.proxy_addr)
+        .await
+        .expect("connect")
 }
 
 /// An answer's head, read a byte at a time (so nothing after it is taken).
@@ -272,9 +275,7 @@ async fn an_upstream_closing_idle_connections_fails_no_request() {
 #[tokio::test]
 async fn an_http_1_0_client_gets_no_chunked_encoding() {
     let h = Harness::start(EDGES).await;
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
-        .await
-        .expect("connect");
+    let mut stream = connect(&h).await;
     stream
         .write_all(b"GET /public HTTP/1.0\r\nHost: test\r\nX-Test-Stream: 1\r\n\r\n")
         .await
@@ -305,9 +306,7 @@ async fn an_http_1_0_client_gets_no_chunked_encoding() {
 /// Sends `request` raw on a fresh connection; the answer's head (lower
 /// case) and body.
 async fn raw_answer(h: &Harness, request: &[u8]) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
-        .await
-        .expect("connect");
+    let mut stream = connect(h).await;
     stream.write_all(request).await.expect("write");
     let mut out = Vec::new();
     let _ = tokio::time::timeout(
@@ -450,9 +449,7 @@ async fn header_names_keep_their_spelling_both_ways() {
     .await;
     let h = Harness::start_beside(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
-    let mut stream = tokio::net::TcpStream::connect(h.gateway.proxy_addr)
-        .await
-        .expect("connect");
+    let mut stream = connect(&h).await;
     let request = format!(
         "GET /old/x HTTP/1.1\r\nhost: test\r\nAuthorization: Bearer {key}\r\nx-seq: 1\r\n\
          X-Seq: 2\r\nUser-Agent: t\r\nACCEPT: */*\r\n\r\n"

@@ -819,8 +819,8 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
 
     // tollgate: room for the headers a proxy adds to what it parsed (tollgate adds
     // up to 6 to an answer and 3 to a request), so that adding them does not grow
-    // (reallocate and rehash) the value map and the case map: 4 grows a request
-    // before. A headroom, not a limit: more headers still grow the maps.
+    // (reallocate and rehash) the value map. A headroom, not a limit: more headers
+    // still grow the map. (The map of spellings starts empty: see `CaseMap`.)
     const ADDED_HEADERS: usize = 8;
 
     // We select the size hint or the max size here, ensuring that we pick a value substantially lower
@@ -884,11 +884,7 @@ fn insert_header_value<T>(
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     value_map.insert(header_name.clone(), value);
     if let Some(name_map) = name_map {
-        // The name's values are all this one now: its old spellings go.
-        forget_spelling(name_map, &header_name);
-        if is_unusual(&header_name, &case_header_name) {
-            name_map.insert(header_name, case_header_name);
-        }
+        respell(name_map, header_name, case_header_name);
     }
     Ok(())
 }
@@ -902,11 +898,22 @@ fn insert_static_header_value<T>(
 ) {
     value_map.insert(name.clone(), value);
     if let Some(name_map) = name_map {
-        forget_spelling(name_map, name);
         // Sent as spelt in the program: a standard name in lower case too.
-        if default_spelling(name) != name.as_str() {
-            name_map.insert(name.clone(), CaseHeaderName::from_static(name.as_str()));
-        }
+        respell(
+            name_map,
+            name.clone(),
+            CaseHeaderName::from_static(name.as_str()),
+        );
+    }
+}
+
+/// After an insert (the name's values are all the new one now): its old
+/// spellings go, and the new one is kept if unusual.
+#[inline]
+fn respell(name_map: &mut CaseMap, name: HeaderName, spelling: CaseHeaderName) {
+    forget_spelling(name_map, &name);
+    if is_unusual(&name, &spelling) {
+        name_map.insert(name, spelling);
     }
 }
 

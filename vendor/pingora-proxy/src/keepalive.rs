@@ -26,8 +26,7 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        self.inner.connection_opened();
-        let _served = Served(&self.inner);
+        let _served = Served::open(&self.inner);
         let options = self.server_options.as_ref();
         let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
         let custom = options.is_some_and(|o| o.force_custom);
@@ -65,9 +64,16 @@ where
     }
 }
 
-/// Tells the proxy a connection is done when it is dropped (however
-/// `process_new` ends).
+/// Tells the proxy a connection is being served, and that it is done when
+/// dropped (however `process_new` ends).
 struct Served<'a, SV: ProxyHttp>(&'a SV);
+
+impl<'a, SV: ProxyHttp> Served<'a, SV> {
+    fn open(proxy: &'a SV) -> Self {
+        proxy.connection_opened();
+        Self(proxy)
+    }
+}
 
 impl<SV: ProxyHttp> Drop for Served<'_, SV> {
     fn drop(&mut self) {

@@ -176,7 +176,8 @@ impl ConnectionNominations {
 }
 
 /// tollgate: whether `req` has a field `sanitize_h1_upstream_request` reads or
-/// removes.
+/// removes: those of `strip_standard_hop_by_hop_headers` and of the upgrade
+/// policies (keep the lists in step).
 fn carries_hop_by_hop(req: &RequestHeader) -> bool {
     req.headers.keys().any(|name| {
         matches!(
