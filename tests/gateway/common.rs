@@ -462,7 +462,7 @@ admin:
 upstreams:
   main: {{ url: "http://{upstream}" }}
   dead: {{ url: "http://{dead}", connect_timeout: 2s }}
-  slow: {{ url: "http://{upstream}", read_timeout: 300ms }}
+  slow: {{ url: "http://{upstream}", read_timeout: 1s }}
 {body}
 "#,
         store = store.display(),

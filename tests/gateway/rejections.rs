@@ -257,6 +257,9 @@ async fn unreachable_upstream_is_502_and_refunded() {
     assert_eq!(h.usage(&key).await["usage"]["credits"]["remaining"], 5);
 }
 
+/// The `slow` upstream's read timeout is a whole second: timeouts of a
+/// second or more run on tokio's timers, shorter ones on Pingora's (see
+/// `server::start`), and the default (30 s) is of the first kind.
 #[tokio::test]
 async fn upstream_timeout_is_502_and_refunded() {
     let h = Harness::start(PLANS).await;
