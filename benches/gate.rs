@@ -101,6 +101,7 @@ impl Bench {
             metrics,
             last_reload: Default::default(),
             in_flight: Default::default(),
+            connections: Default::default(),
         };
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         Bench {

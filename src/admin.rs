@@ -616,7 +616,7 @@ async fn verify(
                 "pools.{name}: must be an integer from 0 to {MAX_AMOUNT} (2^63-1)"
             ))
         })?;
-        pools.push((name.clone(), units));
+        pools.push((Arc::from(name.as_str()), units));
     }
     let cost = req.cost.unwrap_or(1);
     if cost > MAX_AMOUNT {
@@ -625,7 +625,7 @@ async fn verify(
         )));
     }
     let demand = Demand {
-        feature: req.feature,
+        feature: req.feature.as_deref().map(Arc::from),
         amounts: Ok(Amounts { cost, pools }),
     };
     let outcome = async {

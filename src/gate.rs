@@ -8,6 +8,8 @@
 //! nothing. The caller holds the key's lock across `admit`, which is what
 //! makes concurrent requests on one key exact.
 
+use std::sync::Arc;
+
 use http::HeaderMap;
 use jiff::Timestamp;
 
@@ -19,7 +21,7 @@ use crate::reject::Rejection;
 /// What a request asks of a key.
 #[derive(Debug, Clone)]
 pub struct Demand {
-    pub feature: Option<String>,
+    pub feature: Option<Arc<str>>,
     /// Credits and pool units, or why they could not be read.
     pub amounts: Result<Amounts, Rejection>,
 }
@@ -27,7 +29,7 @@ pub struct Demand {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Amounts {
     pub cost: u64,
-    pub pools: Vec<(String, u64)>,
+    pub pools: Vec<(Arc<str>, u64)>,
 }
 
 impl Demand {
@@ -116,7 +118,7 @@ pub struct Charge {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolCharge {
-    pub pool: String,
+    pub pool: Arc<str>,
     pub units: u64,
     pub slot: Slot,
 }
@@ -212,7 +214,7 @@ pub fn admit(
         }
     }
     for (name, units) in &amounts.pools {
-        let Some(pool) = tier.pools.get(name) else {
+        let Some(pool) = tier.pools.get(&**name) else {
             continue;
         };
         let limit = pool.limit.get();
@@ -220,10 +222,10 @@ pub fn admit(
         let (used, resets_at) = state.standing(pool, *units, now);
         if used.saturating_add(*units) > limit {
             if pool.shadow {
-                shadowed.push(name.clone());
+                shadowed.push(name.to_string());
             } else {
                 return Err(Rejection::QuotaExceeded {
-                    pool: name.clone(),
+                    pool: name.to_string(),
                     units: *units,
                     remaining: limit.saturating_sub(used),
                     resets_at,
@@ -272,7 +274,7 @@ pub fn admit(
     for (name, units) in &amounts.pools {
         let state = slot(&mut usage.pools, name);
         state.total = state.total.saturating_add(*units);
-        let slot = match tier.pools.get(name).map(|p| p.window) {
+        let slot = match tier.pools.get(&**name).map(|p| p.window) {
             Some(PoolWindow::Rolling(window)) => {
                 Slot::Bucket(state.window.add(*units, duration_ms(window), now_ms))
             }
@@ -350,7 +352,7 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
     usage.billing.credits = usage.billing.credits.saturating_sub(cost);
     usage.billing.overage = usage.billing.overage.saturating_sub(charge.overage);
     for pc in &charge.pools {
-        let Some(state) = usage.pools.get_mut(&pc.pool) else {
+        let Some(state) = usage.pools.get_mut(&*pc.pool) else {
             continue;
         };
         state.total = state.total.saturating_sub(pc.units);

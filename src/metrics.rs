@@ -6,7 +6,7 @@
 //! is created at zero, at start-up and on reload, so dashboards and alerts
 //! see them before the first request.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -329,14 +329,19 @@ impl Metrics {
         self.record_pools(admission);
     }
 
-    /// Counts the pool units an allowed request was charged, and the shadow
-    /// limits it went past.
+    /// Counts the pool units an allowed request (or verify call) was
+    /// charged, and the shadow limits it went past.
     pub fn record_pools(&self, admission: &crate::gate::Admission) {
         for pc in &admission.charge.pools {
             self.pool_charged
-                .with_label_values(&[&pc.pool])
+                .with_label_values(&[&*pc.pool])
                 .inc_by(pc.units);
         }
+        self.record_shadowed(admission);
+    }
+
+    /// Counts the shadow limits and pools an allowed request went past.
+    pub fn record_shadowed(&self, admission: &crate::gate::Admission) {
         for name in &admission.shadowed {
             self.shadow_rejections.with_label_values(&[name]).inc();
         }
@@ -357,6 +362,11 @@ pub struct Handles {
     requests_vec: IntCounterVec,
     credits: Vec<IntCounter>,
     overage: Vec<IntCounter>,
+    /// Per route, `tollgate_pool_charged_total` of each pool it charges
+    /// (in the route's order, with the name it was resolved for) and of
+    /// each pool it meters.
+    pools: Vec<Vec<(Arc<str>, IntCounter)>>,
+    meters: Vec<Vec<IntCounter>>,
     route_names: Vec<String>,
     tier_names: Vec<String>,
 }
@@ -388,6 +398,26 @@ impl Handles {
             requests_vec: metrics.requests.clone(),
             credits: per_tier(&metrics.credits_charged),
             overage: per_tier(&metrics.overage_units),
+            pools: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.pools
+                        .iter()
+                        .map(|(p, _)| (p.clone(), metrics.pool_charged.with_label_values(&[&**p])))
+                        .collect()
+                })
+                .collect(),
+            meters: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.meter
+                        .iter()
+                        .map(|(p, _)| metrics.pool_charged.with_label_values(&[p]))
+                        .collect()
+                })
+                .collect(),
             route_names,
             tier_names,
         }
@@ -419,6 +449,30 @@ impl Handles {
             ])
         });
         counter.inc();
+    }
+
+    /// Counts the pool units a request on `route` was charged, net of
+    /// refunds, through the route's handles; a charge of a pool the route
+    /// does not name first (none that `gate::admit` makes) by its label.
+    pub fn pools(&self, metrics: &Metrics, route: usize, charge: &crate::gate::Charge) {
+        let handles = self.pools.get(route).map_or(&[][..], Vec::as_slice);
+        for (i, pc) in charge.pools.iter().enumerate() {
+            match handles.get(i) {
+                Some((name, counter)) if Arc::ptr_eq(name, &pc.pool) => counter.inc_by(pc.units),
+                _ => metrics
+                    .pool_charged
+                    .with_label_values(&[&*pc.pool])
+                    .inc_by(pc.units),
+            }
+        }
+    }
+
+    /// Counts units metered from an answer: `units` of the `meter`th pool
+    /// `route` meters.
+    pub fn metered(&self, route: usize, meter: usize, units: u64) {
+        if let Some(counter) = self.meters.get(route).and_then(|m| m.get(meter)) {
+            counter.inc_by(units);
+        }
     }
 
     /// Counts the credits and overage a request was charged, net of refunds.

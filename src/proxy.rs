@@ -655,13 +655,13 @@ impl ProxyHttp for Proxy {
             return Ok(());
         };
         let mut metered = Vec::with_capacity(route.meter.len());
-        for (pool, header) in &route.meter {
+        for (i, (pool, header)) in route.meter.iter().enumerate() {
             let units = upstream_response
                 .headers
                 .get(header)
                 .and_then(|v| gate::parse_amount(v.as_bytes()));
             match units {
-                Some(units) => metered.push((pool.as_str(), units)),
+                Some(units) => metered.push((i, pool.as_str(), units)),
                 None if upstream_response.headers.contains_key(header) => {
                     tracing::warn!(route = %route.name, %pool, header = %header, "upstream sent a meter header that is not an amount; not charged");
                 }
@@ -677,19 +677,15 @@ impl ProxyHttp for Proxy {
             .store
             .charge(key, |record, usage| {
                 let tier = config.tier(&record.tier);
-                for (pool, units) in &metered {
+                for (_, pool, units) in &metered {
                     gate::meter(tier, usage, pool, *units, now);
                 }
             })
             .await;
         match charged {
             Ok(Some(())) => {
-                for (pool, units) in &metered {
-                    self.gateway
-                        .metrics
-                        .pool_charged
-                        .with_label_values(&[pool])
-                        .inc_by(*units);
+                for (i, _, units) in &metered {
+                    config.handles.metered(index, *i, *units);
                 }
             }
             Ok(None) => {}
@@ -848,7 +844,12 @@ impl ProxyHttp for Proxy {
             config
                 .handles
                 .charge(ctx.tier, admission.charge.credits, admission.charge.overage);
-            self.gateway.metrics.record_pools(admission);
+            if let Some(route) = ctx.route {
+                config
+                    .handles
+                    .pools(&self.gateway.metrics, route, &admission.charge);
+            }
+            self.gateway.metrics.record_shadowed(admission);
         }
         crate::log::access(&crate::log::Access {
             route,

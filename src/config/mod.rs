@@ -15,6 +15,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -190,9 +191,10 @@ pub struct Route {
     pub upstream: String,
     /// The index of `upstream` in [`Config::upstreams`].
     pub upstream_index: usize,
-    pub feature: Option<String>,
+    /// Shared, not copied, by every request the route charges.
+    pub feature: Option<Arc<str>>,
     pub cost: Amount,
-    pub pools: Vec<(String, Amount)>,
+    pub pools: Vec<(Arc<str>, Amount)>,
     /// Pools charged after the response, from an upstream response header.
     pub meter: Vec<(String, HeaderName)>,
     pub refund_on_5xx: bool,
@@ -362,7 +364,7 @@ impl Config {
     pub fn knows_pool(&self, pool: &str) -> bool {
         self.tiers.values().any(|t| t.pools.contains_key(pool))
             || self.routes.iter().any(|r| {
-                r.pools.iter().any(|(p, _)| p == pool) || r.meter.iter().any(|(p, _)| p == pool)
+                r.pools.iter().any(|(p, _)| **p == *pool) || r.meter.iter().any(|(p, _)| p == pool)
             })
     }
 

@@ -846,7 +846,7 @@ impl Check<'_> {
         for (pool, a) in &r.pools {
             self.warn_unknown_pool(&format!("{path}.pools.{pool}"), pool, file);
             if let Some(a) = self.amount(&format!("{path}.pools.{pool}"), a) {
-                pools.push((pool.clone(), a));
+                pools.push((Arc::from(pool.as_str()), a));
             }
         }
         let mut meter = Vec::new();
@@ -867,7 +867,7 @@ impl Check<'_> {
             // Every upstream is valid when every route is (else the config
             // is refused), so the file's index is the config's.
             upstream_index: file.upstreams.get_index_of(&r.upstream).unwrap_or(0),
-            feature: r.feature.clone(),
+            feature: r.feature.as_deref().map(Arc::from),
             cost: cost?,
             pools,
             meter,

@@ -82,7 +82,7 @@ fn pools(cost: u64, pools: &[(&str, u64)]) -> Demand {
         feature: Some("api".into()),
         amounts: Ok(Amounts {
             cost,
-            pools: pools.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            pools: pools.iter().map(|(p, n)| (Arc::from(*p), *n)).collect(),
         }),
     }
 }

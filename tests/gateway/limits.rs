@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::Harness;
+use crate::common::{metric, Harness};
 use crate::PLANS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -84,6 +84,12 @@ async fn meter_charges_the_pool_from_the_upstream_answer() {
     let usage = h.usage(&key).await;
     assert_eq!(usage["usage"]["pools"]["tokens"]["used"], 700);
     assert_eq!(usage["usage"]["pools"]["tokens"]["remaining"], 300);
+    // Counted through the route's metric handles, under the pool's name.
+    let text = h.scrape().await;
+    assert_eq!(
+        metric(&text, "tollgate_pool_charged_total", &[("pool", "tokens")]),
+        700.0
+    );
 }
 
 #[tokio::test]
