@@ -58,6 +58,41 @@ fn push_number(buf: &mut Vec<u8>, n: u64) -> std::ops::Range<usize> {
     start..buf.len()
 }
 
+/// Adds tollgate's own fields to an answer, replacing any the upstream
+/// sent under those names. On HTTP/1.x they go on the wire after the
+/// upstream's fields without entering the header map (a map insert each
+/// cost more than the rest of the answer's header work:
+/// `ResponseHeader::append_h1_field` in the vendored pingora-http); an
+/// HTTP/2 answer is built from the map, so there they are inserted.
+fn add_fields<'a>(
+    resp: &mut ResponseHeader,
+    http2: bool,
+    fields: impl Iterator<Item = (&'static HeaderName, &'a [u8])> + Clone,
+) {
+    if http2 {
+        for (name, value) in fields {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                resp.insert_static_header(name, value);
+            }
+        }
+        return;
+    }
+    let theirs = resp
+        .headers
+        .keys()
+        .any(|n| fields.clone().any(|(ours, _)| n == ours));
+    if theirs {
+        for (name, _) in fields.clone() {
+            resp.remove_header(name);
+        }
+    }
+    for (name, value) in fields {
+        if let Err(e) = resp.append_h1_field(name, value) {
+            tracing::debug!(error = %e, %name, "field not added");
+        }
+    }
+}
+
 pub struct Proxy {
     gateway: Arc<Gateway>,
 }
@@ -706,8 +741,8 @@ impl ProxyHttp for Proxy {
         let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
             return Ok(());
         };
-        // Every value is written into one buffer and handed out as a slice
-        // of it: two allocations for an answer's numbers and state, not six.
+        // Every number is written into one buffer, and each field's value
+        // is a slice of it (or the tier's policy).
         let mut values = Vec::with_capacity(64 + 48 * admission.rates.len());
         let remaining = admission.remaining.map(|n| push_number(&mut values, n));
         let tightest = admission.tightest.as_ref().map(|t| {
@@ -719,7 +754,7 @@ impl ProxyHttp for Proxy {
         });
         // The policy, and the state of each of its limits after this request.
         let policy = config.tier_at(admission.tier).and_then(|tier| {
-            let policy = tier.rate_limit_policy.clone()?;
+            let policy = tier.rate_limit_policy.as_ref()?;
             let start = values.len();
             for r in &admission.rates {
                 let Some((name, _)) = tier.rate_limits.get_index(r.index) else {
@@ -737,29 +772,26 @@ impl ProxyHttp for Proxy {
             }
             Some((policy, start..values.len()))
         });
-        let values = Bytes::from(values);
-        let value =
-            |span: std::ops::Range<usize>| HeaderValue::from_maybe_shared(values.slice(span));
-        if let Some(Ok(remaining)) = remaining.map(value) {
-            upstream_response.insert_static_header(&X_USAGE_REMAINING, remaining);
-        }
-        if let Some([limit, remaining, reset]) = tightest {
-            for (name, span) in [
-                (&RATELIMIT_LIMIT, limit),
-                (&RATELIMIT_REMAINING, remaining),
-                (&RATELIMIT_RESET, reset),
-            ] {
-                if let Ok(v) = value(span) {
-                    upstream_response.insert_static_header(name, v);
-                }
-            }
-        }
-        if let Some((policy, state)) = policy {
-            upstream_response.insert_static_header(&RATELIMIT_POLICY, policy);
-            if let Ok(state) = value(state) {
-                upstream_response.insert_static_header(&RATELIMIT, state);
-            }
-        }
+        let [limit, left, reset] = tightest.map_or([None, None, None], |spans| spans.map(Some));
+        let at = |span: Option<std::ops::Range<usize>>| span.and_then(|s| values.get(s));
+        let fields = [
+            (&X_USAGE_REMAINING, at(remaining)),
+            (&RATELIMIT_LIMIT, at(limit)),
+            (&RATELIMIT_REMAINING, at(left)),
+            (&RATELIMIT_RESET, at(reset)),
+            (
+                &RATELIMIT_POLICY,
+                policy.as_ref().map(|(p, _)| p.as_bytes()),
+            ),
+            (
+                &RATELIMIT,
+                at(policy.as_ref().map(|(_, state)| state.clone())),
+            ),
+        ];
+        let fields = fields
+            .iter()
+            .filter_map(|&(name, value)| Some((name, value?)));
+        add_fields(upstream_response, session.is_http2(), fields);
         Ok(())
     }
 

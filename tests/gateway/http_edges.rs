@@ -438,6 +438,47 @@ async fn hop_by_hop_fields_are_not_forwarded() {
 
 /// Header names go on in the spelling they came in, both ways, each value
 /// of a repeated name in its own; the ones tollgate adds in lower case.
+/// An upstream's own fields under the names of tollgate's (a rate-limited
+/// API behind it) are replaced by tollgate's, once each; its others pass.
+#[tokio::test]
+async fn tollgate_fields_replace_the_upstreams_of_the_same_names() {
+    let addr = raw_upstream(|_| {
+        b"HTTP/1.1 200 OK\r\nRateLimit-Limit: 7\r\nx-usage-remaining: 123\r\n\
+          RateLimit-Policy: \"theirs\";q=7\r\nRateLimit: \"theirs\";r=6;t=1\r\n\
+          ratelimit-limit: 8\r\nX-Other: kept\r\nContent-Length: 2\r\n\r\nok"
+    })
+    .await;
+    let h = Harness::start_beside(
+        &EDGES.replace(
+            "    credits: 100\n",
+            "    credits: 100\n    rate_limits:\n      requests: { limit: 50, window: 60s }\n",
+        ),
+        addr,
+    )
+    .await;
+    let (key, _) = h.create_key("free").await;
+    let mut stream = connect(&h).await;
+    let request = format!("GET /old/x HTTP/1.1\r\nhost: test\r\nAuthorization: Bearer {key}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_head(&mut stream).await.to_lowercase();
+    for (name, value) in [
+        ("x-usage-remaining", "99"),
+        ("ratelimit-limit", "50"),
+        ("ratelimit-remaining", "49"),
+        ("ratelimit-policy", "\"requests\";q=50;w=60"),
+        ("x-other", "kept"),
+    ] {
+        let lines: Vec<_> = head
+            .lines()
+            .filter(|l| l.split(':').next() == Some(name))
+            .collect();
+        assert_eq!(lines, [format!("{name}: {value}")], "in:\n{head}");
+    }
+    let state: Vec<_> = head.lines().filter(|l| l.starts_with("ratelimit:")).collect();
+    assert_eq!(state.len(), 1, "{head}");
+    assert!(state[0].starts_with("ratelimit: \"requests\";r=49;t="), "{head}");
+}
+
 #[tokio::test]
 async fn header_names_keep_their_spelling_both_ways() {
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();

@@ -238,7 +238,10 @@ async fn the_proxy_serves_https_and_h2_and_reloads_its_certificate() {
             .expect("client")
     };
     let url = format!("https://localhost:{}/api/data", addr.port());
-    for (http2, version) in [(true, reqwest::Version::HTTP_2), (false, reqwest::Version::HTTP_11)] {
+    for ((http2, version), left) in [
+        ((true, reqwest::Version::HTTP_2), "4"),
+        ((false, reqwest::Version::HTTP_11), "3"),
+    ] {
         let resp = client(http2)
             .get(&url)
             .bearer_auth(&key)
@@ -247,6 +250,17 @@ async fn the_proxy_serves_https_and_h2_and_reloads_its_certificate() {
             .expect("https");
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), version);
+        // tollgate's own fields, which HTTP/1.x and HTTP/2 answers get by
+        // different roads (`proxy::add_fields`).
+        let field = |name: &str| {
+            let values: Vec<_> = resp.headers().get_all(name).iter().collect();
+            assert_eq!(values.len(), 1, "{name} on {version:?}: {values:?}");
+            values[0].to_str().expect("ascii").to_string()
+        };
+        assert_eq!(field("x-usage-remaining"), left);
+        assert_eq!(field("ratelimit-limit"), "100");
+        assert_eq!(field("ratelimit-policy"), "\"requests\";q=100;w=60");
+        assert!(field("ratelimit").starts_with("\"requests\";r="));
         // The key was read and removed, as on plain HTTP.
         let echoed: serde_json::Value = resp.json().await.expect("json");
         assert!(echoed["headers"].get("authorization").is_none(), "{echoed}");

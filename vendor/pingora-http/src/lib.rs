@@ -445,6 +445,8 @@ pub struct ResponseHeader {
     header_name_map: Option<CaseMap>,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
+    // tollgate: header lines written after the map's on HTTP/1.x (see `append_h1_field`)
+    h1_lines: Vec<u8>,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -467,6 +469,7 @@ impl Clone for ResponseHeader {
             base: self.as_owned_parts(),
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
+            h1_lines: self.h1_lines.clone(),
         }
     }
 }
@@ -478,6 +481,7 @@ impl From<RespParts> for ResponseHeader {
             base: parts,
             header_name_map: None,
             reason_phrase: None,
+            h1_lines: Vec::new(),
         }
     }
 }
@@ -508,6 +512,7 @@ impl ResponseHeader {
             base,
             header_name_map: None,
             reason_phrase: None,
+            h1_lines: Vec::new(),
         }
     }
 
@@ -597,9 +602,36 @@ impl ResponseHeader {
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
-    /// The header case will be preserved.
+    /// The header case will be preserved. (tollgate: the fields of [Self::append_h1_field()]
+    /// follow the map's.)
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
+        buf.put_slice(&self.h1_lines);
+    }
+
+    /// tollgate: adds the field `name: value` to the header as HTTP/1.x writes it, after the
+    /// map's fields, and nowhere else: not to the map (so neither [Self::headers] nor
+    /// [Self::as_owned_parts()] nor an HTTP/2 answer has it), and without replacing a field
+    /// of that name the map holds. For a proxy's own fields on an HTTP/1.x answer: a few
+    /// copies where a map insert hashes the name, probes and sometimes grows the map, and
+    /// the wire then walks it again. The name is lower case on the wire.
+    ///
+    /// Refuses a value a [HeaderValue] would refuse (a control character other than tab),
+    /// so no value can end the header early or add a line.
+    pub fn append_h1_field(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
+        if !value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)) {
+            return pingora_error::Error::e_explain(InvalidHTTPHeader, "invalid value while append");
+        }
+        // Room for a proxy's handful of fields at once, not a growth each.
+        if self.h1_lines.capacity() == 0 {
+            self.h1_lines.reserve(256);
+        }
+        self.h1_lines.reserve(name.as_str().len() + value.len() + 4);
+        self.h1_lines.extend_from_slice(name.as_str().as_bytes());
+        self.h1_lines.extend_from_slice(b": ");
+        self.h1_lines.extend_from_slice(value);
+        self.h1_lines.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
@@ -1186,6 +1218,28 @@ mod tests {
                 _ => panic!("too many headers"),
             }
         });
+    }
+
+    // tollgate: fields appended for the HTTP/1.x wire follow the map's there, and only there.
+    #[test]
+    fn h1_fields_follow_the_map_on_the_wire_only() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("Content-Length", "0").unwrap();
+        let name = HeaderName::from_static("x-own");
+        resp.append_h1_field(&name, b"1, \"a\";r=2").unwrap();
+        resp.append_h1_field(&http::header::SERVER, b"t\tu").unwrap();
+        // Nothing that could end the header or add a line gets in.
+        for bad in [&b"1\r\nx-evil: 1"[..], b"1\n", b"1\r", b"\0", b"\x7f"] {
+            assert!(resp.append_h1_field(&name, bad).is_err(), "{bad:?}");
+        }
+        let mut buf: Vec<u8> = vec![];
+        resp.clone().header_to_h1_wire(&mut buf);
+        assert_eq!(
+            buf,
+            b"Content-Length: 0\r\nx-own: 1, \"a\";r=2\r\nserver: t\tu\r\n"
+        );
+        assert!(!resp.headers.contains_key("x-own"));
+        assert!(!resp.as_owned_parts().headers.contains_key("x-own"));
     }
 
     // tollgate: spellings are recorded only where they differ from the default.
