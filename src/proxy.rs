@@ -641,21 +641,20 @@ impl ProxyHttp for Proxy {
             upstream_request.remove_header(KeySource::Authorization.header());
             upstream_request.remove_header(KeySource::ApiKey.header());
         }
+        // The identity fields go on the wire after the request's own (an
+        // upstream peer speaks HTTP/1.x: `upstream::peer` names no other
+        // protocol), without entering its header map; a client's fields of
+        // these names were removed above.
         if let Some(admission) = &ctx.admission {
             if let Some(id) = &ctx.key_id {
-                let id = HeaderValue::from_str(id)
-                    .map_err(|e| Error::because(ErrorType::InternalError, "key id header", e))?;
-                upstream_request.insert_static_header(&X_TOLLGATE_KEY_ID, id);
+                upstream_request.append_h1_field(&X_TOLLGATE_KEY_ID, id.as_bytes())?;
             }
-            if let Some(ext) = ctx
-                .external_id
-                .as_deref()
-                .and_then(|e| HeaderValue::from_str(e).ok())
-            {
-                upstream_request.insert_static_header(&X_TOLLGATE_EXTERNAL_ID, ext);
+            if let Some(ext) = &ctx.external_id {
+                // An external id no header can carry is left out.
+                let _ = upstream_request.append_h1_field(&X_TOLLGATE_EXTERNAL_ID, ext.as_bytes());
             }
             if let Some(tier) = ctx.config.as_ref().and_then(|c| c.tier_at(admission.tier)) {
-                upstream_request.insert_static_header(&X_TOLLGATE_TIER, tier.id_header.clone());
+                upstream_request.append_h1_field(&X_TOLLGATE_TIER, tier.id_header.as_bytes())?;
             }
         }
         Ok(())

@@ -92,6 +92,8 @@ fn lookup(upstream: &Upstream) -> Option<SocketAddr> {
     }
 }
 
+/// An upstream peer speaks HTTP/1.x (Pingora's default ALPN, over TLS too):
+/// `proxy.rs` writes a forwarded request's identity fields for that wire.
 fn peer(upstream: &Upstream, addr: SocketAddr) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());
     peer.options.connection_timeout = Some(upstream.connect_timeout);

@@ -88,6 +88,8 @@ pub struct RequestHeader {
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
+    // tollgate: fields written after the map's on HTTP/1.x (see `append_h1_field`)
+    h1_fields: H1Fields,
 }
 
 /// How a request-target is stored, and how [`RequestHeader::raw_path`] recovers it.
@@ -109,6 +111,32 @@ enum RawTarget {
     /// As [`Self::Verbatim`], but the target is not valid UTF-8, so the URI holds a lossy
     /// rendering of it and [`RequestHeader::raw_path_is_utf8`] reports false.
     Lossy(Box<[u8]>),
+}
+
+/// tollgate: fields a proxy adds to a message as HTTP/1.x writes them (`name: value\r\n`
+/// each), after the map's fields: see [ResponseHeader::append_h1_field()].
+#[derive(Debug, Clone, Default)]
+struct H1Fields(Vec<u8>);
+
+impl H1Fields {
+    fn append(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
+        // What a HeaderValue takes: no control character but tab, so no value can end the
+        // header early or add a line.
+        if !value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)) {
+            return pingora_error::Error::e_explain(InvalidHTTPHeader, "invalid value while append");
+        }
+        let fields = &mut self.0;
+        // Room for a proxy's handful of fields at once, not a growth each.
+        if fields.capacity() == 0 {
+            fields.reserve(256);
+        }
+        fields.reserve(name.as_str().len() + value.len() + 4);
+        fields.extend_from_slice(name.as_str().as_bytes());
+        fields.extend_from_slice(b": ");
+        fields.extend_from_slice(value);
+        fields.extend_from_slice(b"\r\n");
+        Ok(())
+    }
 }
 
 impl RawTarget {
@@ -155,6 +183,7 @@ impl RequestHeader {
             header_name_map: None,
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            h1_fields: H1Fields::default(),
         }
     }
 
@@ -253,9 +282,16 @@ impl RequestHeader {
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
-    /// The header case will be preserved.
+    /// The header case will be preserved. (tollgate: the fields of [Self::append_h1_field()]
+    /// follow the map's.)
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
+        buf.put_slice(&self.h1_fields.0);
+    }
+
+    /// tollgate: as [ResponseHeader::append_h1_field()], for a request going out as HTTP/1.x.
+    pub fn append_h1_field(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
+        self.h1_fields.append(name, value)
     }
 
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
@@ -399,6 +435,7 @@ impl Clone for RequestHeader {
             header_name_map: self.header_name_map.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
+            h1_fields: self.h1_fields.clone(),
         }
     }
 }
@@ -415,6 +452,7 @@ impl From<ReqParts> for RequestHeader {
             // The Uri is the only target available here, so it is the one that serializes.
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            h1_fields: H1Fields::default(),
         }
     }
 }
@@ -445,8 +483,8 @@ pub struct ResponseHeader {
     header_name_map: Option<CaseMap>,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
-    // tollgate: header lines written after the map's on HTTP/1.x (see `append_h1_field`)
-    h1_lines: Vec<u8>,
+    // tollgate: fields written after the map's on HTTP/1.x (see `append_h1_field`)
+    h1_fields: H1Fields,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -469,7 +507,7 @@ impl Clone for ResponseHeader {
             base: self.as_owned_parts(),
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
-            h1_lines: self.h1_lines.clone(),
+            h1_fields: self.h1_fields.clone(),
         }
     }
 }
@@ -481,7 +519,7 @@ impl From<RespParts> for ResponseHeader {
             base: parts,
             header_name_map: None,
             reason_phrase: None,
-            h1_lines: Vec::new(),
+            h1_fields: H1Fields::default(),
         }
     }
 }
@@ -512,7 +550,7 @@ impl ResponseHeader {
             base,
             header_name_map: None,
             reason_phrase: None,
-            h1_lines: Vec::new(),
+            h1_fields: H1Fields::default(),
         }
     }
 
@@ -606,7 +644,7 @@ impl ResponseHeader {
     /// follow the map's.)
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
-        buf.put_slice(&self.h1_lines);
+        buf.put_slice(&self.h1_fields.0);
     }
 
     /// tollgate: adds the field `name: value` to the header as HTTP/1.x writes it, after the
@@ -619,19 +657,7 @@ impl ResponseHeader {
     /// Refuses a value a [HeaderValue] would refuse (a control character other than tab),
     /// so no value can end the header early or add a line.
     pub fn append_h1_field(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
-        if !value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)) {
-            return pingora_error::Error::e_explain(InvalidHTTPHeader, "invalid value while append");
-        }
-        // Room for a proxy's handful of fields at once, not a growth each.
-        if self.h1_lines.capacity() == 0 {
-            self.h1_lines.reserve(256);
-        }
-        self.h1_lines.reserve(name.as_str().len() + value.len() + 4);
-        self.h1_lines.extend_from_slice(name.as_str().as_bytes());
-        self.h1_lines.extend_from_slice(b": ");
-        self.h1_lines.extend_from_slice(value);
-        self.h1_lines.extend_from_slice(b"\r\n");
-        Ok(())
+        self.h1_fields.append(name, value)
     }
 
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
@@ -1240,6 +1266,15 @@ mod tests {
         );
         assert!(!resp.headers.contains_key("x-own"));
         assert!(!resp.as_owned_parts().headers.contains_key("x-own"));
+
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("Host", "h").unwrap();
+        req.append_h1_field(&name, b"2").unwrap();
+        assert!(req.append_h1_field(&name, b"\r\n").is_err());
+        let mut buf: Vec<u8> = vec![];
+        req.clone().header_to_h1_wire(&mut buf);
+        assert_eq!(buf, b"Host: h\r\nx-own: 2\r\n");
+        assert!(!req.headers.contains_key("x-own"));
     }
 
     // tollgate: spellings are recorded only where they differ from the default.
