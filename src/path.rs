@@ -53,15 +53,32 @@ pub fn normalise(raw: &str, allow_encoded_slashes: bool) -> Result<Cow<'_, str>,
 }
 
 /// A path of printable ASCII without escapes, backslashes, empty or dot
-/// segments is its own canonical form.
+/// segments is its own canonical form. One pass over the bytes (every
+/// request's path goes through it).
 fn already_canonical(raw: &str) -> bool {
-    let bytes = raw.as_bytes();
-    bytes.first() == Some(&b'/')
-        && bytes
-            .iter()
-            .all(|b| (0x21..=0x7e).contains(b) && *b != b'%' && *b != b'\\')
-        && !raw.contains("//")
-        && raw[1..].split('/').all(|seg| seg != "." && seg != "..")
+    let Some((b'/', rest)) = raw.as_bytes().split_first() else {
+        return false;
+    };
+    // The segment so far: its length, and how many of its bytes are dots.
+    let (mut len, mut dots) = (0usize, 0usize);
+    let dot_segment = |len: usize, dots: usize| len > 0 && len == dots && dots <= 2;
+    for &b in rest {
+        if !(0x21..=0x7e).contains(&b) || b == b'%' || b == b'\\' {
+            return false;
+        }
+        if b == b'/' {
+            // An empty segment (`//`), or `.` or `..`, before this slash.
+            if len == 0 || dot_segment(len, dots) {
+                return false;
+            }
+            (len, dots) = (0, 0);
+        } else {
+            len += 1;
+            dots += usize::from(b == b'.');
+        }
+    }
+    // The last segment may be empty (a trailing slash), not a dot segment.
+    !dot_segment(len, dots)
 }
 
 fn rebuild(raw: &str, allow_encoded_slashes: bool) -> Result<String, PathError> {
@@ -226,6 +243,38 @@ mod tests {
                 }
                 proptest::prop_assert!(!once.contains("//"));
             }
+        }
+    }
+
+    /// What `already_canonical` decided before it was one pass.
+    fn canonical_by_its_definition(raw: &str) -> bool {
+        let bytes = raw.as_bytes();
+        bytes.first() == Some(&b'/')
+            && bytes
+                .iter()
+                .all(|b| (0x21..=0x7e).contains(b) && *b != b'%' && *b != b'\\')
+            && !raw.contains("//")
+            && raw[1..].split('/').all(|seg| seg != "." && seg != "..")
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_one_pass_check_is_the_definition(raw in "(/|\\.|\\.\\.|\\.\\.\\.|a|%|\\\\| |[\\x00-\\x7f]){0,10}") {
+            proptest::prop_assert_eq!(already_canonical(&raw), canonical_by_its_definition(&raw), "{:?}", raw);
+        }
+    }
+
+    #[test]
+    fn the_one_pass_check_on_the_corners() {
+        for raw in [
+            "/", "//", "/a/", "/a//b", "/.", "/..", "/...", "/./a", "/a/..", "/a/.b", "/.a", "a",
+            "", "/a b", "/%41", "/a\\b",
+        ] {
+            assert_eq!(
+                already_canonical(raw),
+                canonical_by_its_definition(raw),
+                "{raw:?}"
+            );
         }
     }
 
