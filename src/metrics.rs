@@ -453,9 +453,12 @@ impl Handles {
 
     /// Counts the pool units a request on `route` was charged, net of
     /// refunds, through the route's handles; a charge of a pool the route
-    /// does not name first (none that `gate::admit` makes) by its label.
-    pub fn pools(&self, metrics: &Metrics, route: usize, charge: &crate::gate::Charge) {
-        let handles = self.pools.get(route).map_or(&[][..], Vec::as_slice);
+    /// does not name first, or without a route (none that `gate::admit`
+    /// makes), by its label.
+    pub fn pools(&self, metrics: &Metrics, route: Option<usize>, charge: &crate::gate::Charge) {
+        let handles = route
+            .and_then(|r| self.pools.get(r))
+            .map_or(&[][..], Vec::as_slice);
         for (i, pc) in charge.pools.iter().enumerate() {
             match handles.get(i) {
                 Some((name, counter)) if Arc::ptr_eq(name, &pc.pool) => counter.inc_by(pc.units),

@@ -875,11 +875,9 @@ impl ProxyHttp for Proxy {
             config
                 .handles
                 .charge(ctx.tier, admission.charge.credits, admission.charge.overage);
-            if let Some(route) = ctx.route {
-                config
-                    .handles
-                    .pools(&self.gateway.metrics, route, &admission.charge);
-            }
+            config
+                .handles
+                .pools(&self.gateway.metrics, ctx.route, &admission.charge);
             self.gateway.metrics.record_shadowed(admission);
         }
         crate::log::access(&crate::log::Access {
