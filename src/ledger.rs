@@ -243,9 +243,17 @@ impl Usage {
 
     /// Applies every refill and pool reset due at `now`. Idempotent.
     pub fn settle(&mut self, tier: &Tier, refill_day: Option<u8>, now: Timestamp) {
-        // Limits the tier no longer has (a plan change, a reload) are forgotten.
-        self.rate
-            .retain(|name, _| tier.rate_limits.contains_key(name));
+        // Limits the tier no longer has (a plan change, a reload) are
+        // forgotten. Looked for first: a retain walks the map as if to
+        // change it, on every request.
+        if self
+            .rate
+            .keys()
+            .any(|name| !tier.rate_limits.contains_key(name))
+        {
+            self.rate
+                .retain(|name, _| tier.rate_limits.contains_key(name));
+        }
         if let Credits::Limited(initial) = tier.credits {
             if self.remaining.is_none() {
                 // First time on a limited tier: start with its allowance,

@@ -253,6 +253,25 @@ fn rate_limit_rejects_then_frees_with_retry_after() {
     assert!(admit(&c, &r, &mut u, &demand(0), later).is_ok());
 }
 
+/// A key moved to a tier without a rate limit forgets that limit's
+/// window; one on a tier with it keeps counting.
+#[test]
+fn limits_the_tier_no_longer_has_are_forgotten() {
+    let c = config();
+    let now = ts("2026-03-01T12:00:00Z");
+    let mut u = usage(&c, "free", now);
+    u.remaining = Some(100);
+    let r = record("free");
+    admit(&c, &r, &mut u, &demand(0), now).expect("under limit");
+    u.settle(&c.tiers["free"], None, now);
+    assert_eq!(
+        u.rate.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["requests"]
+    );
+    u.settle(&c.tiers["monthly"], None, now);
+    assert!(u.rate.is_empty(), "{:?}", u.rate);
+}
+
 #[test]
 fn rejected_request_charges_nothing_anywhere() {
     let c = config();
