@@ -178,7 +178,14 @@ pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
 
 /// A key's usage as this store keeps it: windows in their compact form.
 pub(super) fn usage_json(usage: &Usage) -> String {
-    crate::window::compact(|| to_json(usage))
+    crate::window::compact(|| {
+        // Room for a key with a minute window and a pool at once (about
+        // 500 bytes), rather than growing from serde_json's 128.
+        let mut json = Vec::with_capacity(512);
+        // Plain data into a Vec: cannot fail, and is UTF-8.
+        let _ = serde_json::to_writer(&mut json, usage);
+        String::from_utf8(json).unwrap_or_default()
+    })
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result<T, StoreError> {
@@ -528,11 +535,14 @@ impl Local {
         }
     }
 
-    /// Takes the dirty keys' usage (and with `report`, every key charged
-    /// since the last reporting pass), each under its lock, in the order
-    /// of their changes. A key whose admin write is being committed waits
-    /// for the next pass; with `paced`, so does a key written less than
-    /// [`REWRITE_AFTER_MS`] ago.
+    /// Takes the dirty keys' usage, each under its lock, in the order of
+    /// their changes. With `report`, every key charged since the last
+    /// reporting pass also goes through it: a key it makes events for, or
+    /// whose billing marks it moves, is taken with them at once; a key it
+    /// has nothing to say of is written only if it is due anyway (its
+    /// usage needs no write for the report's sake). A key whose admin
+    /// write is being committed waits for the next pass; with `paced`, so
+    /// does a key written less than [`REWRITE_AFTER_MS`] ago.
     fn snapshot(&self, report: Option<MakeEvents<'_>>, paced: bool) -> Snapshot {
         let now_ms = self.now_ms();
         let mut queued = std::mem::take(&mut *self.dirty.lock());
@@ -543,29 +553,41 @@ impl Local {
         }
         let mut snap = Snapshot::default();
         snap.rows.reserve(queued.len());
+        // Keys left for a later pass, and whether each is still unreported.
         let mut later = Vec::new();
         for entry in queued {
             let state = entry.state.lock();
+            if state.admin_pending {
+                drop(state);
+                later.push((entry, report.is_some()));
+                continue;
+            }
+            let mut billing = state.usage.billing.clone();
+            let mut reports = false;
+            if let Some(make) = report {
+                if entry.unreported.swap(false, Ordering::AcqRel) && !state.revoked {
+                    let events = make(&state.record, &state.usage, &mut billing);
+                    if !events.is_empty() || billing != state.usage.billing {
+                        reports = true;
+                        let detected = state.usage.billing.detected.len();
+                        snap.events.extend(events);
+                        snap.reported
+                            .push((entry.clone(), billing.reported.clone(), detected));
+                    }
+                }
+            }
             let recent =
                 now_ms.saturating_sub(entry.written_ms.load(Ordering::Relaxed)) < REWRITE_AFTER_MS;
-            if state.admin_pending || (paced && recent) {
+            let dirty = entry.dirty.load(Ordering::Acquire);
+            if !reports && (!dirty || (paced && recent)) {
                 drop(state);
-                later.push(entry);
+                if dirty {
+                    later.push((entry, false));
+                }
                 continue;
             }
             entry.written_ms.store(now_ms, Ordering::Relaxed);
             entry.dirty.store(false, Ordering::Release);
-            let mut billing = state.usage.billing.clone();
-            if let Some(make) = report {
-                entry.unreported.store(false, Ordering::Release);
-                if !state.revoked {
-                    let events = make(&state.record, &state.usage, &mut billing);
-                    let detected = state.usage.billing.detected.len();
-                    snap.events.extend(events);
-                    snap.reported
-                        .push((entry.clone(), billing.reported.clone(), detected));
-                }
-            }
             if !state.revoked {
                 // Written out here, under the key's lock, rather than
                 // cloned and written out later: the JSON is the only copy
@@ -582,11 +604,11 @@ impl Local {
             drop(state);
             snap.taken.push(entry);
         }
-        // Still marked dirty (and unreported): back in the queues they came from.
-        if report.is_some() {
-            self.unreported.lock().extend(later.iter().cloned());
-        }
-        self.dirty.lock().extend(later);
+        // Back in the queues they came from: every one is still dirty
+        // (bar a key whose admin write is under way), some still unreported.
+        let unreported = later.iter().filter(|(_, u)| *u).map(|(e, _)| e.clone());
+        self.unreported.lock().extend(unreported);
+        self.dirty.lock().extend(later.into_iter().map(|(e, _)| e));
         snap
     }
 
@@ -658,9 +680,10 @@ impl Local {
     /// A write-behind pass that also reports: every key charged since the
     /// last such pass goes through `make`, and the events it makes go to
     /// the outbox in the same transaction as the usage they come from.
-    /// Returns the events written.
+    /// A key it has nothing to say of is written at the flusher's pace
+    /// ([`Local::flush_due`]). Returns the events written.
     pub async fn report(&self, make: MakeEvents<'_>) -> Result<usize, StoreError> {
-        self.pass(Some(make), false).await.map(|(_, events)| events)
+        self.pass(Some(make), true).await.map(|(_, events)| events)
     }
 
     async fn pass(
@@ -977,6 +1000,57 @@ mod tests {
         let again = store.lookup(&a.hash).expect("read").expect("found");
         assert_eq!(again.lock().expect("live").usage.used, 42);
         drop(held);
+    }
+
+    /// A reporting pass writes a key it makes events for, or whose marks
+    /// it moves, at once; a key it has nothing to say of waits for the
+    /// flusher's pace like any other.
+    #[tokio::test]
+    async fn a_report_with_nothing_to_say_leaves_writing_to_the_flusher() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Local::open(dir.path()).expect("open");
+        let key = keys::generate("sk_t");
+        store
+            .create(key.hash, &record(&key.hash, None), &Usage::default())
+            .await
+            .expect("create");
+        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        // Charged, and written so lately that the pacing holds it back.
+        let charge = |used: u64| {
+            entry.lock().expect("live").usage.used = used;
+            store.touch(&entry);
+            entry.written_ms.store(u64::MAX, Ordering::Relaxed);
+        };
+        charge(1);
+        let nothing = |_: &KeyRecord, _: &Usage, _: &mut crate::ledger::Billing| Vec::new();
+        assert_eq!(store.report(&nothing).await.expect("report"), 0);
+        assert!(entry.dirty.load(Ordering::Acquire), "left for the flusher");
+        assert!(!entry.unreported.load(Ordering::Acquire), "and reported");
+        assert_eq!(store.flush_due().await.expect("flush"), 0, "still paced");
+        assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+
+        charge(2);
+        let raise = |_: &KeyRecord, _: &Usage, billing: &mut crate::ledger::Billing| {
+            billing.reported.insert("credits".into(), 2);
+            Vec::new()
+        };
+        assert_eq!(store.report(&raise).await.expect("report"), 0);
+        assert!(
+            !entry.dirty.load(Ordering::Acquire),
+            "written with its marks"
+        );
+        assert_eq!(
+            entry.lock().expect("live").usage.billing.reported["credits"],
+            2
+        );
+        // On disk too: read back once it has left memory.
+        drop(entry);
+        store.fold().await.expect("fold");
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
+        let again = store.lookup(&key.hash).expect("read").expect("found");
+        let state = again.lock().expect("live");
+        assert_eq!(state.usage.used, 2);
+        assert_eq!(state.usage.billing.reported["credits"], 2);
     }
 
     #[tokio::test]

@@ -72,8 +72,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// may hold windows in their compact form ([`crate::window::compact`]),
 /// which builds that know 2 cannot read. 4: the latest usage of a key may
 /// be in `usage_log` (see "Usage log"), which builds that know 3 would not
-/// fold.
-const SCHEMA_VERSION: i64 = 4;
+/// fold. 5: windows may be in the packed compact form (`v` 3).
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (

@@ -531,7 +531,7 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
             )
             .expect("the limited key's row");
     assert!(
-        embedded_usage.contains(r#""v":2,"t":["#),
+        embedded_usage.contains(r#""v":3,"b":""#),
         "{embedded_usage}"
     );
 
@@ -575,7 +575,7 @@ async fn a_used_embedded_store_migrates_to_redis_once() {
     let in_redis = redis.cli(&["--scan", "--pattern", &format!("tg:*:key:{limited_id}")]);
     let in_redis = redis.cli(&["hget", in_redis.trim(), "use"]);
     assert!(in_redis.contains(r#""buckets":[["#), "{in_redis}");
-    assert!(!in_redis.contains(r#""v":2"#), "{in_redis}");
+    assert!(!in_redis.contains(r#""v":3"#), "{in_redis}");
     let limited_usage = node.usage(limited["key"].as_str().expect("key")).await;
     assert_eq!(
         limited_usage["usage"]["rate_limits"]["requests"]["remaining"], 27,
