@@ -1002,19 +1002,25 @@ mod tests {
         drop(held);
     }
 
+    /// A store in `dir` with one key in it.
+    async fn one_key(dir: &Path) -> (Local, KeyHash) {
+        let store = Local::open(dir).expect("open");
+        let key = keys::generate("sk_t");
+        store
+            .create(key.hash, &record(&key.hash, None), &Usage::default())
+            .await
+            .expect("create");
+        (store, key.hash)
+    }
+
     /// A reporting pass writes a key it makes events for, or whose marks
     /// it moves, at once; a key it has nothing to say of waits for the
     /// flusher's pace like any other.
     #[tokio::test]
     async fn a_report_with_nothing_to_say_leaves_writing_to_the_flusher() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Local::open(dir.path()).expect("open");
-        let key = keys::generate("sk_t");
-        store
-            .create(key.hash, &record(&key.hash, None), &Usage::default())
-            .await
-            .expect("create");
-        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        let (store, hash) = one_key(dir.path()).await;
+        let entry = store.lookup(&hash).expect("read").expect("found");
         // Charged, and written so lately that the pacing holds it back.
         let charge = |used: u64| {
             entry.lock().expect("live").usage.used = used;
@@ -1047,7 +1053,7 @@ mod tests {
         drop(entry);
         store.fold().await.expect("fold");
         assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1);
-        let again = store.lookup(&key.hash).expect("read").expect("found");
+        let again = store.lookup(&hash).expect("read").expect("found");
         let state = again.lock().expect("live");
         assert_eq!(state.usage.used, 2);
         assert_eq!(state.usage.billing.reported["credits"], 2);
@@ -1056,13 +1062,8 @@ mod tests {
     #[tokio::test]
     async fn failed_flush_marks_unhealthy_and_keeps_dirty() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Local::open(dir.path()).expect("open");
-        let key = keys::generate("sk_t");
-        store
-            .create(key.hash, &record(&key.hash, None), &Usage::default())
-            .await
-            .expect("create");
-        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        let (store, hash) = one_key(dir.path()).await;
+        let entry = store.lookup(&hash).expect("read").expect("found");
         store.touch(&entry);
         store.inject_flush_failure(true);
         assert!(store.flush_dirty().await.is_err());
