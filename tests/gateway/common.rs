@@ -27,6 +27,9 @@ pub const ROOT_KEY: &str = "test-root-key-0123456789";
 /// When every test's clock starts: a Tuesday afternoon, mid-month.
 pub const START: &str = "2026-03-10T12:00:00Z";
 
+/// A test gateway's worker threads, unless a test asks for one.
+const THREADS: usize = 2;
+
 /// What the upstream saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -494,17 +497,23 @@ impl Harness {
     /// Like [`Harness::start`], with the upstream named `dead` at `second`
     /// (a server of the test's own) instead of an address nobody serves.
     pub async fn start_beside(body: &str, second: std::net::SocketAddr) -> Harness {
-        Harness::start_custom(body, second, "", false).await
+        Harness::start_custom(body, second, "", false, THREADS).await
+    }
+
+    /// Like [`Harness::start_beside`], with one worker thread: every
+    /// request runs on it (for what is kept per thread).
+    pub async fn start_beside_on_one_thread(body: &str, second: std::net::SocketAddr) -> Harness {
+        Harness::start_custom(body, second, "", false, 1).await
     }
 
     /// Like [`Harness::start`], with `listen_extra` (YAML lines indented
     /// for the `listen` section, such as `proxy_tls`) added to `listen`.
     pub async fn start_listening(body: &str, listen_extra: &str) -> Harness {
-        Harness::start_custom(body, dead_address(), listen_extra, false).await
+        Harness::start_custom(body, dead_address(), listen_extra, false, THREADS).await
     }
 
     async fn start_with(body: &str, watch: bool) -> Harness {
-        Harness::start_custom(body, dead_address(), "", watch).await
+        Harness::start_custom(body, dead_address(), "", watch, THREADS).await
     }
 
     async fn start_custom(
@@ -512,6 +521,7 @@ impl Harness {
         second: std::net::SocketAddr,
         listen_extra: &str,
         watch: bool,
+        threads: usize,
     ) -> Harness {
         let upstream = Arc::new(Upstream::start().await);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -521,7 +531,7 @@ impl Harness {
             1,
         );
         let start = START.parse().expect("start time");
-        Harness::launch(upstream, dir, &text, watch, start, true).await
+        Harness::launch(upstream, dir, &text, watch, start, true, threads).await
     }
 
     /// One of several gateways in front of `upstream`, on the config
@@ -532,7 +542,7 @@ impl Harness {
     pub async fn node(upstream: Arc<Upstream>, text: &str, clock: Timestamp, align: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = text.replace("{store}", &dir.path().join("store").display().to_string());
-        Harness::launch(upstream, dir, &text, false, clock, align).await
+        Harness::launch(upstream, dir, &text, false, clock, align, THREADS).await
     }
 
     /// Starts a gateway on `text`, its clock at `start`.
@@ -543,6 +553,7 @@ impl Harness {
         watch: bool,
         start: Timestamp,
         align: bool,
+        threads: usize,
     ) -> Harness {
         let config = Config::parse(text)
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"))
@@ -556,7 +567,7 @@ impl Harness {
         let options = Options {
             clock: clock.clone(),
             root_key: Some(ROOT_KEY.to_string()),
-            threads: 2,
+            threads,
             config_path,
             handle_signals: false,
             drain_timeout: Duration::from_secs(1),

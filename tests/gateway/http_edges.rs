@@ -238,7 +238,7 @@ async fn counting_upstream(
 /// A gateway in front of the upstream at `addr`, and a key that has made
 /// five requests through it one after another, each answered `ok`.
 async fn five_requests_through(addr: std::net::SocketAddr) -> (Harness, String) {
-    let h = Harness::start_beside(EDGES, addr).await;
+    let h = Harness::start_beside_on_one_thread(EDGES, addr).await;
     let (key, _) = h.create_key("free").await;
     for round in 0..5 {
         let resp = h.get("/old/x", &key).await;
@@ -253,9 +253,11 @@ async fn five_requests_through(addr: std::net::SocketAddr) -> (Harness, String) 
 async fn upstream_connections_are_kept_and_reused() {
     let (addr, accepted) = counting_upstream(false).await;
     let (h, key) = five_requests_through(addr).await;
-    // Idle connections are kept per worker thread, and the test gateway's
-    // two threads steal work: at most one connection each.
-    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    // Idle connections are kept per worker thread, and this gateway has
+    // one (with two, a request's task moved from one thread to the other
+    // by work stealing can leave its connection in the other's list, so
+    // the count was not certain).
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(remaining(&h, &key).await, 95);
 }
 
