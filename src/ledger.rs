@@ -246,13 +246,9 @@ impl Usage {
         // Limits the tier no longer has (a plan change, a reload) are
         // forgotten. Looked for first: a retain walks the map as if to
         // change it, on every request.
-        if self
-            .rate
-            .keys()
-            .any(|name| !tier.rate_limits.contains_key(name))
-        {
-            self.rate
-                .retain(|name, _| tier.rate_limits.contains_key(name));
+        let kept = |name: &String| tier.rate_limits.contains_key(name);
+        if !self.rate.keys().all(kept) {
+            self.rate.retain(|name, _| kept(name));
         }
         if let Credits::Limited(initial) = tier.credits {
             if self.remaining.is_none() {

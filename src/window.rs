@@ -53,9 +53,9 @@ thread_local! {
 /// buckets then take about 0.25 KB of JSON instead of 1.2 KB as pairs (or
 /// 0.4 KB as the decimal numbers of `v` 2, which 2026-12-05 replaced: 14%
 /// fewer bytes written to disk with 10,000 keys in use, BENCHMARKS.md).
-/// Only the embedded store writes it (its schema version
-/// keeps earlier builds from opening it); Redis keeps the pairs, which
-/// gateways of an earlier version on the same Redis read.
+/// Only the embedded store writes it (its schema version keeps earlier
+/// builds from opening it); Redis keeps the pairs, which gateways of an
+/// earlier version on the same Redis read.
 pub fn compact<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
@@ -71,7 +71,7 @@ impl Serialize for Window {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // Bucket indexes (v 0) are written as they were read.
         if COMPACT.get() && self.v == 1 {
-            let mut out = serializer.serialize_struct("Window", 4)?;
+            let mut out = serializer.serialize_struct("Window", 3)?;
             out.serialize_field("width_ms", &self.width_ms)?;
             out.serialize_field("v", &3u8)?;
             out.serialize_field("b", &Packed(&self.buckets))?;
