@@ -42,17 +42,27 @@ pub enum Format {
 /// holds `out` while taking `lines`, so chunks reach the output in order.
 struct Shared<W> {
     lines: Mutex<Vec<u8>>,
-    out: Mutex<W>,
+    out: Mutex<Out<W>>,
+}
+
+/// The output, and the buffer last written out, kept empty with its
+/// memory to take the lines' place next time: the lines' buffer is never
+/// grown again from nothing (copied at each doubling, on fresh pages).
+struct Out<W> {
+    to: W,
+    spare: Vec<u8>,
 }
 
 impl<W: Write> Shared<W> {
     fn write_out(&self) {
         let mut out = self.out.lock();
-        let pending = std::mem::take(&mut *self.lines.lock());
-        if !pending.is_empty() {
+        let Out { to, spare } = &mut *out;
+        std::mem::swap(spare, &mut *self.lines.lock());
+        if !spare.is_empty() {
             // Stderr gone (a closed pipe): there is nowhere left to say so.
-            let _ = out.write_all(&pending);
-            let _ = out.flush();
+            let _ = to.write_all(spare);
+            let _ = to.flush();
+            spare.clear();
         }
     }
 }
@@ -77,7 +87,10 @@ impl<W: Write + Send + 'static> Buffered<W> {
         Buffered {
             shared: Arc::new(Shared {
                 lines: Mutex::new(Vec::with_capacity(64 * 1024)),
-                out: Mutex::new(out),
+                out: Mutex::new(Out {
+                    to: out,
+                    spare: Vec::with_capacity(64 * 1024),
+                }),
             }),
         }
     }
@@ -173,8 +186,10 @@ pub struct Access<'a> {
     pub tier: &'a str,
     pub code: &'a str,
     pub status: u16,
-    pub latency_ms: f64,
-    pub upstream_ms: Option<f64>,
+    /// The whole request, in microseconds (written in milliseconds).
+    pub latency_us: u64,
+    /// From forwarding to the upstream's answer, in microseconds.
+    pub upstream_us: Option<u64>,
     pub error: Option<&'a str>,
 }
 
@@ -192,8 +207,8 @@ pub fn access(line: &Access<'_>) {
             tier = line.tier,
             code = line.code,
             status = line.status,
-            latency_ms = line.latency_ms,
-            upstream_ms = line.upstream_ms,
+            latency_ms = ms(line.latency_us),
+            upstream_ms = line.upstream_us.map(ms),
             error = line.error,
             "request"
         );
@@ -266,40 +281,38 @@ fn fraction(out: &mut String, micros: i32) {
     out.push('Z');
 }
 
-/// `value` as `{:?}` writes it. Where Debug writes plain decimals (a
-/// magnitude from 1e-4 to 1e16, or zero), the shortest digits that read
-/// back as `value` are `ryu`'s, a third of the work of `core::fmt`'s;
-/// and for a whole number of thousandths (the latencies tollgate logs,
-/// microseconds in milliseconds), they are that number's own digits
-/// (see [`thousandths`]), written with integers at a quarter of `ryu`'s.
-fn debug_f64(out: &mut String, value: f64) {
-    if let Some(m) = thousandths(value) {
-        out.push_str(itoa::Buffer::new().format(m / 1000));
-        out.push('.');
-        // Three digits without their trailing zeros; Debug writes `x.0`.
-        let f = m % 1000;
-        let digits = [f / 100, f / 10 % 10, f % 10].map(|d| b'0' + d as u8);
-        let digits = std::str::from_utf8(&digits).map_or("", |d| d.trim_end_matches('0'));
-        out.push_str(if digits.is_empty() { "0" } else { digits });
-    } else if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
-        out.push_str(ryu::Buffer::new().format_finite(value));
-    } else {
-        let _ = write!(out, "{value:?}");
-    }
+/// A number of microseconds in milliseconds, as the access line gives it.
+pub fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
-/// `m` when `value` is the double nearest to `m / 1000`, from 0.001 to
-/// 1e12. Then `m / 1000` in decimal, at most 15 significant digits, is the
-/// shortest decimal that reads back as `value`: it reads back as `value`
-/// (the nearest double, by the condition), and no other decimal of at
-/// most 15 significant digits does (doubles are closer together than
-/// such decimals), so neither does a shorter one.
-fn thousandths(value: f64) -> Option<u64> {
-    if !(1e-3..1e12).contains(&value) {
-        return None;
+/// `ms(us)` as `{:?}` writes it, from the integer: the whole
+/// milliseconds, a point, and the thousandths without their trailing
+/// zeros (Debug writes `x.0`). Below 10^15 microseconds that is exactly
+/// Debug's text: `ms(us)` is the double nearest `us / 1000` (`us` is
+/// exact as a double, the division correctly rounded), and Debug writes
+/// the shortest decimal that reads back as it; `us / 1000` in decimal, at
+/// most 15 significant digits, does, and no other decimal of at most 15
+/// significant digits does (doubles there are closer together than such
+/// decimals), so neither does a shorter one. No float is formatted.
+fn debug_ms(out: &mut String, us: u64) {
+    if us >= 1_000_000_000_000_000 {
+        let _ = write!(out, "{:?}", ms(us));
+        return;
     }
-    let m = (value * 1000.0).round();
-    (m / 1000.0 == value).then_some(m as u64)
+    out.push_str(itoa::Buffer::new().format(us / 1000));
+    out.push('.');
+    let f = us % 1000;
+    let digits = [f / 100, f / 10 % 10, f % 10];
+    let kept = match f {
+        0 => 1,
+        _ if f % 100 == 0 => 1,
+        _ if f % 10 == 0 => 2,
+        _ => 3,
+    };
+    for d in &digits[..kept] {
+        out.push(char::from(b'0' + *d as u8));
+    }
 }
 
 /// `value` as `{:?}` writes it, without Debug's per-character escaping
@@ -327,9 +340,9 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
         timestamp(out);
     }
     labels(out, line, ansi);
-    latency(out, ansi, "latency_ms", line.latency_ms);
-    if let Some(ms) = line.upstream_ms {
-        latency(out, ansi, "upstream_ms", ms);
+    latency(out, ansi, "latency_ms", line.latency_us);
+    if let Some(us) = line.upstream_us {
+        latency(out, ansi, "upstream_ms", us);
     }
     if let Some(error) = line.error {
         field(out, ansi, "error");
@@ -351,9 +364,9 @@ fn field(out: &mut String, ansi: bool, name: &str) {
     }
 }
 
-fn latency(out: &mut String, ansi: bool, name: &str, ms: f64) {
+fn latency(out: &mut String, ansi: bool, name: &str, us: u64) {
     field(out, ansi, name);
-    debug_f64(out, ms);
+    debug_ms(out, us);
 }
 
 /// A text line from its level to its `status`, which depends only on the
@@ -437,10 +450,10 @@ fn json_line(out: &mut String, line: &Access<'_>) {
     out.push_str(",\"code\":");
     string(out, line.code);
     let _ = write!(out, ",\"status\":{},\"latency_ms\":", line.status);
-    number(out, line.latency_ms);
-    if let Some(ms) = line.upstream_ms {
+    number(out, ms(line.latency_us));
+    if let Some(us) = line.upstream_us {
         out.push_str(",\"upstream_ms\":");
-        number(out, ms);
+        number(out, ms(us));
     }
     if let Some(error) = line.error {
         out.push_str(",\"error\":");
@@ -565,8 +578,8 @@ mod tests {
                 tier = line.tier,
                 code = line.code,
                 status = line.status,
-                latency_ms = line.latency_ms,
-                upstream_ms = line.upstream_ms,
+                latency_ms = ms(line.latency_us),
+                upstream_ms = line.upstream_us.map(ms),
                 error = line.error,
                 "request"
             )
@@ -609,8 +622,8 @@ mod tests {
                 tier: "free",
                 code: "OK",
                 status: 200,
-                latency_ms: 1.25,
-                upstream_ms: Some(0.5),
+                latency_us: 1250,
+                upstream_us: Some(500),
                 error: None,
             },
             Access {
@@ -618,54 +631,49 @@ mod tests {
                 tier: "none",
                 code: "UPSTREAM_UNAVAILABLE",
                 status: 502,
-                latency_ms: 3.0,
-                upstream_ms: None,
+                latency_us: 3000,
+                upstream_us: None,
                 error: Some("ConnectRefused"),
             },
         ];
-        // Latencies across the forms Debug writes floats in: ryu's where
-        // Debug writes decimals, Debug's own beyond.
+        // Latencies from none to the most a u64 holds: every count of
+        // thousandths, zeros trailing or not, and past 10^15 microseconds,
+        // where Debug's own text is used.
         let latencies = [
-            0.0,
-            -0.0,
-            0.0123,
-            0.1 + 0.2,
-            1e-4,
-            9.99e-5,
-            1e-7,
-            12345.678,
-            1e15,
-            1e16,
-            3.5e20,
-            f64::MAX,
-            f64::MIN_POSITIVE,
-            f64::NAN,
-            f64::INFINITY,
-            1.0 / 3.0,
-            // Whole thousandths, as tollgate logs them.
-            0.001,
-            0.01,
-            0.5,
-            0.523,
-            0.52,
-            1.0,
-            12.0,
-            12.05,
-            999.999,
-            1000.0,
-            86_400_000.001,
-            999_999_999_999.999,
-            1e12,
+            0,
+            1,
+            5,
+            10,
+            50,
+            100,
+            500,
+            520,
+            523,
+            999,
+            1000,
+            1001,
+            12_000,
+            12_050,
+            999_999,
+            1_000_000,
+            86_400_000_001,
+            123_456_789_012_345,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            // 2^53 + 1: no longer exact as a double.
+            9_007_199_254_740_993,
+            1_234_567_890_123_456_789,
+            u64::MAX,
         ];
         let lines: Vec<Access<'_>> = lines
             .into_iter()
-            .chain(latencies.iter().map(|&ms| Access {
+            .chain(latencies.iter().map(|&us| Access {
                 route: "r",
                 tier: "t",
                 code: "OK",
                 status: 200,
-                latency_ms: ms,
-                upstream_ms: Some(ms / 7.0),
+                latency_us: us,
+                upstream_us: Some(us / 7),
                 error: None,
             }))
             .collect();

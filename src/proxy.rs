@@ -45,10 +45,9 @@ static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-i
 static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-external-id");
 static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 
-/// A duration in milliseconds to the microsecond, as the access line
-/// gives it (`log::debug_f64` writes such a number without `ryu`).
-fn millis(d: std::time::Duration) -> f64 {
-    d.as_micros() as f64 / 1000.0
+/// A duration in whole microseconds, as the access line takes it.
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Writes `n` in decimal at the end of `buf`; returns where it is.
@@ -109,7 +108,7 @@ pub struct Ctx {
     started: Instant,
     /// When the request went upstream, for the access log.
     upstream_started: Option<Instant>,
-    upstream_ms: Option<f64>,
+    upstream_us: Option<u64>,
     config: Option<Arc<Generation>>,
     route: Option<usize>,
     /// The request is the customer usage endpoint's.
@@ -454,7 +453,7 @@ impl ProxyHttp for Proxy {
             _in_flight: InFlightGuard::enter(self.gateway.clone()),
             started: Instant::now(),
             upstream_started: None,
-            upstream_ms: None,
+            upstream_us: None,
             config: None,
             route: None,
             usage: false,
@@ -492,8 +491,8 @@ impl ProxyHttp for Proxy {
             tier: NONE,
             code,
             status: rejection.status(),
-            latency_ms: 0.0,
-            upstream_ms: None,
+            latency_us: 0,
+            upstream_us: None,
             error: Some(error.etype().as_str()),
         });
         let (resp, body) = json_answer(rejection.status(), &rejection.body(), &[])?;
@@ -628,8 +627,8 @@ impl ProxyHttp for Proxy {
         if let Some(host) = ctx
             .config
             .as_ref()
-            .and_then(|c| c.upstream(&route.upstream))
-            .and_then(|u| u.host_header.clone())
+            .and_then(|c| c.upstreams.get_index(route.upstream_index))
+            .and_then(|(_, u)| u.host_header.clone())
         {
             upstream_request.insert_header("host", host)?;
         }
@@ -669,7 +668,7 @@ impl ProxyHttp for Proxy {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
-        ctx.upstream_ms = ctx.upstream_started.map(|t| millis(t.elapsed()));
+        ctx.upstream_us = ctx.upstream_started.map(|t| micros(t.elapsed()));
         if ctx.admission.is_none() {
             return Ok(());
         }
@@ -885,8 +884,8 @@ impl ProxyHttp for Proxy {
             tier,
             code: ctx.code,
             status,
-            latency_ms: millis(took),
-            upstream_ms: ctx.upstream_ms,
+            latency_us: micros(took),
+            upstream_us: ctx.upstream_us,
             error: error.map(|e| e.etype().as_str()),
         });
     }

@@ -368,10 +368,6 @@ impl Config {
             })
     }
 
-    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
-        self.upstreams.get(name)
-    }
-
     /// The index of the first route, in file order, that matches.
     pub fn route_index(&self, method: &http::Method, path: &str) -> Option<usize> {
         self.route_table.find(&self.routes, method, path)
