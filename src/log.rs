@@ -306,8 +306,8 @@ fn debug_ms(out: &mut String, us: u64) {
     let digits = [f / 100, f / 10 % 10, f % 10];
     let kept = match f {
         0 => 1,
-        _ if f % 100 == 0 => 1,
-        _ if f % 10 == 0 => 2,
+        _ if f.is_multiple_of(100) => 1,
+        _ if f.is_multiple_of(10) => 2,
         _ => 3,
     };
     for d in &digits[..kept] {
