@@ -591,10 +591,13 @@ impl ProxyHttp for Proxy {
         };
         // Resolved when the config was loaded (and in the background since),
         // never here.
-        let peer = generation.peers.get(route.upstream_index).ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, "upstream host did not resolve").into_up()
-        })?;
-        Ok(Box::new((*peer).clone()))
+        let peer = generation
+            .peers
+            .get(generation, route.upstream_index)
+            .ok_or_else(|| {
+                Error::explain(ErrorType::ConnectNoRoute, "upstream host did not resolve").into_up()
+            })?;
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
