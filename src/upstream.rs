@@ -1,8 +1,8 @@
 //! Where the upstreams are: each upstream's address, resolved when its
 //! config generation is built and again in the background ([`Resolver`]),
-//! never on a request. A request's Pingora peer is built from it (a peer
-//! on Pingora's defaults and three timeouts costs less than cloning a kept
-//! one: ~100 instructions against ~480).
+//! never on a request. A request's Pingora peer is built from it: a peer
+//! on Pingora's defaults and three timeouts costs ~300 instructions less
+//! than cloning a kept one and loading it from an `ArcSwap`.
 //!
 //! A host name that does not resolve leaves its upstream without a peer:
 //! its requests get 502 (and their charge back) until a background lookup
