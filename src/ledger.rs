@@ -74,12 +74,17 @@ impl KeyRecord {
     }
 }
 
-/// A key's balances and counters.
+/// A key's balances and counters. Stored as JSON, a field that is `None`
+/// left out (it reads back as `None`, in builds before this too): every
+/// charged key is written a few times a second under load, and two
+/// `"period_start":null` were a twelfth of a row.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// Credits left; `None` while the key has never been on a limited tier.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
     /// Start of the current credit period (the last refill boundary).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub period_start: Option<Timestamp>,
     /// Credits charged this period.
     pub used: u64,
@@ -202,6 +207,7 @@ pub struct PoolUsage {
     /// Calendar pools count here, per period.
     #[serde(default)]
     pub used: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub period_start: Option<Timestamp>,
     /// Everything ever charged: shown for pools a tier does not define.
     #[serde(default)]
@@ -351,4 +357,44 @@ pub fn credit_limit(tier: &Tier) -> Option<u64> {
 
 pub fn duration_ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_usage_leaves_out_what_is_none_and_reads_either_form() {
+        let mut usage = Usage {
+            used: 3,
+            ..Usage::default()
+        };
+        usage.pools.insert("exports".into(), PoolUsage::default());
+        let json = serde_json::to_string(&usage).expect("json");
+        assert!(
+            !json.contains("period_start") && !json.contains("remaining"),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Usage>(&json).expect("read"), usage);
+        // As builds before this one wrote it.
+        let older = r#"{"remaining":null,"period_start":null,"used":3,"overage":0,"rate":{},
+            "pools":{"exports":{"used":0,"period_start":null,"total":0}}}"#;
+        assert_eq!(serde_json::from_str::<Usage>(older).expect("read"), usage);
+        // What is there is written.
+        let start: Timestamp = "2026-12-01T00:00:00Z".parse().expect("timestamp");
+        usage.remaining = Some(7);
+        usage.period_start = Some(start);
+        if let Some(pool) = usage.pools.get_mut("exports") {
+            pool.period_start = Some(start);
+        }
+        let json = serde_json::to_string(&usage).expect("json");
+        assert_eq!(
+            json.matches("\"period_start\":\"2026-12-01T00:00:00Z\"")
+                .count(),
+            2,
+            "{json}"
+        );
+        assert!(json.contains("\"remaining\":7"), "{json}");
+        assert_eq!(serde_json::from_str::<Usage>(&json).expect("read"), usage);
+    }
 }
