@@ -17,6 +17,12 @@ use crate::config::{Credits, Pool, PoolWindow, Tier};
 use crate::keys::KeyHash;
 use crate::window::Window;
 
+/// For `skip_serializing_if`: a field at the value it reads back as when
+/// absent.
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 /// The value under `name`, created empty if absent: without allocating a
 /// name for the lookup, as `BTreeMap::entry` would on every request.
 pub fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, name: &str) -> &'m mut V {
@@ -74,9 +80,10 @@ impl KeyRecord {
     }
 }
 
-/// A key's balances and counters. Stored as JSON, a field that is `None`
-/// left out (it reads back as `None`, in builds before this too): every
-/// charged key is written a few times a second under load, and two
+/// A key's balances and counters. Stored as JSON, a field that is `None`,
+/// or that has a default it reads back as when absent, is left out when
+/// it holds that (builds before this read it the same): every charged key
+/// is written a few times a second under load, and two
 /// `"period_start":null` were a twelfth of a row.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
@@ -90,9 +97,9 @@ pub struct Usage {
     pub used: u64,
     /// Units served past 0 credits this period (`overage: allow`).
     pub overage: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rate: BTreeMap<String, Window>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pools: BTreeMap<String, PoolUsage>,
     /// What billing events have said of this key. Stored apart from the
     /// rest (see [`crate::store::sqlite::Row::billing`]).
@@ -202,15 +209,15 @@ impl Billing {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolUsage {
     /// Rolling pools count here.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub window: Window,
     /// Calendar pools count here, per period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub used: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub period_start: Option<Timestamp>,
     /// Everything ever charged: shown for pools a tier does not define.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub total: u64,
 }
 
@@ -371,10 +378,7 @@ mod tests {
         };
         usage.pools.insert("exports".into(), PoolUsage::default());
         let json = serde_json::to_string(&usage).expect("json");
-        assert!(
-            !json.contains("period_start") && !json.contains("remaining"),
-            "{json}"
-        );
+        assert_eq!(json, r#"{"used":3,"overage":0,"pools":{"exports":{}}}"#);
         assert_eq!(serde_json::from_str::<Usage>(&json).expect("read"), usage);
         // As builds before this one wrote it.
         let older = r#"{"remaining":null,"period_start":null,"used":3,"overage":0,"rate":{},
@@ -384,17 +388,30 @@ mod tests {
         let start: Timestamp = "2026-12-01T00:00:00Z".parse().expect("timestamp");
         usage.remaining = Some(7);
         usage.period_start = Some(start);
+        usage
+            .rate
+            .entry("requests".into())
+            .or_default()
+            .add(2, 60_000, 5);
         if let Some(pool) = usage.pools.get_mut("exports") {
             pool.period_start = Some(start);
+            pool.used = 4;
+            pool.total = 9;
+            pool.window.add(1, 60_000, 5);
         }
         let json = serde_json::to_string(&usage).expect("json");
-        assert_eq!(
-            json.matches("\"period_start\":\"2026-12-01T00:00:00Z\"")
-                .count(),
-            2,
-            "{json}"
-        );
-        assert!(json.contains("\"remaining\":7"), "{json}");
+        let fields = [
+            "\"remaining\":7",
+            "\"requests\":{",
+            "\"window\":{",
+            "\"used\":4",
+            "\"total\":9",
+        ];
+        for field in fields {
+            assert!(json.contains(field), "{field} in {json}");
+        }
+        let start = "\"period_start\":\"2026-12-01T00:00:00Z\"";
+        assert_eq!(json.matches(start).count(), 2, "{json}");
         assert_eq!(serde_json::from_str::<Usage>(&json).expect("read"), usage);
     }
 }
