@@ -15,7 +15,7 @@ use crate::store::{Key, Store, StoreError};
 use crate::upstream::Peers;
 
 /// One generation of the configuration, with what serving it needs that
-/// the file does not say: the upstreams' resolved peers and the metric
+/// the file does not say: the upstreams' resolved addresses and the metric
 /// series its routes and tiers count in. Derefs to the [`Config`].
 pub struct Generation {
     pub config: Config,

@@ -304,11 +304,12 @@ fn debug_ms(out: &mut String, us: u64) {
     out.push('.');
     let f = us % 1000;
     let digits = [f / 100, f / 10 % 10, f % 10];
-    let kept = match f {
-        0 => 1,
-        _ if f.is_multiple_of(100) => 1,
-        _ if f.is_multiple_of(10) => 2,
-        _ => 3,
+    let kept = if f.is_multiple_of(100) {
+        1
+    } else if f.is_multiple_of(10) {
+        2
+    } else {
+        3
     };
     for d in &digits[..kept] {
         out.push(char::from(b'0' + *d as u8));
