@@ -352,15 +352,20 @@ report() { # label
   printf '%-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req%s\n' \
     "$1" "$rps" "$p50" "$p99" "$non2xx" "$us" "$store_us"
 }
+# The ratio of each pair of two cases' samples (the first of one to the
+# first of the other, and so on), smallest first, one a line.
+sample_ratios() { # case, case it is compared with
+  paste -d' ' <(tr ';' '\n' <<<"${SAMPLES[$1]}" | grep . | awk '{print $1}') \
+    <(tr ';' '\n' <<<"${SAMPLES[$2]}" | grep . | awk '{print $1}') \
+    | awk '$2 > 0 {print $1 / $2}' | sort -g
+}
 # A ratio two ways: of the two cases' median req/s, and the median of the
 # ratios taken round by round (the two cases of a round ran minutes apart
 # at most, so a slow spell of the machine falls on both). The target is
-# judged on the second.
+# judged on the second, unless it is judged in pairs (see "pairs").
 ratio() { # label, case, case it is compared with, target, [paired: judged in pairs]
   local paired
-  paired=$(paste -d' ' <(tr ';' '\n' <<<"${SAMPLES[$2]}" | grep . | awk '{print $1}') \
-    <(tr ';' '\n' <<<"${SAMPLES[$3]}" | grep . | awk '{print $1}') \
-    | awk '$2 > 0 {print $1 / $2}' | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)] + 0}')
+  paired=$(sample_ratios "$2" "$3" | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)] + 0}')
   awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v p="$paired" -v l="$1" -v t="$4" \
     -v judged="$( [ "${5:-}" = paired ] && echo "$PAIRS" || echo 0)" \
     'BEGIN {r = a / b; printf "  %-34s %5.2f   by round %5.2f   (target >= %s) %s\n", l, r, p, t, (t == "-" ? "" : (judged > 0 ? "judged in pairs" : (p >= t ? "met" : "NOT MET")))}'; }
@@ -440,9 +445,7 @@ pair() { # label, case, case it is compared with
       SERVED_AS=$l DURATION=$PAIR_DURATION run "pair $1: $l" "$pid" "$keys" "$url" >/dev/null
     done
   done
-  PAIRED[$1]=$(paste -d' ' <(tr ';' '\n' <<<"${SAMPLES["pair $1: $2"]}" | grep . | awk '{print $1}') \
-    <(tr ';' '\n' <<<"${SAMPLES["pair $1: $3"]}" | grep . | awk '{print $1}') \
-    | awk '$2 > 0 {print $1 / $2}' | sort -g | tr '\n' ' ')
+  PAIRED[$1]=$(sample_ratios "pair $1: $2" "pair $1: $3" | tr '\n' ' ')
 }
 paired() { # label, target
   awk -v l="$1" -v t="$2" -v r="${PAIRED[$1]}" 'BEGIN {

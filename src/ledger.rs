@@ -17,12 +17,6 @@ use crate::config::{Credits, Pool, PoolWindow, Tier};
 use crate::keys::KeyHash;
 use crate::window::Window;
 
-/// For `skip_serializing_if`: a field at the value it reads back as when
-/// absent.
-fn is_default<T: Default + PartialEq>(value: &T) -> bool {
-    *value == T::default()
-}
-
 /// The value under `name`, created empty if absent: without allocating a
 /// name for the lookup, as `BTreeMap::entry` would on every request.
 pub fn slot<'m, V: Default>(map: &'m mut BTreeMap<String, V>, name: &str) -> &'m mut V {
@@ -209,16 +203,21 @@ impl Billing {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolUsage {
     /// Rolling pools count here.
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "is_unused")]
     pub window: Window,
     /// Calendar pools count here, per period.
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub used: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub period_start: Option<Timestamp>,
     /// Everything ever charged: shown for pools a tier does not define.
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub total: u64,
+}
+
+/// A calendar pool's window: never counted in, as it reads back when absent.
+fn is_unused(window: &Window) -> bool {
+    *window == Window::default()
 }
 
 impl PoolUsage {
