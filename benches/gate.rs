@@ -417,12 +417,13 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// CPU time of this whole process (every thread: the store's writer too).
-fn process_cpu() -> std::time::Duration {
+/// CPU time of this whole process (every thread: the store's writer too),
+/// or with `RUSAGE_THREAD` of the calling thread alone.
+fn cpu(who: libc::c_int) -> std::time::Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let usage = unsafe {
         let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        libc::getrusage(who, &mut usage);
         usage
     };
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
@@ -430,61 +431,93 @@ fn process_cpu() -> std::time::Duration {
 }
 
 /// The write-behind as `benches/compare.sh`'s 10,000-key case makes it
-/// (20,000 requests a second spread over 10,000 keys): each 200 ms pass,
+/// (20,000 requests a second spread over 10,000 keys; `WB_KEYS` sets
+/// another count, a quarter of them charged a pass): each 200 ms pass,
 /// 2,500 keys picked at random charged once on the route that spends
 /// credits, a rate limit and a rolling pool, then the pass that writes
-/// them; every 25 passes (the flusher's 5 s) the usage log is folded into
-/// the keys' rows. Prints the CPU a key written costs the process (the
-/// flusher and the writer thread, folds included), per 5 s of simulated
-/// traffic once the minute window has filled its buckets.
+/// them; every 25 passes (the flusher's 5 s) a fold of the usage log into
+/// the keys' rows starts beside the passes, as the flusher runs it.
+/// Prints the CPU a key written costs the process (the flusher, the
+/// writer thread and the folds: everything but the charging), per 5 s of
+/// simulated traffic once the minute window has filled its buckets; and
+/// the longest a pass took, wall time, while a fold was under way (a
+/// charge's way to disk), beside the longest fold.
 fn write_behind() {
-    const KEYS: usize = 10_000;
-    const PER_PASS: usize = 2_500;
+    let keys: usize = std::env::var("WB_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let per_pass = keys / 4;
     const PASSES: usize = 500;
     const GROUP: usize = 25;
     let bench = Bench::new();
-    let hashes = bench.many("spread", KEYS);
+    let hashes = bench.many("spread", keys);
     let store = &bench.gateway.store;
     let config = bench.gateway.config.load();
     let demand = Demand::for_route(&config.routes[3], &HeaderMap::new());
-    let step = SignedDuration::from_micros(200_000 / PER_PASS as i64);
+    let step = SignedDuration::from_micros(200_000 / per_pass.max(1) as i64);
     let mut rng = rand::rng();
     let mut now = ts(START);
     let mut samples = Vec::new();
     let (mut spent, mut written) = (std::time::Duration::ZERO, 0);
-    for pass in 1..=PASSES {
-        for i in rand::seq::index::sample(&mut rng, KEYS, PER_PASS) {
-            now = now.checked_add(step).expect("time");
-            let key = ready(store.find(&hashes[i])).expect("read").expect("known");
-            ready(store.charge(&key, |record, usage| {
-                admit(&config, record, usage, &demand, now)
-            }))
-            .expect("store")
-            .expect("live")
-            .expect("allowed");
-        }
-        let before = process_cpu();
-        written += bench.rt.block_on(store.flush_dirty()).expect("flush");
-        if pass % GROUP == 0 {
-            bench.rt.block_on(store.fold()).expect("fold");
-        }
-        spent += process_cpu() - before;
-        if pass % GROUP == 0 {
-            if pass > 300 {
-                samples.push(spent.as_nanos() / written as u128);
+    let (mut longest_pass, mut longest_fold) =
+        (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    std::thread::scope(|scope| {
+        let mut folding: Option<std::thread::ScopedJoinHandle<'_, std::time::Duration>> = None;
+        for pass in 1..=PASSES {
+            let (process, charging) = (cpu(libc::RUSAGE_SELF), cpu(libc::RUSAGE_THREAD));
+            for i in rand::seq::index::sample(&mut rng, keys, per_pass) {
+                now = now.checked_add(step).expect("time");
+                let key = ready(store.find(&hashes[i])).expect("read").expect("known");
+                ready(store.charge(&key, |record, usage| {
+                    admit(&config, record, usage, &demand, now)
+                }))
+                .expect("store")
+                .expect("live")
+                .expect("allowed");
             }
-            (spent, written) = (std::time::Duration::ZERO, 0);
+            let charging = cpu(libc::RUSAGE_THREAD) - charging;
+            let during_fold = folding.as_ref().is_some_and(|fold| !fold.is_finished());
+            let started = std::time::Instant::now();
+            written += bench.rt.block_on(store.flush_dirty()).expect("flush");
+            if during_fold {
+                longest_pass = longest_pass.max(started.elapsed());
+            }
+            if pass % GROUP == 0 {
+                if let Some(fold) = folding.take() {
+                    longest_fold = longest_fold.max(fold.join().expect("fold thread"));
+                }
+                let rt = &bench.rt;
+                folding = Some(scope.spawn(move || {
+                    let started = std::time::Instant::now();
+                    rt.block_on(store.fold()).expect("fold");
+                    started.elapsed()
+                }));
+            }
+            spent += cpu(libc::RUSAGE_SELF) - process - charging;
+            if pass % GROUP == 0 {
+                if pass > 300 {
+                    samples.push(spent.as_nanos() / written as u128);
+                }
+                (spent, written) = (std::time::Duration::ZERO, 0);
+            }
         }
-    }
+        if let Some(fold) = folding.take() {
+            longest_fold = longest_fold.max(fold.join().expect("fold thread"));
+        }
+    });
     samples.sort_unstable();
     println!(
-        "\nwrite-behind, {PER_PASS} of {KEYS} keys charged a pass: CPU per key written \
+        "\nwrite-behind, {per_pass} of {keys} keys charged a pass: CPU per key written \
          (flusher + writer, folds included), median of {} groups of {GROUP} passes: \
-         {:.2} µs (min {:.2}, max {:.2})",
+         {:.2} µs (min {:.2}, max {:.2}); longest pass while a fold was under way \
+         {:.0} ms (wall), longest fold {:.0} ms",
         samples.len(),
         samples[samples.len() / 2] as f64 / 1000.0,
         samples[0] as f64 / 1000.0,
         samples[samples.len() - 1] as f64 / 1000.0,
+        longest_pass.as_secs_f64() * 1000.0,
+        longest_fold.as_secs_f64() * 1000.0,
     );
 }
 

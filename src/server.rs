@@ -614,6 +614,10 @@ impl BackgroundService for Flusher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_eviction = tokio::time::Instant::now();
         let mut last_fold = tokio::time::Instant::now();
+        // A fold runs beside the passes, not between them: the writer
+        // commits each pass between the fold's steps, so a charge reaches
+        // the disk on time however many keys the fold has to write.
+        let mut folding: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -623,15 +627,19 @@ impl BackgroundService for Flusher {
                 tracing::error!(error = %e, "writing usage to the store failed; charges fail closed until it works");
             }
             // Over the cap, every key already written and not in use
-            // leaves memory now (a later request reads it back, ~3 µs),
-            // once the log is folded; otherwise keys idle for KEY_IDLE,
-            // once a minute.
+            // leaves memory now (a later request reads it back, ~3 µs)
+            // once a finished fold has its logged usage; otherwise keys
+            // idle for KEY_IDLE, once a minute.
             let over_cap = store.cached() > MAX_CACHED_KEYS;
-            if over_cap || last_fold.elapsed() >= FOLD_EVERY {
+            let idle = folding.as_ref().is_none_or(|fold| fold.is_finished());
+            if idle && (over_cap || last_fold.elapsed() >= FOLD_EVERY) {
                 last_fold = tokio::time::Instant::now();
-                if let Err(e) = store.fold().await {
-                    tracing::error!(error = %e, "folding the usage log failed; charges fail closed until the store writes again");
-                }
+                let gateway = self.gateway.clone();
+                folding = Some(tokio::spawn(async move {
+                    if let Err(e) = gateway.store.fold().await {
+                        tracing::error!(error = %e, "folding the usage log failed; charges fail closed until the store writes again");
+                    }
+                }));
             }
             if over_cap {
                 let dropped = store.evict_idle(Duration::ZERO);

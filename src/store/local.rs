@@ -809,11 +809,15 @@ impl Local {
     /// Folds the usage log into the keys' rows (see [`sqlite`]'s "Usage
     /// log"). Keys written before it may then leave memory.
     pub async fn fold(&self) -> Result<(), StoreError> {
-        let _pass = self.flush_pass.lock().await;
         // Every row logged so far came from a pass that has finished (they
-        // take the same lock), with a `seq` handed out before this one.
-        let upto = self.next_seq();
-        self.disk.write(Write::Fold).await?;
+        // take the same lock), with a `seq` handed out before this one, and
+        // is on disk ahead of the fold. The lock is not held while the
+        // writer folds: passes go on, committed between its steps.
+        let (upto, folded) = {
+            let _pass = self.flush_pass.lock().await;
+            (self.next_seq(), self.disk.queue(Write::Fold)?)
+        };
+        folded.await?;
         self.folded.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
