@@ -37,9 +37,9 @@
 //! over the whole table). So a pass appends its rows to `usage_log`
 //! instead, which packs them into as few pages as their bytes need, and
 //! every few seconds one [`Write::Fold`] sets the log aside (passes go on
-//! in a new one), writes each logged key's newest state into `keys` (once
-//! per key, however often it was logged) a few thousand keys a
-//! transaction, and drops the log it set aside. The writes queued
+//! in a new one), lists each logged key's newest state and writes it into
+//! `keys` (once per key, however often it was logged), both a bounded
+//! amount a transaction, and drops the log it set aside. The writes queued
 //! meanwhile are committed between two of its transactions, so they wait
 //! for one step of a fold, not for all of it. Opening the store folds
 //! first (a log set aside by a fold that was cut short, then the other),
@@ -121,31 +121,38 @@ CREATE TABLE IF NOT EXISTS usage_log (
 /// holds a newer state of it (the rule every write to `keys` follows).
 /// [`fold_start`] sets the log aside as `usage_log_folding` (unless a
 /// fold that did not finish left one: that one is folded first) and
-/// starts a new one for the passes to come; [`FOLD_START`] then lists
-/// each key's newest row, in the order of the keys' rows on disk (one
-/// sort of the log's key ids and rowids, one of the keys'), so each
-/// [`FOLD_STEP`] of [`FOLD_BATCH`] keys rewrites a run of neighbouring
-/// pages rather than pages all over the table. [`FOLD_END`] drops the
-/// folded log whole (deleting its rows one by one took longer than the
-/// fold's writes). A logged key since deleted is not listed (its rows go
-/// with the log).
-const FOLD_START: &str = "
+/// starts a new one for the passes to come. [`FOLD_LIST`] then reads the
+/// set-aside log [`FOLD_ROWS`] rows at a time into a list of each key's
+/// newest row by the key's row in `keys`, so each [`FOLD_STEP`] of
+/// [`FOLD_BATCH`] keys, taken in that order, rewrites a run of
+/// neighbouring pages rather than pages all over the table. The last step
+/// drops the folded log whole ([`FOLD_END`]; deleting its rows one by one
+/// took longer than the fold's writes). A logged key since deleted is not
+/// listed (its rows go with the log).
+const FOLD_LISTING: &str = "
 DROP TABLE IF EXISTS temp.fold_newest;
-CREATE TEMP TABLE fold_newest AS
-    SELECT k.rowid AS krow, n.newest AS newest
-    FROM (SELECT key_id, max(rowid) AS newest FROM usage_log_folding GROUP BY key_id) AS n
-        JOIN keys AS k ON k.key_id = n.key_id
-    ORDER BY k.rowid;
+CREATE TEMP TABLE fold_newest (krow INTEGER PRIMARY KEY, newest INTEGER NOT NULL);
 ";
 
-/// Keys `?1` (exclusive) to `?2` (inclusive) of [`FOLD_START`]'s list.
+/// Log rows `?1` (exclusive) to `?2` (inclusive) into the list.
+const FOLD_LIST: &str = "
+INSERT INTO temp.fold_newest (krow, newest)
+    SELECT k.rowid, n.newest
+    FROM (SELECT key_id, max(rowid) AS newest FROM usage_log_folding
+          WHERE rowid > ?1 AND rowid <= ?2 GROUP BY key_id) AS n
+        JOIN keys AS k ON k.key_id = n.key_id
+    WHERE true
+    ON CONFLICT (krow) DO UPDATE SET newest = max(newest, excluded.newest)
+";
+
+/// Listed keys whose rows are `?1` (exclusive) to `?2` (inclusive).
 const FOLD_STEP: &str = "
 UPDATE keys SET
     usage = iif(keys.seq < l.seq, l.usage, keys.usage),
     seq = max(keys.seq, l.seq),
     billing = iif(keys.billing_seq < l.seq, l.billing, keys.billing),
     billing_seq = max(keys.billing_seq, l.seq)
-FROM (SELECT krow, newest FROM temp.fold_newest WHERE rowid > ?1 AND rowid <= ?2) AS n
+FROM (SELECT krow, newest FROM temp.fold_newest WHERE krow > ?1 AND krow <= ?2) AS n
     JOIN usage_log_folding AS l ON l.rowid = n.newest
 WHERE keys.rowid = n.krow AND (keys.seq < l.seq OR keys.billing_seq < l.seq)
 ";
@@ -156,12 +163,14 @@ DROP TABLE usage_log_folding;
 DROP TABLE temp.fold_newest;
 ";
 
-/// Keys a fold writes in one transaction. With many keys in use a whole
-/// fold is long (10,000 keys ~0.15 s, 40,000 ~0.55 s on the machine of
-/// BENCHMARKS.md); in steps, the writes queued meanwhile (a write-behind
-/// pass, an admin write) are committed between two of them, so a charge's
-/// way to disk never waits for a whole fold (SPEC §7 allows a second).
+/// Keys a fold writes in one transaction, and log rows it lists in one.
+/// With many keys in use a whole fold is long (in one transaction, 10,000
+/// keys took ~0.15 s and 40,000 ~0.6 s on the machine of BENCHMARKS.md);
+/// in steps, the writes queued meanwhile (a write-behind pass, an admin
+/// write) are committed between two of them, so a charge's way to disk
+/// never waits for a whole fold (SPEC §7 allows a second).
 const FOLD_BATCH: i64 = 2_000;
+const FOLD_ROWS: i64 = 20_000;
 
 /// Columns added after schema 1, for stores written by it.
 const MIGRATIONS: &[&str] = &[
@@ -660,8 +669,10 @@ fn run_writer(
 /// The writing connection and the fold under way on it, if any.
 struct Writer {
     conn: Connection,
-    /// Keys a fold writes a step ([`FOLD_BATCH`]; fewer in tests).
+    /// Keys a fold writes a step, and log rows it lists a step
+    /// ([`FOLD_BATCH`], [`FOLD_ROWS`]; fewer in tests).
     batch: i64,
+    rows: i64,
     fold: Option<Fold>,
     /// Folds asked for while one was under way: the rows logged since it
     /// started are not in it, so they get a fold of their own after it.
@@ -670,13 +681,20 @@ struct Writer {
 
 /// A fold in steps (see [`FOLD_BATCH`]).
 struct Fold {
-    /// Keys written so far, of `keys`.
-    done: i64,
-    keys: i64,
+    at: FoldAt,
     /// Whether it folds the log a failed fold left, rather than the one
     /// the passes were writing when it started.
     leftover: bool,
     waiting: Vec<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// Where a fold is: listing the set-aside log's rows after `after` up to
+/// `upto`, its last; or writing the listed keys whose rows in `keys` come
+/// after `after`, up to `last`, the last listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FoldAt {
+    Listing { after: i64, upto: i64 },
+    Writing { after: i64, last: i64 },
 }
 
 impl Writer {
@@ -684,6 +702,7 @@ impl Writer {
         Writer {
             conn,
             batch: FOLD_BATCH,
+            rows: FOLD_ROWS,
             fold: None,
             next: Vec::new(),
         }
@@ -717,19 +736,17 @@ impl Writer {
             let waiting = std::mem::take(&mut self.next);
             self.start_fold(waiting, fail, healthy);
         }
-        let Some(fold) = self.fold.as_mut() else {
+        let Some(at) = self.fold.as_ref().map(|fold| fold.at) else {
             return;
         };
-        let from = fold.done;
-        let to = from.saturating_add(self.batch).min(fold.keys);
-        let last = to >= fold.keys;
-        match self.transaction(fail, |tx| Ok(fold_step(tx, from, to, last)?)) {
-            Ok(()) if !last => {
+        let (batch, rows) = (self.batch, self.rows);
+        match self.transaction(fail, |tx| Ok(fold_advance(tx, at, batch, rows)?)) {
+            Ok(Some(at)) => {
                 if let Some(fold) = self.fold.as_mut() {
-                    fold.done = to;
+                    fold.at = at;
                 }
             }
-            Ok(()) => match self.fold.take() {
+            Ok(None) => match self.fold.take() {
                 // The log a failed fold left is in `keys`; the one the
                 // passes went on with since is not yet.
                 Some(fold) if fold.leftover => self.start_fold(fold.waiting, fail, healthy),
@@ -750,7 +767,7 @@ impl Writer {
         }
     }
 
-    /// Sets the log aside and lists its keys: the fold's first step.
+    /// Sets the log aside: the fold's first step.
     fn start_fold(
         &mut self,
         waiting: Vec<oneshot::Sender<Result<(), StoreError>>>,
@@ -758,10 +775,9 @@ impl Writer {
         healthy: &AtomicBool,
     ) {
         match self.transaction(fail, |tx| Ok(fold_start(tx)?)) {
-            Ok((keys, leftover)) => {
+            Ok((at, leftover)) => {
                 self.fold = Some(Fold {
-                    done: 0,
-                    keys,
+                    at,
                     leftover,
                     waiting,
                 })
@@ -800,10 +816,9 @@ impl Writer {
     }
 }
 
-/// Sets the log aside (unless a fold left one) and lists each of its
-/// keys' newest row. Returns how many keys it lists, and whether the log
-/// is one a fold left.
-fn fold_start(conn: &Connection) -> rusqlite::Result<(i64, bool)> {
+/// Sets the log aside (unless a fold left one) and starts its list.
+/// Returns where the fold is, and whether the log is one a fold left.
+fn fold_start(conn: &Connection) -> rusqlite::Result<(FoldAt, bool)> {
     let leftover = conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
         [],
@@ -813,27 +828,68 @@ fn fold_start(conn: &Connection) -> rusqlite::Result<(i64, bool)> {
         conn.execute_batch("ALTER TABLE usage_log RENAME TO usage_log_folding")?;
         conn.execute_batch(USAGE_LOG)?;
     }
-    conn.execute_batch(FOLD_START)?;
-    let keys = conn.query_row("SELECT count(*) FROM temp.fold_newest", [], |r| r.get(0))?;
-    Ok((keys, leftover))
+    conn.execute_batch(FOLD_LISTING)?;
+    let upto = conn.query_row(
+        "SELECT coalesce(max(rowid), 0) FROM usage_log_folding",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((FoldAt::Listing { after: 0, upto }, leftover))
 }
 
-/// Writes keys `from` (exclusive) to `to` (inclusive) of the list; the
-/// `last` step also drops the folded log.
-fn fold_step(conn: &Connection, from: i64, to: i64, last: bool) -> rusqlite::Result<()> {
-    conn.prepare_cached(FOLD_STEP)?.execute(params![from, to])?;
-    if last {
-        conn.execute_batch(FOLD_END)?;
+/// One step of a fold: lists up to `rows` log rows, or writes up to
+/// `batch` listed keys (the last such step drops the folded log).
+/// Returns where the fold is then, or `None` once it is done.
+fn fold_advance(
+    conn: &Connection,
+    at: FoldAt,
+    batch: i64,
+    rows: i64,
+) -> rusqlite::Result<Option<FoldAt>> {
+    match at {
+        FoldAt::Listing { after, upto } => {
+            let to = after.saturating_add(rows).min(upto);
+            conn.prepare_cached(FOLD_LIST)?
+                .execute(params![after, to])?;
+            if to < upto {
+                return Ok(Some(FoldAt::Listing { after: to, upto }));
+            }
+            let last = conn.query_row(
+                "SELECT coalesce(max(krow), 0) FROM temp.fold_newest",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(Some(FoldAt::Writing { after: 0, last }))
+        }
+        FoldAt::Writing { after, last } => {
+            // The `batch`-th listed key after `after`, or the last.
+            let to: i64 = conn
+                .prepare_cached(
+                    "SELECT krow FROM temp.fold_newest WHERE krow > ?1 \
+                     ORDER BY krow LIMIT 1 OFFSET ?2",
+                )?
+                .query_row(params![after, batch.saturating_sub(1).max(0)], |r| r.get(0))
+                .optional()?
+                .unwrap_or(last);
+            conn.prepare_cached(FOLD_STEP)?
+                .execute(params![after, to])?;
+            if to < last {
+                return Ok(Some(FoldAt::Writing { after: to, last }));
+            }
+            conn.execute_batch(FOLD_END)?;
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 /// A whole fold in the transaction `conn` is in, and another if it
 /// folded a log a fold left: after it, every logged usage is in `keys`.
 fn fold_all(conn: &Connection) -> rusqlite::Result<()> {
     loop {
-        let (keys, leftover) = fold_start(conn)?;
-        fold_step(conn, 0, keys, true)?;
+        let (mut at, leftover) = fold_start(conn)?;
+        while let Some(next) = fold_advance(conn, at, FOLD_BATCH, FOLD_ROWS)? {
+            at = next;
+        }
         if !leftover {
             return Ok(());
         }
@@ -1067,12 +1123,13 @@ mod tests {
         count("usage_log") + count("usage_log_folding")
     }
 
-    /// A writer on a fresh store, folding one key a step, with keys k1-k3
+    /// A writer on a fresh store, folding one key or listing two log rows
+    /// a step, with keys k1-k3
     /// logged twice each (the second row the newest).
     fn writer_with_log(dir: &Path) -> (Writer, AtomicBool, AtomicBool) {
         let conn = writer_connection(&dir.join(FILE)).expect("open");
         let mut writer = Writer::new(conn);
-        writer.batch = 1;
+        (writer.batch, writer.rows) = (1, 2);
         let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
         let mut writes = vec![job(create(1)), job(create(2)), job(create(3))];
         writes.push(job(logged(&[
@@ -1093,18 +1150,40 @@ mod tests {
         (writer, fail, healthy)
     }
 
-    /// The writer folds a key a step here: a pass queued while the fold is
-    /// under way is committed before the fold's next step, not after its
-    /// last; the fold still writes each key's newest row from before it
-    /// started, and leaves the pass's row in the log for the next fold,
-    /// which a fold asked for meanwhile is.
+    /// Steps the writer with nothing queued until `answer` comes, at
+    /// most `max` times. Returns how many steps it took.
+    fn until_answered(
+        writer: &mut Writer,
+        answer: &mut Answer,
+        fail: &AtomicBool,
+        healthy: &AtomicBool,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        for steps in 1..=max {
+            writer.step(Vec::new(), fail, healthy);
+            if let Some(result) = answered(answer) {
+                return result.map(|()| steps);
+            }
+        }
+        panic!("no answer in {max} steps");
+    }
+
+    /// The writer folds in small steps here (two log rows listed, or one
+    /// key written, a step): a pass queued while the fold is under way is
+    /// committed at the next step, not after the fold's last; the fold
+    /// still writes each key's newest row from before it started, and
+    /// leaves the pass's row in the log for the next fold, which a fold
+    /// asked for meanwhile is.
     #[test]
     fn writes_queued_during_a_fold_are_committed_between_its_steps() {
         let dir = tempfile::tempdir().expect("dir");
         let (mut writer, fail, healthy) = writer_with_log(dir.path());
         let (fold, mut folded) = job(Write::Fold);
         writer.step(vec![fold], &fail, &healthy);
-        assert!(answered(&mut folded).is_none(), "one key of three folded");
+        assert!(
+            answered(&mut folded).is_none(),
+            "two log rows of six listed"
+        );
 
         // A pass (k1 charged again) and a second fold come in meanwhile.
         let (pass, mut passed) = job(logged(&[(1, "k1 during", 16)]));
@@ -1114,10 +1193,11 @@ mod tests {
             matches!(answered(&mut passed), Some(Ok(()))),
             "the pass did not wait for the fold"
         );
-        assert!(answered(&mut folded).is_none(), "two keys of three folded");
+        assert!(answered(&mut folded).is_none());
 
-        writer.step(Vec::new(), &fail, &healthy);
-        assert!(matches!(answered(&mut folded), Some(Ok(()))));
+        // Two more listing steps, then a key a step.
+        let steps = until_answered(&mut writer, &mut folded, &fail, &healthy, 10).expect("fold");
+        assert_eq!(steps, 4);
         assert!(
             answered(&mut refolded).is_none(),
             "the second fold starts after the first"
@@ -1134,9 +1214,8 @@ mod tests {
             "the pass's row waits for the next fold"
         );
 
-        // The second fold: one key logged since the first started.
-        writer.step(Vec::new(), &fail, &healthy);
-        assert!(matches!(answered(&mut refolded), Some(Ok(()))));
+        // The second fold: one row, one key.
+        until_answered(&mut writer, &mut refolded, &fail, &healthy, 10).expect("fold");
         assert_eq!(usage_of(&writer, 1).0, "k1 during");
         assert_eq!(log_len(&writer), 0);
         assert!(writer.fold.is_none() && healthy.load(Ordering::Acquire));
@@ -1153,6 +1232,13 @@ mod tests {
         let (mut writer, fail, healthy) = writer_with_log(dir.path());
         let (fold, mut folded) = job(Write::Fold);
         writer.step(vec![fold], &fail, &healthy);
+        for _ in 0..10 {
+            if usage_of(&writer, 1).0 != "created" {
+                break;
+            }
+            writer.step(Vec::new(), &fail, &healthy);
+        }
+        assert_eq!(usage_of(&writer, 1).0, "k1 new", "one key written");
         fail.store(true, Ordering::Release);
         writer.step(Vec::new(), &fail, &healthy);
         assert!(matches!(
@@ -1162,7 +1248,7 @@ mod tests {
         assert!(writer.fold.is_none());
         assert!(!healthy.load(Ordering::Acquire));
         assert_eq!(log_len(&writer), 6);
-        assert_eq!(usage_of(&writer, 1).0, "k1 new", "the first step stays");
+        assert_eq!(usage_of(&writer, 1).0, "k1 new", "the step before stays");
         assert_eq!(usage_of(&writer, 2).0, "created");
 
         fail.store(false, Ordering::Release);
@@ -1171,15 +1257,7 @@ mod tests {
         assert!(matches!(answered(&mut passed), Some(Ok(()))));
         let (fold, mut folded) = job(Write::Fold);
         writer.step(vec![fold], &fail, &healthy);
-        writer.step(Vec::new(), &fail, &healthy);
-        writer.step(Vec::new(), &fail, &healthy);
-        assert!(
-            answered(&mut folded).is_none(),
-            "the passes' log is not folded yet"
-        );
-        assert_eq!(usage_of(&writer, 2).0, "k2 new");
-        writer.step(Vec::new(), &fail, &healthy);
-        assert!(matches!(answered(&mut folded), Some(Ok(()))));
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 20).expect("fold");
         assert_eq!(usage_of(&writer, 1).0, "k1 new");
         assert_eq!(usage_of(&writer, 2).0, "k2 after");
         assert_eq!(usage_of(&writer, 3).0, "k3 new");
