@@ -145,7 +145,10 @@ INSERT INTO temp.fold_newest (krow, newest)
     ON CONFLICT (krow) DO UPDATE SET newest = max(newest, excluded.newest)
 ";
 
-/// Listed keys whose rows are `?1` (exclusive) to `?2` (inclusive).
+/// Listed keys whose rows are `?1` (exclusive) to `?2` (inclusive). A
+/// key deleted after it was listed may have left its row's number to a
+/// key created since (SQLite reuses the highest); the key's id tells them
+/// apart.
 const FOLD_STEP: &str = "
 UPDATE keys SET
     usage = iif(keys.seq < l.seq, l.usage, keys.usage),
@@ -154,7 +157,8 @@ UPDATE keys SET
     billing_seq = max(keys.billing_seq, l.seq)
 FROM (SELECT krow, newest FROM temp.fold_newest WHERE krow > ?1 AND krow <= ?2) AS n
     JOIN usage_log_folding AS l ON l.rowid = n.newest
-WHERE keys.rowid = n.krow AND (keys.seq < l.seq OR keys.billing_seq < l.seq)
+WHERE keys.rowid = n.krow AND keys.key_id = l.key_id
+    AND (keys.seq < l.seq OR keys.billing_seq < l.seq)
 ";
 
 /// The folded log is all in `keys`.
@@ -1261,6 +1265,52 @@ mod tests {
         assert_eq!(usage_of(&writer, 1).0, "k1 new");
         assert_eq!(usage_of(&writer, 2).0, "k2 after");
         assert_eq!(usage_of(&writer, 3).0, "k3 new");
+        assert_eq!(log_len(&writer), 0);
+    }
+
+    /// A key deleted between a fold's listing and its writing, and a key
+    /// created meanwhile on the row number it left: the fold writes the
+    /// deleted key's logged usage and billing nowhere, not into the new
+    /// key's row.
+    #[test]
+    fn a_fold_writes_nothing_into_a_key_created_on_a_deleted_keys_row() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut writer, fail, healthy) = writer_with_log(dir.path());
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        writer.step(Vec::new(), &fail, &healthy);
+        writer.step(Vec::new(), &fail, &healthy);
+        assert!(
+            matches!(
+                writer.fold.as_ref().map(|f| f.at),
+                Some(FoldAt::Writing { after: 0, last: 3 })
+            ),
+            "the six log rows are listed, no key written yet"
+        );
+
+        let (delete, _) = job(Write::Delete {
+            key_id: "k3".into(),
+        });
+        let (create, _) = job(Write::Create {
+            key_id: "k4".into(),
+            hash: [4; 32],
+            external_id: None,
+            record: "{}".into(),
+            usage: "created".into(),
+            seq: 20,
+        });
+        writer.step(vec![delete, create], &fail, &healthy);
+        let row: i64 = writer
+            .conn
+            .query_row("SELECT rowid FROM keys WHERE key_id = 'k4'", [], |r| {
+                r.get(0)
+            })
+            .expect("k4");
+        assert_eq!(row, 3, "k4 took k3's row number");
+
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 10).expect("fold");
+        assert_eq!(usage_of(&writer, 1).0, "k1 new");
+        assert_eq!(usage_of(&writer, 4), ("created".into(), "{}".into(), 20));
         assert_eq!(log_len(&writer), 0);
     }
 
