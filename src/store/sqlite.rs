@@ -644,8 +644,10 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 /// The writer thread: group, commit, answer, until every sender is gone
-/// and no fold is under way. While a fold is, it takes whatever queued up
-/// without waiting, between two of the fold's steps.
+/// and no fold is under way or asked for. While one is, it takes whatever
+/// queued up without waiting, between two of the fold's steps (a fold
+/// asked for during another starts when that one ends, with or without
+/// another write to wake the writer).
 fn run_writer(
     mut writer: Writer,
     jobs: mpsc::Receiver<Job>,
@@ -654,7 +656,7 @@ fn run_writer(
 ) {
     loop {
         let mut group = Vec::new();
-        if writer.fold.is_none() {
+        if writer.fold.is_none() && writer.next.is_empty() {
             match jobs.recv() {
                 Ok(job) => group.push(job),
                 Err(_) => break,
@@ -1266,6 +1268,41 @@ mod tests {
         assert_eq!(usage_of(&writer, 2).0, "k2 after");
         assert_eq!(usage_of(&writer, 3).0, "k3 new");
         assert_eq!(log_len(&writer), 0);
+    }
+
+    /// A fold asked for while another is under way, and no write after
+    /// it: the writer thread starts it once the first ends, rather than
+    /// waiting for a write that does not come (a drain's last fold came
+    /// during the flusher's and never answered). Everything is queued
+    /// before the writer runs, the first fold with a group's worth of
+    /// writes so that the second comes in a later group, between the
+    /// first fold's steps; the queue then closes, and the writer returns
+    /// once nothing is left to do.
+    #[test]
+    fn a_fold_asked_for_during_another_starts_when_it_ends() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (writer, fail, healthy) = writer_with_log(dir.path());
+        let (sender, jobs) = mpsc::channel();
+        let mut queue = |write| {
+            let (job, answer) = job(write);
+            sender.send(job).expect("queued");
+            answer
+        };
+        let mut first = queue(Write::Fold);
+        for _ in 1..MAX_GROUP {
+            queue(Write::Usage {
+                rows: Vec::new(),
+                events: Vec::new(),
+            });
+        }
+        let mut second = queue(Write::Fold);
+        drop(sender);
+        run_writer(writer, jobs, &fail, &healthy);
+        assert!(matches!(answered(&mut first), Some(Ok(()))));
+        assert!(
+            matches!(answered(&mut second), Some(Ok(()))),
+            "the second fold was never started"
+        );
     }
 
     /// A key deleted between a fold's listing and its writing, and a key
