@@ -443,10 +443,13 @@ fn cpu(who: libc::c_int) -> std::time::Duration {
 /// the longest a pass took, wall time, while a fold was under way (a
 /// charge's way to disk), beside the longest fold.
 fn write_behind() {
-    let keys: usize = std::env::var("WB_KEYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let keys: usize = match std::env::var("WB_KEYS") {
+        Ok(v) => match v.parse() {
+            Ok(n) if n >= 4 => n,
+            _ => panic!("WB_KEYS is {v:?}: give a whole number of keys, at least 4"),
+        },
+        Err(_) => 10_000,
+    };
     let per_pass = keys / 4;
     const PASSES: usize = 500;
     const GROUP: usize = 25;
@@ -455,7 +458,7 @@ fn write_behind() {
     let store = &bench.gateway.store;
     let config = bench.gateway.config.load();
     let demand = Demand::for_route(&config.routes[3], &HeaderMap::new());
-    let step = SignedDuration::from_micros(200_000 / per_pass.max(1) as i64);
+    let step = SignedDuration::from_micros(200_000 / per_pass as i64);
     let mut rng = rand::rng();
     let mut now = ts(START);
     let mut samples = Vec::new();
