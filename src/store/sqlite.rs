@@ -746,7 +746,9 @@ impl Writer {
             return;
         };
         let (batch, rows) = (self.batch, self.rows);
-        match self.transaction(fail, |tx| Ok(fold_advance(tx, at, batch, rows)?)) {
+        match transaction(&mut self.conn, fail, |tx| {
+            Ok(fold_advance(tx, at, batch, rows)?)
+        }) {
             Ok(Some(at)) => {
                 if let Some(fold) = self.fold.as_mut() {
                     fold.at = at;
@@ -780,7 +782,7 @@ impl Writer {
         fail: &AtomicBool,
         healthy: &AtomicBool,
     ) {
-        match self.transaction(fail, |tx| Ok(fold_start(tx)?)) {
+        match transaction(&mut self.conn, fail, |tx| Ok(fold_start(tx)?)) {
             Ok((at, leftover)) => {
                 self.fold = Some(Fold {
                     at,
@@ -790,23 +792,6 @@ impl Writer {
             }
             Err(e) => Self::fold_failed(healthy, waiting, e),
         }
-    }
-
-    /// Runs `f` in one transaction, committed if it returns `Ok`.
-    fn transaction<T>(
-        &mut self,
-        fail: &AtomicBool,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        if fail.load(Ordering::Acquire) {
-            return Err(StoreError::Unavailable);
-        }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
     }
 
     fn fold_failed(
@@ -910,31 +895,44 @@ fn commit(
     group: &[Job],
     fail: &AtomicBool,
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    transaction(conn, fail, |tx| {
+        let mut results = Vec::with_capacity(group.len());
+        for job in group {
+            // Only a new key can be refused on its own merits; every other
+            // write goes in without a savepoint, which would copy each page
+            // it changes (a write-behind pass changes thousands).
+            if !matches!(job.write, Write::Create { .. }) {
+                results.push(apply(tx, &job.write)?);
+                continue;
+            }
+            let sp = tx.savepoint()?;
+            match apply(&sp, &job.write)? {
+                Ok(()) => {
+                    sp.commit()?;
+                    results.push(Ok(()));
+                }
+                // Dropping the savepoint rolls back this write only.
+                Err(refused) => results.push(Err(refused)),
+            }
+        }
+        Ok(results)
+    })
+}
+
+/// Runs `f` in one writing transaction, committed if it returns `Ok`
+/// (none while the test hook `fail` is set).
+fn transaction<T>(
+    conn: &mut Connection,
+    fail: &AtomicBool,
+    f: impl FnOnce(&mut rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     if fail.load(Ordering::Acquire) {
         return Err(StoreError::Unavailable);
     }
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(group.len());
-    for job in group {
-        // Only a new key can be refused on its own merits; every other
-        // write goes in without a savepoint, which would copy each page it
-        // changes (a write-behind pass changes thousands).
-        if !matches!(job.write, Write::Create { .. }) {
-            results.push(apply(&tx, &job.write)?);
-            continue;
-        }
-        let sp = tx.savepoint()?;
-        match apply(&sp, &job.write)? {
-            Ok(()) => {
-                sp.commit()?;
-                results.push(Ok(()));
-            }
-            // Dropping the savepoint rolls back this write only.
-            Err(refused) => results.push(Err(refused)),
-        }
-    }
+    let out = f(&mut tx)?;
     tx.commit()?;
-    Ok(results)
+    Ok(out)
 }
 
 fn seq(n: u64) -> i64 {
@@ -1077,14 +1075,14 @@ mod tests {
         (Job { write, done }, answer)
     }
 
-    fn create(n: u8) -> Write {
+    fn create(n: u8, seq: u64) -> Write {
         Write::Create {
             key_id: format!("k{n}"),
             hash: [n; 32],
             external_id: None,
             record: "{}".into(),
             usage: "created".into(),
-            seq: u64::from(n),
+            seq,
         }
     }
 
@@ -1137,7 +1135,7 @@ mod tests {
         let mut writer = Writer::new(conn);
         (writer.batch, writer.rows) = (1, 2);
         let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
-        let mut writes = vec![job(create(1)), job(create(2)), job(create(3))];
+        let mut writes = vec![job(create(1, 1)), job(create(2, 2)), job(create(3, 3))];
         writes.push(job(logged(&[
             (1, "k1 old", 10),
             (2, "k2 old", 11),
@@ -1283,7 +1281,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (writer, fail, healthy) = writer_with_log(dir.path());
         let (sender, jobs) = mpsc::channel();
-        let mut queue = |write| {
+        let queue = |write| {
             let (job, answer) = job(write);
             sender.send(job).expect("queued");
             answer
@@ -1328,15 +1326,8 @@ mod tests {
         let (delete, _) = job(Write::Delete {
             key_id: "k3".into(),
         });
-        let (create, _) = job(Write::Create {
-            key_id: "k4".into(),
-            hash: [4; 32],
-            external_id: None,
-            record: "{}".into(),
-            usage: "created".into(),
-            seq: 20,
-        });
-        writer.step(vec![delete, create], &fail, &healthy);
+        let (new_key, _) = job(create(4, 20));
+        writer.step(vec![delete, new_key], &fail, &healthy);
         let row: i64 = writer
             .conn
             .query_row("SELECT rowid FROM keys WHERE key_id = 'k4'", [], |r| {
