@@ -534,6 +534,16 @@ impl Harness {
         Harness::launch(upstream, dir, &text, watch, start, true, threads).await
     }
 
+    /// A gateway with one worker thread on the whole config `text`
+    /// (`{store}` in it becomes a store path of its own).
+    pub async fn start_text_on_one_thread(text: &str) -> Harness {
+        let upstream = Arc::new(Upstream::start().await);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = text.replace("{store}", &dir.path().join("store").display().to_string());
+        let start = START.parse().expect("start time");
+        Harness::launch(upstream, dir, &text, false, start, true, 1).await
+    }
+
     /// One of several gateways in front of `upstream`, on the config
     /// `text` (`{store}` in it becomes a store path of its own), its own
     /// clock starting at `clock`. With `align`, the time it counts with is

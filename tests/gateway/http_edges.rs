@@ -513,3 +513,127 @@ async fn header_names_keep_their_spelling_both_ways() {
     }
     assert!(!seen.to_lowercase().contains("authorization"), "{seen}");
 }
+
+/// An HTTP/1.1 upstream on a raw socket for the read timeout's tests:
+/// each request is answered `ok`, after `x-delay-ms` milliseconds if it
+/// says so; one with `x-stall: 1` gets its head and two bytes of a
+/// ten-byte body, and then nothing. Returns its address and, for each
+/// request in the order they came, the number of the connection it came on.
+async fn timing_upstream() -> (std::net::SocketAddr, std::sync::Arc<parking_lot::Mutex<Vec<usize>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (log, number) = (log.clone(), connections);
+            connections += 1;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
+                    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                    got.drain(..end);
+                    log.lock().push(number);
+                    let field = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                    };
+                    if field("x-stall:").is_some() {
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok").await;
+                        std::future::pending::<()>().await;
+                    }
+                    if let Some(ms) = field("x-delay-ms:").and_then(|v| v.parse().ok()) {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if conn.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A gateway with one worker thread (so requests one after another share
+/// an upstream connection) in front of [`timing_upstream`] as two
+/// upstreams: `patient` with the default read timeout (30 s), `hasty` with
+/// one second. Pingora keeps their connections together: they differ only
+/// in timeouts.
+async fn timed_gateway() -> (Harness, std::sync::Arc<parking_lot::Mutex<Vec<usize>>>) {
+    let (addr, seen) = timing_upstream().await;
+    let text = format!(
+        r#"
+listen: {{ proxy: "127.0.0.1:0", admin: "127.0.0.1:0", metrics: "127.0.0.1:0" }}
+store: {{ path: "{{store}}" }}
+upstreams:
+  patient: {{ url: "http://{addr}" }}
+  hasty: {{ url: "http://{addr}", read_timeout: 1s }}
+tiers:
+  free:
+    credits: 100
+routes:
+  - {{ name: patient, path: /patient, upstream: patient, auth: none }}
+  - {{ name: hasty, path: /hasty, upstream: hasty, auth: none }}
+"#
+    );
+    (Harness::start_text_on_one_thread(&text).await, seen)
+}
+
+async fn get_with(h: &Harness, path: &str, field: (&str, &str)) -> reqwest::Response {
+    h.client
+        .get(h.url(path))
+        .header(field.0, field.1)
+        .send()
+        .await
+        .expect("proxy answers")
+}
+
+/// A kept upstream connection's reads wait as long as the request now on
+/// it may: a 30 s request before does not lend its timeout to a 1 s one.
+#[tokio::test]
+async fn a_kept_connection_times_each_request_by_its_own_timeout() {
+    let (h, seen) = timed_gateway().await;
+    assert_eq!(get_with(&h, "/patient", ("x-delay-ms", "0")).await.status(), 200);
+    let body = json_of(get_with(&h, "/hasty", ("x-delay-ms", "5000")).await, 502).await;
+    assert_eq!(body["code"], "UPSTREAM_UNAVAILABLE");
+    // Both on the one connection: the second found it kept.
+    assert_eq!(*seen.lock(), [0, 0]);
+}
+
+/// The timeout is each read's, not the connection's or the requests'
+/// together: three answers of 0.6 s each pass a one-second timeout on one
+/// kept connection.
+#[tokio::test]
+async fn reads_are_timed_one_at_a_time() {
+    let (h, seen) = timed_gateway().await;
+    for round in 0..3 {
+        let resp = get_with(&h, "/hasty", ("x-delay-ms", "600")).await;
+        assert_eq!(resp.status(), 200, "round {round}");
+        assert_eq!(resp.text().await.expect("body"), "ok");
+    }
+    assert_eq!(*seen.lock(), [0, 0, 0]);
+}
+
+/// An answer whose body stops coming is cut off at the read timeout: the
+/// client's read of the body ends in an error instead of waiting for ever.
+#[tokio::test]
+async fn a_body_that_stops_coming_is_cut_off_at_the_read_timeout() {
+    let (h, _) = timed_gateway().await;
+    let resp = get_with(&h, "/hasty", ("x-stall", "1")).await;
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(20), resp.bytes())
+        .await
+        .expect("the body ends well before the upstream's 30 s default");
+    assert!(body.is_err(), "a body cut short reads as whole: {body:?}");
+}

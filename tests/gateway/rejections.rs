@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::{json_of, Harness};
+use crate::common::{eventually, json_of, Binary, Harness, ROOT_KEY};
 use crate::PLANS;
 
 #[tokio::test]
@@ -272,6 +272,31 @@ async fn upstream_timeout_is_502_and_refunded() {
         .expect("send");
     assert_eq!(json_of(resp, 502).await["code"], "UPSTREAM_UNAVAILABLE");
     assert_eq!(h.usage(&key).await["usage"]["credits"]["remaining"], 5);
+}
+
+/// A read timeout is logged as one: the access line's `error` is
+/// `ReadTimedout`, as when Pingora timed the read itself (the gateway
+/// times the reads of its kept upstream connections on its own:
+/// vendor/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_read_timeout_is_logged_as_one() {
+    let env = [("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY))];
+    let (gateway, _upstream, _dir) = Binary::start(PLANS, &env).await;
+    let created = gateway.create_key(json!({ "tier": "free" })).await;
+    let key = created["key"].as_str().expect("key");
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/api/slow", gateway.proxy))
+        .bearer_auth(key)
+        .header("x-test-delay-ms", "3000")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 502);
+    eventually("the access line of the timeout", || {
+        gateway.lines_with("\"ReadTimedout\"") == 1
+    })
+    .await;
+    assert_eq!(gateway.lines_with("ReadError"), 0);
 }
 
 #[tokio::test]

@@ -18,7 +18,11 @@
 //!
 //! Used for peers that speak only HTTP/1 (no ALPN beyond it, no custom
 //! protocol); every other peer goes through Pingora's connector as before.
+//! The pool's connections time their reads themselves (read_deadline.rs):
+//! the HTTP/1 session over one is given no read timeout of its own
+//! ([`read_timeout`]).
 
+use crate::read_deadline::TimedStream;
 use futures::FutureExt;
 use pingora_core::connectors::{ConnectorOptions, TransportConnector};
 use pingora_core::protocols::http::v1::client::HttpSession;
@@ -39,7 +43,7 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 struct Idle {
-    stream: Stream,
+    stream: Box<TimedStream>,
     until: Instant,
 }
 
@@ -102,12 +106,15 @@ impl IdlePool {
         &self,
         peer: &P,
     ) -> Result<(HttpSession, bool)> {
-        if let Some(stream) = take(peer.reuse_hash()) {
+        let timeout = peer.get_peer_options().and_then(|o| o.read_timeout);
+        if let Some(mut stream) = take(peer.reuse_hash()) {
+            stream.start(timeout);
             return Ok((HttpSession::new_with_options(stream, peer), true));
         }
         // Boxed: connecting is rare on a kept-alive path, and its future
         // (over 8 KiB) would otherwise be part of every request's.
-        let stream = Box::pin(self.transport.new_stream(peer)).await?;
+        let mut stream = TimedStream::new(Box::pin(self.transport.new_stream(peer)).await?);
+        stream.start(timeout);
         Ok((HttpSession::new_with_options(stream, peer), false))
     }
 
@@ -121,6 +128,10 @@ impl IdlePool {
     ) {
         session.respect_keepalive();
         let Some(stream) = session.reuse().await else {
+            return;
+        };
+        // Every stream of the pool's sessions is one (`get`).
+        let Ok(stream) = stream.into_any().downcast::<TimedStream>() else {
             return;
         };
         let now = Instant::now();
@@ -141,12 +152,12 @@ impl IdlePool {
 
 /// The most recently released connection to the peer `key` that is still
 /// alive; those expired or found closed on the way are dropped.
-fn take(key: u64) -> Option<Stream> {
+fn take(key: u64) -> Option<Box<TimedStream>> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.by_peer.get_mut(&key)?;
         drop_expired(list, Instant::now());
         while let Some(mut c) = list.pop_back() {
-            if quiet(&mut c.stream) {
+            if quiet(c.stream.inner_mut()) {
                 return Some(c.stream);
             }
         }
@@ -163,4 +174,15 @@ fn quiet(stream: &mut Stream) -> bool {
     tokio::task::unconstrained(stream.read(&mut byte))
         .now_or_never()
         .is_none()
+}
+
+/// The read timeout Pingora's HTTP/1 session over a connection to `peer`
+/// is given: none when the connection comes from this pool, whose
+/// connections time their own reads; the peer's otherwise.
+pub(crate) fn read_timeout<P: Peer>(peer: &P) -> Option<Duration> {
+    if IdlePool::serves(peer) {
+        None
+    } else {
+        peer.get_peer_options().and_then(|o| o.read_timeout)
+    }
 }

@@ -95,6 +95,7 @@ mod proxy_h1;
 mod proxy_h2;
 mod proxy_purge;
 mod proxy_trait;
+mod read_deadline;
 pub mod subrequest;
 
 use subrequest::{BodyMode, Ctx as SubrequestCtx};
@@ -439,9 +440,14 @@ where
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
                     ClientSession::H1(mut h1) => {
-                        let (server_reused, client_reuse, error) = self
+                        let (server_reused, client_reuse, mut error) = self
                             .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
                             .await;
+                        if pooled {
+                            if let Some(e) = error.as_deref_mut() {
+                                read_deadline::relabel(e);
+                            }
+                        }
                         if client_reuse && pooled {
                             self.idle_h1.release(h1, &*peer, peer.idle_timeout()).await;
                         } else if client_reuse {

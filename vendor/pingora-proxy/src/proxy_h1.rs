@@ -40,7 +40,8 @@ where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
     {
-        client_session.read_timeout = peer.options.read_timeout;
+        // tollgate: a connection of the per-thread pool times its own reads.
+        client_session.read_timeout = crate::idle_pool::read_timeout(peer);
         client_session.write_timeout = peer.options.write_timeout;
 
         // phase 2 send to upstream
