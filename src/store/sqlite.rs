@@ -783,12 +783,17 @@ impl Writer {
         healthy: &AtomicBool,
     ) {
         match transaction(&mut self.conn, fail, |tx| Ok(fold_start(tx)?)) {
-            Ok((at, leftover)) => {
+            Ok(Some((at, leftover))) => {
                 self.fold = Some(Fold {
                     at,
                     leftover,
                     waiting,
                 })
+            }
+            Ok(None) => {
+                for done in waiting {
+                    let _ = done.send(Ok(()));
+                }
             }
             Err(e) => Self::fold_failed(healthy, waiting, e),
         }
@@ -808,14 +813,23 @@ impl Writer {
 }
 
 /// Sets the log aside (unless a fold left one) and starts its list.
-/// Returns where the fold is, and whether the log is one a fold left.
-fn fold_start(conn: &Connection) -> rusqlite::Result<(FoldAt, bool)> {
+/// Returns where the fold is, and whether the log is one a fold left; or
+/// `None` when there is nothing to fold: no log a fold left, and nothing
+/// logged since the last (on a gateway serving only public routes, every
+/// fold). Renaming the log is a schema change, which makes SQLite read its
+/// schema again and prepare every statement anew.
+fn fold_start(conn: &Connection) -> rusqlite::Result<Option<(FoldAt, bool)>> {
     let leftover = conn.query_row(
         "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
         [],
         |r| r.get::<_, i64>(0),
     )? > 0;
     if !leftover {
+        let logged: bool =
+            conn.query_row("SELECT EXISTS (SELECT 1 FROM usage_log)", [], |r| r.get(0))?;
+        if !logged {
+            return Ok(None);
+        }
         conn.execute_batch("ALTER TABLE usage_log RENAME TO usage_log_folding")?;
         conn.execute_batch(USAGE_LOG)?;
     }
@@ -825,7 +839,7 @@ fn fold_start(conn: &Connection) -> rusqlite::Result<(FoldAt, bool)> {
         [],
         |r| r.get(0),
     )?;
-    Ok((FoldAt::Listing { after: 0, upto }, leftover))
+    Ok(Some((FoldAt::Listing { after: 0, upto }, leftover)))
 }
 
 /// One step of a fold: lists up to `rows` log rows, or writes up to
@@ -877,7 +891,9 @@ fn fold_advance(
 /// folded a log a fold left: after it, every logged usage is in `keys`.
 fn fold_all(conn: &Connection) -> rusqlite::Result<()> {
     loop {
-        let (mut at, leftover) = fold_start(conn)?;
+        let Some((mut at, leftover)) = fold_start(conn)? else {
+            return Ok(());
+        };
         while let Some(next) = fold_advance(conn, at, FOLD_BATCH, FOLD_ROWS)? {
             at = next;
         }
@@ -1170,6 +1186,43 @@ mod tests {
             }
         }
         panic!("no answer in {max} steps");
+    }
+
+    /// A fold with nothing logged since the last is answered at once and
+    /// changes no schema (renaming the log would make SQLite read its
+    /// schema again and prepare every statement anew, every few seconds on
+    /// a gateway that charges nothing); with rows logged, it folds them.
+    #[test]
+    fn a_fold_with_nothing_logged_renames_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut writer, fail, healthy) = writer_with_log(dir.path());
+        let schema = |writer: &Writer| -> i64 {
+            writer
+                .conn
+                .query_row("PRAGMA schema_version", [], |r| r.get(0))
+                .expect("schema version")
+        };
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 20).expect("fold");
+        assert_eq!(log_len(&writer), 0);
+        let before = schema(&writer);
+
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        assert!(
+            matches!(answered(&mut folded), Some(Ok(()))),
+            "answered in its first step"
+        );
+        assert_eq!(schema(&writer), before, "the empty log was set aside");
+
+        let (pass, mut passed) = job(logged(&[(2, "k2 later", 16)]));
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![pass, fold], &fail, &healthy);
+        assert!(matches!(answered(&mut passed), Some(Ok(()))));
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 20).expect("fold");
+        assert_eq!(usage_of(&writer, 2).0, "k2 later");
+        assert_ne!(schema(&writer), before);
     }
 
     /// The writer folds in small steps here (two log rows listed, or one
