@@ -213,17 +213,8 @@ async fn counting_upstream(
         while let Ok((mut conn, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
-                loop {
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
-                    got.drain(..end);
+                while next_head(&mut conn, &mut got).await.is_some() {
                     let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                     if conn.write_all(answer).await.is_err() || close_after {
                         return;
@@ -233,6 +224,23 @@ async fn counting_upstream(
         }
     });
     (addr, accepted)
+}
+
+/// The next request head on `conn` (bytes read past it stay in `got`
+/// for the next), or `None` once the client closes the connection.
+async fn next_head(conn: &mut tokio::net::TcpStream, got: &mut Vec<u8>) -> Option<String> {
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..at + 4]).into_owned();
+            got.drain(..at + 4);
+            return Some(head);
+        }
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// A gateway in front of the upstream at `addr`, and a key that has made
@@ -530,18 +538,9 @@ async fn timing_upstream() -> (std::net::SocketAddr, std::sync::Arc<parking_lot:
             let (log, number) = (log.clone(), connections);
             connections += 1;
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
-                loop {
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
-                    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
-                    got.drain(..end);
+                while let Some(head) = next_head(&mut conn, &mut got).await {
+                    let head = head.to_lowercase();
                     log.lock().push(number);
                     let field = |name: &str| {
                         head.lines()
