@@ -538,10 +538,8 @@ impl Harness {
     /// (`{store}` in it becomes a store path of its own).
     pub async fn start_text_on_one_thread(text: &str) -> Harness {
         let upstream = Arc::new(Upstream::start().await);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let text = text.replace("{store}", &dir.path().join("store").display().to_string());
         let start = START.parse().expect("start time");
-        Harness::launch(upstream, dir, &text, false, start, true, 1).await
+        Harness::launch_text(upstream, text, start, true, 1).await
     }
 
     /// One of several gateways in front of `upstream`, on the config
@@ -550,9 +548,21 @@ impl Harness {
     /// set to `clock` (see [`Harness::set_time`]); without, a gateway on
     /// Redis counts on Redis's clock whatever its own says.
     pub async fn node(upstream: Arc<Upstream>, text: &str, clock: Timestamp, align: bool) -> Harness {
+        Harness::launch_text(upstream, text, clock, align, THREADS).await
+    }
+
+    /// [`Harness::launch`] on `text` with `{store}` in it made a store
+    /// path of its own.
+    async fn launch_text(
+        upstream: Arc<Upstream>,
+        text: &str,
+        clock: Timestamp,
+        align: bool,
+        threads: usize,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = text.replace("{store}", &dir.path().join("store").display().to_string());
-        Harness::launch(upstream, dir, &text, false, clock, align, THREADS).await
+        Harness::launch(upstream, dir, &text, false, clock, align, threads).await
     }
 
     /// Starts a gateway on `text`, its clock at `start`.
