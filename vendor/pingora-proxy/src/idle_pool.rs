@@ -106,16 +106,17 @@ impl IdlePool {
         &self,
         peer: &P,
     ) -> Result<(HttpSession, bool)> {
-        let timeout = peer.get_peer_options().and_then(|o| o.read_timeout);
-        if let Some(mut stream) = take(peer.reuse_hash()) {
-            stream.start(timeout);
-            return Ok((HttpSession::new_with_options(stream, peer), true));
-        }
-        // Boxed: connecting is rare on a kept-alive path, and its future
-        // (over 8 KiB) would otherwise be part of every request's.
-        let mut stream = TimedStream::new(Box::pin(self.transport.new_stream(peer)).await?);
-        stream.start(timeout);
-        Ok((HttpSession::new_with_options(stream, peer), false))
+        let (mut stream, reused) = match take(peer.reuse_hash()) {
+            Some(stream) => (stream, true),
+            // Boxed: connecting is rare on a kept-alive path, and its
+            // future (over 8 KiB) would otherwise be part of every request's.
+            None => (
+                TimedStream::new(Box::pin(self.transport.new_stream(peer)).await?),
+                false,
+            ),
+        };
+        stream.start(peer.get_peer_options().and_then(|o| o.read_timeout));
+        Ok((HttpSession::new_with_options(stream, peer), reused))
     }
 
     /// Keeps `session`'s connection for the next request to `peer`, if
