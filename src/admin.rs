@@ -173,8 +173,7 @@ fn authorize(gateway: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     };
     let presented = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(crate::gateway::authorization)
+        .and_then(|v| crate::gateway::authorization(v.as_bytes()))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token);
     if bool::from(presented.as_bytes().ct_eq(root.as_bytes())) {

@@ -15,7 +15,7 @@ use jiff::Timestamp;
 
 use crate::clock::Now;
 use crate::config::{Amount, Config, Credits, Overage, PoolWindow, Route, Tier};
-use crate::ledger::{duration_ms, slot, KeyRecord, Usage};
+use crate::ledger::{duration_ms, KeyRecord, Usage};
 use crate::reject::Rejection;
 
 /// What a request asks of a key.
@@ -199,7 +199,7 @@ pub fn admit(
     // Check everything first; nothing below mutates a balance until all pass.
     for (name, rl) in &tier.rate_limits {
         let window_ms = duration_ms(rl.window);
-        let window = slot(&mut usage.rate, name);
+        let window = usage.rate.slot(name);
         window.used(window_ms, now_ms);
         let wait = window.wait_ms(1, rl.limit.get(), window_ms, now_ms);
         if wait != Some(0) {
@@ -218,7 +218,7 @@ pub fn admit(
             continue;
         };
         let limit = pool.limit.get();
-        let state = slot(&mut usage.pools, name);
+        let state = usage.pools.slot(name);
         let (used, resets_at) = state.standing(pool, *units, now);
         if used.saturating_add(*units) > limit {
             if pool.shadow {
@@ -256,7 +256,7 @@ pub fn admit(
     let mut rates = Vec::with_capacity(tier.rate_limits.len());
     for (index, (name, rl)) in tier.rate_limits.iter().enumerate() {
         let window_ms = duration_ms(rl.window);
-        let window = slot(&mut usage.rate, name);
+        let window = usage.rate.slot(name);
         window.add(1, window_ms, now_ms);
         let used = window.used(window_ms, now_ms);
         let reset_ms = window
@@ -272,7 +272,7 @@ pub fn admit(
     }
     let mut pools = Vec::with_capacity(amounts.pools.len());
     for (name, units) in &amounts.pools {
-        let state = slot(&mut usage.pools, name);
+        let state = usage.pools.slot(name);
         state.total = state.total.saturating_add(*units);
         let slot = match tier.pools.get(&**name).map(|p| p.window) {
             Some(PoolWindow::Rolling(window)) => {
@@ -352,7 +352,7 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
     usage.billing.credits = usage.billing.credits.saturating_sub(cost);
     usage.billing.overage = usage.billing.overage.saturating_sub(charge.overage);
     for pc in &charge.pools {
-        let Some(state) = usage.pools.get_mut(&*pc.pool) else {
+        let Some(state) = usage.pools.get_mut(&pc.pool) else {
             continue;
         };
         state.total = state.total.saturating_sub(pc.units);
@@ -370,7 +370,7 @@ pub fn refund(tier: Option<&Tier>, usage: &mut Usage, charge: &Charge) {
 /// is done, so this never refuses; it may take a pool past its limit.
 pub fn meter(tier: Option<&Tier>, usage: &mut Usage, pool: &str, units: u64, now: impl Into<Now>) {
     let now = now.into();
-    let state = slot(&mut usage.pools, pool);
+    let state = usage.pools.slot(pool);
     state.total = state.total.saturating_add(units);
     match tier.and_then(|t| t.pools.get(pool)).map(|p| p.window) {
         Some(PoolWindow::Rolling(window)) => {

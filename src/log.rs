@@ -177,7 +177,18 @@ impl<'a, W: Write + 'a> MakeWriter<'a> for Buffered<W> {
 }
 
 /// Where access lines go once [`init`] has run, and in which layout.
-static ACCESS: OnceLock<(Buffered<std::io::Stderr>, Format, bool)> = OnceLock::new();
+struct Sink {
+    writer: Buffered<std::io::Stderr>,
+    format: Format,
+    ansi: bool,
+    /// Whether `RUST_LOG` lets `tollgate::access` through, asked once when
+    /// the subscriber was installed: its filter does not change after, and
+    /// asking per request (`tracing::enabled!` goes to the subscriber
+    /// every time) was about 200 instructions of each.
+    enabled: bool,
+}
+
+static ACCESS: OnceLock<Sink> = OnceLock::new();
 
 /// One request, as its access line says it.
 #[derive(Clone, Copy)]
@@ -195,10 +206,7 @@ pub struct Access<'a> {
 
 /// Writes one access line, if `RUST_LOG` lets `tollgate::access` through.
 pub fn access(line: &Access<'_>) {
-    if !tracing::enabled!(target: "tollgate::access", Level::INFO) {
-        return;
-    }
-    let Some((writer, format, ansi)) = ACCESS.get() else {
+    let Some(sink) = ACCESS.get() else {
         // Logging not set up by [`init`] (a library user's subscriber):
         // the ordinary event.
         tracing::info!(
@@ -214,6 +222,9 @@ pub fn access(line: &Access<'_>) {
         );
         return;
     };
+    if !sink.enabled {
+        return;
+    }
     thread_local! {
         static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(256));
     }
@@ -222,11 +233,11 @@ pub fn access(line: &Access<'_>) {
             return;
         };
         buf.clear();
-        match format {
-            Format::Text => text_line(&mut buf, line, *ansi),
+        match sink.format {
+            Format::Text => text_line(&mut buf, line, sink.ansi),
             Format::Json => json_line(&mut buf, line),
         }
-        writer.make_writer().write_all(buf.as_bytes()).ok();
+        sink.writer.make_writer().write_all(buf.as_bytes()).ok();
     });
 }
 
@@ -301,18 +312,15 @@ fn debug_ms(out: &mut String, us: u64) {
         return;
     }
     out.push_str(itoa::Buffer::new().format(us / 1000));
-    out.push('.');
     let f = us % 1000;
-    let digits = [f / 100, f / 10 % 10, f % 10];
-    let kept = if f.is_multiple_of(100) {
-        1
-    } else if f.is_multiple_of(10) {
-        2
-    } else {
-        3
-    };
-    for d in &digits[..kept] {
-        out.push(char::from(b'0' + *d as u8));
+    let digit = |d: u64| char::from(b'0' + (d % 10) as u8);
+    out.push('.');
+    out.push(digit(f / 100));
+    if !f.is_multiple_of(100) {
+        out.push(digit(f / 10));
+        if !f.is_multiple_of(10) {
+            out.push(digit(f));
+        }
     }
 }
 
@@ -353,6 +361,7 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
 }
 
 /// A field's name and `=`, as the text layout writes them.
+#[inline]
 fn field(out: &mut String, ansi: bool, name: &str) {
     if ansi {
         out.push_str(" \x1b[3m");
@@ -475,11 +484,10 @@ pub fn init(format: Format, default: &str) -> Flush {
     }
     let flush = writer.guard();
     let ansi = std::io::stderr().is_terminal();
-    let _ = ACCESS.set((writer.clone(), format, ansi));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     let installed = match format {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().try_init(),
@@ -487,6 +495,12 @@ pub fn init(format: Format, default: &str) -> Flush {
     if let Err(e) = installed {
         eprintln!("warning: logging was already set up: {e}");
     }
+    let _ = ACCESS.set(Sink {
+        writer,
+        format,
+        ansi,
+        enabled: tracing::enabled!(target: "tollgate::access", Level::INFO),
+    });
     flush
 }
 

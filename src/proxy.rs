@@ -14,7 +14,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
@@ -24,6 +23,7 @@ use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::clock::Tick;
 use crate::config::{Config, OnStoreError, Route};
 use crate::gate::{self, Admission, Demand};
 use crate::gateway::{charged, presented_key, Gateway, Generation, InFlightGuard, KeySource};
@@ -46,8 +46,9 @@ static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-
 static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 
 /// A duration in whole microseconds, as the access line takes it.
-fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+/// A span in nanoseconds as the seconds a histogram observes.
+fn seconds(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
 }
 
 /// Writes `n` in decimal at the end of `buf`; returns where it is.
@@ -105,9 +106,9 @@ impl Proxy {
 /// Per-request state.
 pub struct Ctx {
     _in_flight: InFlightGuard,
-    started: Instant,
+    started: Tick,
     /// When the request went upstream, for the access log.
-    upstream_started: Option<Instant>,
+    upstream_started: Option<Tick>,
     upstream_us: Option<u64>,
     config: Option<Arc<Generation>>,
     route: Option<usize>,
@@ -354,12 +355,12 @@ impl Proxy {
         let headers = &session.req_header().headers;
         let (key, source) = presented_key(headers)?;
         ctx.key_source = Some(source);
-        let decided = Instant::now();
+        let decided = Tick::now();
         let result = self.decide(ctx, config, route, headers, key).await;
         self.gateway
             .metrics
             .verify_duration
-            .observe(decided.elapsed().as_secs_f64());
+            .observe(seconds(decided.elapsed_nanos()));
         result
     }
 
@@ -384,12 +385,14 @@ impl Proxy {
             .gateway
             .store
             .charge(&key, |record, usage| {
-                let who = (
-                    record.key_id.clone(),
-                    record.external_id.clone(),
-                    config.tiers.get_index_of(&record.tier),
-                );
-                (who, gate::admit(config, record, usage, &demand, now))
+                let result = gate::admit(config, record, usage, &demand, now);
+                // An admission names its tier; only a refusal looks it up.
+                let tier = match &result {
+                    Ok(admission) => Some(admission.tier),
+                    Err(_) => config.tiers.get_index_of(&record.tier),
+                };
+                let who = (record.key_id.clone(), record.external_id.clone(), tier);
+                (who, result)
             })
             .await;
         let ((key_id, external_id, tier), result) = charged(decided)?;
@@ -451,7 +454,7 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             _in_flight: InFlightGuard::enter(self.gateway.clone()),
-            started: Instant::now(),
+            started: Tick::now(),
             upstream_started: None,
             upstream_us: None,
             config: None,
@@ -614,7 +617,7 @@ impl ProxyHttp for Proxy {
                 .map_err(|e| Error::because(ErrorType::InternalError, "canonical path", e))?;
             upstream_request.set_uri(uri);
         }
-        ctx.upstream_started = Some(Instant::now());
+        ctx.upstream_started = Some(Tick::now());
         let spoofed: Vec<_> = upstream_request
             .headers
             .keys()
@@ -671,7 +674,7 @@ impl ProxyHttp for Proxy {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
-        ctx.upstream_us = ctx.upstream_started.map(|t| micros(t.elapsed()));
+        ctx.upstream_us = ctx.upstream_started.map(Tick::elapsed_micros);
         if ctx.admission.is_none() {
             return Ok(());
         }
@@ -856,8 +859,7 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let took = ctx.started.elapsed();
-        let elapsed = took.as_secs_f64();
+        let took = ctx.started.elapsed_nanos();
         let Some(config) = &ctx.config else { return };
         let label = match (ctx.route, ctx.usage) {
             (_, true) => RouteLabel::Usage,
@@ -872,7 +874,7 @@ impl ProxyHttp for Proxy {
             .tier
             .and_then(|t| config.tiers.get_index(t))
             .map_or(NONE, |(name, _)| name.as_str());
-        config.handles.request(label, ctx.tier, ctx.code, elapsed);
+        config.handles.request(label, ctx.tier, ctx.code, seconds(took));
         if let Some(admission) = &ctx.admission {
             config
                 .handles
@@ -887,7 +889,7 @@ impl ProxyHttp for Proxy {
             tier,
             code: ctx.code,
             status,
-            latency_us: micros(took),
+            latency_us: took / 1000,
             upstream_us: ctx.upstream_us,
             error: error.map(|e| e.etype().as_str()),
         });

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use crate::clock::Now;
 use crate::config::{Config, Credits, Tier};
-use crate::ledger::{credit_limit, duration_ms, slot, KeyRecord, Usage};
+use crate::ledger::{credit_limit, duration_ms, KeyRecord, Usage};
 
 /// `60s`, `500ms`: the way the config file writes windows.
 pub fn window_text(d: std::time::Duration) -> String {
@@ -23,7 +23,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
         .iter()
         .map(|(name, rl)| {
             let window_ms = duration_ms(rl.window);
-            let window = slot(&mut usage.rate, name);
+            let window = usage.rate.slot(name);
             let used = window.used(window_ms, now_ms);
             let state = json!({
                 "limit": rl.limit.get(),
@@ -40,7 +40,7 @@ fn rate_limits(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
 fn pools(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, pool) in &tier.pools {
-        let state = slot(&mut usage.pools, name);
+        let state = usage.pools.slot(name);
         let limit = pool.limit.get();
         let (used, resets_at) = state.standing(pool, 0, now);
         out.insert(
@@ -55,10 +55,10 @@ fn pools(tier: &Tier, usage: &mut Usage, now: Now) -> Map<String, Value> {
         );
     }
     // Pools this tier does not define are counted, not limited.
-    for (name, state) in &usage.pools {
+    for (name, state) in usage.pools.iter() {
         if !tier.pools.contains_key(name) {
             out.insert(
-                name.clone(),
+                name.to_string(),
                 json!({ "used": state.total, "limit": null, "remaining": null, "resets_at": null }),
             );
         }

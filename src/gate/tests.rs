@@ -265,7 +265,7 @@ fn limits_the_tier_no_longer_has_are_forgotten() {
     admit(&c, &r, &mut u, &demand(0), now).expect("under limit");
     u.settle(&c.tiers["free"], None, now);
     assert_eq!(
-        u.rate.keys().map(String::as_str).collect::<Vec<_>>(),
+        u.rate.keys().collect::<Vec<_>>(),
         ["requests"]
     );
     u.settle(&c.tiers["monthly"], None, now);
@@ -325,7 +325,7 @@ fn undefined_pool_is_counted_not_limited() {
     let now = ts("2026-03-01T12:00:00Z");
     let mut u = usage(&c, "monthly", now);
     admit(&c, &r, &mut u, &pools(0, &[("tokens", 1_000_000)]), now).expect("not limited");
-    assert_eq!(u.pools["tokens"].total, 1_000_000);
+    assert_eq!(u.pools.get("tokens").expect("tokens").total, 1_000_000);
 }
 
 #[test]
@@ -355,7 +355,7 @@ fn shadow_limits_count_but_never_refuse() {
     assert_eq!(a.shadowed, ["requests", "tokens"]);
     assert_eq!(a.remaining, None);
     assert_eq!(
-        u.pools["tokens"]
+        u.pools.get("tokens").expect("tokens")
             .window
             .clone()
             .used(3_600_000, now.as_millisecond()),
@@ -382,13 +382,13 @@ fn refund_restores_credits_and_pools_in_the_same_period() {
     assert_eq!(u.remaining, Some(5));
     assert_eq!(u.used, 0);
     assert_eq!(
-        u.pools["tokens"]
+        u.pools.get("tokens").expect("tokens")
             .window
             .clone()
             .used(3_600_000, now.as_millisecond()),
         0
     );
-    assert_eq!(u.pools["exports"].used, 0);
+    assert_eq!(u.pools.get("exports").expect("exports").used, 0);
 
     // A refund after the period rolled over must not top up the new period.
     let a = admit(&c, &r, &mut u, &demand(2), now).expect("ok");

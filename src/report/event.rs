@@ -91,7 +91,7 @@ pub fn make(
         let mut totals: BTreeMap<String, u64> = usage
             .pools
             .iter()
-            .map(|(name, pool)| (name.clone(), pool.total))
+            .map(|(name, pool)| (name.to_string(), pool.total))
             .collect();
         totals.insert(CREDITS.into(), billing.credits);
         let mut units = Map::new();
@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn detected_events_are_taken_and_usage_counts_every_counter() {
         let mut usage = Usage::default();
-        usage.pools.entry("tokens".into()).or_default().total = 700;
+        usage.pools.slot("tokens").total = 700;
         let mut billing = Billing {
             credits: 12,
             detected: vec![

@@ -869,7 +869,7 @@ mod tests {
             let entry = store.lookup(&key.hash).expect("read").expect("found");
             let mut state = entry.lock().expect("live");
             state.usage.used = 7;
-            let requests = state.usage.rate.entry("requests".into()).or_default();
+            let requests = state.usage.rate.slot("requests");
             for t in 0..5 {
                 requests.add(2, 60_000, 1_000 + t * 1_500);
             }
@@ -888,7 +888,7 @@ mod tests {
         let state = entry.lock().expect("live");
         assert_eq!(state.usage.used, 7);
         // Written in the compact form, read back the same.
-        assert_eq!(state.usage.rate["requests"], window);
+        assert_eq!(state.usage.rate.get("requests"), Some(&window));
         drop(state);
         assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
     }

@@ -487,6 +487,38 @@ async fn sighup_reloads_the_file() {
     drop(dir);
 }
 
+/// `RUST_LOG` decides whether requests get access lines, as it does for
+/// every other event (the gateway asks it once, at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_can_turn_the_access_lines_off() {
+    let env = [
+        ("TOLLGATE_TEST_ROOT_KEY", std::ffi::OsStr::new(ROOT_KEY)),
+        ("RUST_LOG", std::ffi::OsStr::new("info,tollgate::access=off")),
+    ];
+    let (gateway, _upstream, _dir) = Binary::start(PLANS, &env).await;
+    let created = gateway.create_key(json!({ "tier": "free" })).await;
+    let key = created["key"].as_str().expect("key");
+    let client = reqwest::Client::new();
+    for path in ["/api/data", "/nowhere"] {
+        let resp = client
+            .get(format!("http://{}{path}", gateway.proxy))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("send");
+        assert!(resp.status() == 200 || resp.status() == 404);
+    }
+    // Lines go out in order: once the last one is read, so is every access
+    // line there would have been.
+    gateway.signal("TERM");
+    eventually("the drained line", || {
+        gateway.lines_with("drained; usage flushed") == 1
+    })
+    .await;
+    assert_eq!(gateway.lines_with("tollgate::access"), 0);
+    assert_eq!(gateway.lines_with("SIGTERM: draining"), 1, "info still logged");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_access_line_per_request_and_no_secrets() {
     let (gateway, _upstream, _dir) = binary(PLANS).await;
