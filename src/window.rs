@@ -274,6 +274,13 @@ impl Window {
         self.units()
     }
 
+    /// The units counted when last pruned: after [`Window::add`] or
+    /// [`Window::used`] at `now_ms`, what `used(.., now_ms)` would give,
+    /// without pruning again.
+    pub fn counted(&self) -> u64 {
+        self.units()
+    }
+
     /// Counts `units` at `now_ms`. Returns the bucket it went into, for a
     /// later [`Window::refund`].
     pub fn add(&mut self, units: u64, window_ms: i64, now_ms: i64) -> i64 {
@@ -527,7 +534,11 @@ mod tests {
             for (op, at, units, wide) in steps {
                 let window_ms = if wide { 2 * MIN } else { MIN };
                 match op {
-                    0 | 1 => charged.push(w.add(units, window_ms, at)),
+                    0 | 1 => {
+                        charged.push(w.add(units, window_ms, at));
+                        // What was just pruned needs no pruning again.
+                        prop_assert_eq!(w.counted(), w.clone().used(window_ms, at));
+                    }
                     2 => {
                         let idx = charged.pop().unwrap_or(0);
                         w.refund(units, idx);
