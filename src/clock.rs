@@ -301,6 +301,9 @@ mod tests {
         let before = clock.steady().as_millisecond();
         let read = clock.read();
         let after = clock.steady().as_millisecond();
-        assert!((before..=after).contains(&read.steady_ms), "{before} {read:?} {after}");
+        assert!(
+            (before..=after).contains(&read.steady_ms),
+            "{before} {read:?} {after}"
+        );
     }
 }

@@ -176,7 +176,10 @@ pub fn authorization(value: &[u8]) -> Option<(&str, &str)> {
     // every byte a character.
     let blank = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !blank(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !blank(b)).map_or(start, |last| last + 1);
+    let end = value
+        .iter()
+        .rposition(|b| !blank(b))
+        .map_or(start, |last| last + 1);
     let value = value.get(start..end)?;
     // SAFETY: every byte is below 0x7f (checked above): ASCII, so UTF-8.
     // (`str::from_utf8` checks again, a byte at a time up to alignment:

@@ -874,7 +874,9 @@ impl ProxyHttp for Proxy {
             .tier
             .and_then(|t| config.tiers.get_index(t))
             .map_or(NONE, |(name, _)| name.as_str());
-        config.handles.request(label, ctx.tier, ctx.code, seconds(took));
+        config
+            .handles
+            .request(label, ctx.tier, ctx.code, seconds(took));
         if let Some(admission) = &ctx.admission {
             config
                 .handles

@@ -264,10 +264,7 @@ fn limits_the_tier_no_longer_has_are_forgotten() {
     let r = record("free");
     admit(&c, &r, &mut u, &demand(0), now).expect("under limit");
     u.settle(&c.tiers["free"], None, now);
-    assert_eq!(
-        u.rate.keys().collect::<Vec<_>>(),
-        ["requests"]
-    );
+    assert_eq!(u.rate.keys().collect::<Vec<_>>(), ["requests"]);
     u.settle(&c.tiers["monthly"], None, now);
     assert!(u.rate.is_empty(), "{:?}", u.rate);
 }
@@ -355,7 +352,9 @@ fn shadow_limits_count_but_never_refuse() {
     assert_eq!(a.shadowed, ["requests", "tokens"]);
     assert_eq!(a.remaining, None);
     assert_eq!(
-        u.pools.get("tokens").expect("tokens")
+        u.pools
+            .get("tokens")
+            .expect("tokens")
             .window
             .clone()
             .used(3_600_000, now.as_millisecond()),
@@ -382,7 +381,9 @@ fn refund_restores_credits_and_pools_in_the_same_period() {
     assert_eq!(u.remaining, Some(5));
     assert_eq!(u.used, 0);
     assert_eq!(
-        u.pools.get("tokens").expect("tokens")
+        u.pools
+            .get("tokens")
+            .expect("tokens")
             .window
             .clone()
             .used(3_600_000, now.as_millisecond()),
