@@ -108,12 +108,18 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
                 self,
                 mut entries: A,
             ) -> Result<Named<V>, A::Error> {
-                let mut named = Named(Vec::with_capacity(entries.size_hint().unwrap_or(0).min(16)));
-                // A name given twice keeps its last value, as a map's would.
-                while let Some((name, value)) = entries.next_entry::<String, V>()? {
-                    named.insert(name, value);
+                let mut all = Vec::with_capacity(entries.size_hint().unwrap_or(0).min(16));
+                while let Some(entry) = entries.next_entry::<String, V>()? {
+                    all.push(entry);
                 }
-                Ok(named)
+                // Sorted whatever order the object gave (not an insert
+                // each: quadratic in a long object), and a name given
+                // twice keeps its last value, as a map's would: latest
+                // first, a stable sort, then the first of each name.
+                all.reverse();
+                all.sort_by(|(a, _), (b, _)| a.cmp(b));
+                all.dedup_by(|(later, _), (kept, _)| later == kept);
+                Ok(Named(all))
             }
         }
         deserializer.deserialize_map(Entries(std::marker::PhantomData))
@@ -511,8 +517,18 @@ mod tests {
 
     #[test]
     fn a_name_stored_twice_reads_as_its_last_value() {
-        let named: Named<u64> = serde_json::from_str(r#"{"b":1,"a":2,"b":3}"#).expect("read");
-        assert_eq!(named.iter().collect::<Vec<_>>(), [("a", &2), ("b", &3)]);
+        let text = r#"{"b":1,"c":0,"a":2,"b":3,"b":4}"#;
+        let named: Named<u64> = serde_json::from_str(text).expect("read");
+        assert_eq!(
+            named.iter().collect::<Vec<_>>(),
+            [("a", &2), ("b", &4), ("c", &0)]
+        );
+        let map: BTreeMap<String, u64> = serde_json::from_str(text).expect("read");
+        assert_eq!(
+            named.keys().collect::<Vec<_>>(),
+            map.keys().map(String::as_str).collect::<Vec<_>>()
+        );
+        assert_eq!(named.get("b"), map.get("b"));
         assert!(serde_json::from_str::<Named<u64>>("[1]").is_err());
     }
 
