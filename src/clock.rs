@@ -100,10 +100,9 @@ impl Tick {
 /// the monotonic clock from the wall time at start.
 #[derive(Debug, Clone, Copy)]
 pub struct SystemClock {
-    wall_at_start: Timestamp,
     started: Tick,
-    /// `wall_at_start` in whole milliseconds, and the nanoseconds past
-    /// them, for [`Clock::read`].
+    /// The wall time at `started`, in whole milliseconds and the
+    /// nanoseconds past them: [`Clock::read`] then divides a `u64`.
     start_ms: i64,
     past_ns: u64,
 }
@@ -116,7 +115,6 @@ impl SystemClock {
     fn starting(wall_at_start: Timestamp, started: Tick) -> SystemClock {
         let ns = wall_at_start.as_nanosecond();
         SystemClock {
-            wall_at_start,
             started,
             start_ms: i64::try_from(ns.div_euclid(1_000_000)).unwrap_or(i64::MAX),
             past_ns: u64::try_from(ns.rem_euclid(1_000_000)).unwrap_or(0),
@@ -125,7 +123,9 @@ impl SystemClock {
 
     /// Window time in Unix nanoseconds.
     fn steady_nanos(&self) -> i128 {
-        self.wall_at_start.as_nanosecond() + i128::from(self.started.elapsed_nanos())
+        i128::from(self.start_ms) * 1_000_000
+            + i128::from(self.past_ns)
+            + i128::from(self.started.elapsed_nanos())
     }
 }
 

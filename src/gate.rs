@@ -258,7 +258,7 @@ pub fn admit(
         let window_ms = duration_ms(rl.window);
         let window = usage.rate.slot(name);
         window.add(1, window_ms, now_ms);
-        let used = window.counted();
+        let used = window.units();
         let reset_ms = window
             .oldest_expiry_ms(window_ms, now_ms)
             .map_or(0, |at| (at - now_ms).max(0));

@@ -361,7 +361,6 @@ fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
 }
 
 /// A field's name and `=`, as the text layout writes them.
-#[inline]
 fn field(out: &mut String, ansi: bool, name: &str) {
     if ansi {
         out.push_str(" \x1b[3m");

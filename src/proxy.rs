@@ -45,7 +45,6 @@ static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-i
 static X_TOLLGATE_EXTERNAL_ID: HeaderName = HeaderName::from_static("x-tollgate-external-id");
 static X_TOLLGATE_TIER: HeaderName = HeaderName::from_static("x-tollgate-tier");
 
-/// A duration in whole microseconds, as the access line takes it.
 /// A span in nanoseconds as the seconds a histogram observes.
 fn seconds(nanos: u64) -> f64 {
     nanos as f64 / 1e9

@@ -216,8 +216,10 @@ impl Window {
         }
     }
 
-    /// The units counted, as a saturating sum of the buckets would give.
-    fn units(&self) -> u64 {
+    /// The units counted, as a saturating sum of the buckets would give:
+    /// after [`Window::add`] or [`Window::used`] at `now_ms`, what
+    /// `used(.., now_ms)` would give, without pruning again.
+    pub fn units(&self) -> u64 {
         u64::try_from(self.total).unwrap_or(u64::MAX)
     }
 
@@ -271,13 +273,6 @@ impl Window {
     /// Units counted in the window ending at `now_ms`.
     pub fn used(&mut self, window_ms: i64, now_ms: i64) -> u64 {
         self.prune(window_ms, now_ms);
-        self.units()
-    }
-
-    /// The units counted when last pruned: after [`Window::add`] or
-    /// [`Window::used`] at `now_ms`, what `used(.., now_ms)` would give,
-    /// without pruning again.
-    pub fn counted(&self) -> u64 {
         self.units()
     }
 
@@ -537,7 +532,7 @@ mod tests {
                     0 | 1 => {
                         charged.push(w.add(units, window_ms, at));
                         // What was just pruned needs no pruning again.
-                        prop_assert_eq!(w.counted(), w.clone().used(window_ms, at));
+                        prop_assert_eq!(w.units(), w.clone().used(window_ms, at));
                     }
                     2 => {
                         let idx = charged.pop().unwrap_or(0);
