@@ -50,7 +50,7 @@
 //! Redis answers. Nothing is written partially: the scripts are atomic.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -508,9 +508,14 @@ impl Redis {
         }
     }
 
-    /// This thread's own connection to Redis, made on first use on the
-    /// thread's runtime (a proxy worker's), so its I/O runs on this thread.
-    /// A cluster connection is shared.
+    /// This thread's own connection to Redis, so a worker's requests do
+    /// their I/O on its own thread; the shared connection until that one
+    /// is up. It is made on the thread's first request (and again after
+    /// Redis failed, or when making it failed) and carries requests once
+    /// it has answered a `PING` ([`warm_up`]): a connect may take longer
+    /// than a request may wait ([`TIMEOUT`]), and a request that timed out
+    /// would mark the whole store unhealthy. A cluster connection is
+    /// shared.
     fn local_conn(&self) -> Conn {
         let (Some(client), Conn::Single(_)) = (&self.client, &self.conn) else {
             return self.conn();
@@ -518,29 +523,70 @@ impl Redis {
         let epoch = self.conn_epoch.load(Ordering::Acquire);
         LOCAL_CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
-            if let Some(at) = conns.iter().position(|(id, _, _)| *id == self.id) {
-                if conns[at].1 == epoch {
-                    return Conn::Single(conns[at].2.clone());
+            if let Some(at) = conns.iter().position(|own| own.store == self.id) {
+                let own = &conns[at];
+                if own.epoch == epoch {
+                    match own.state.load(Ordering::Acquire) {
+                        READY => return Conn::Single(own.conn.clone()),
+                        WARMING => return self.conn(),
+                        _ => {}
+                    }
                 }
                 conns.swap_remove(at);
             }
-            match client.get_connection_manager_lazy(manager_config()) {
-                Ok(conn) => {
-                    conns.push((self.id, epoch, conn.clone()));
-                    Conn::Single(conn)
-                }
-                Err(_) => self.conn(),
-            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return self.conn();
+            };
+            let Ok(conn) = client.get_connection_manager_lazy(manager_config()) else {
+                return self.conn();
+            };
+            let state = Arc::new(AtomicU8::new(WARMING));
+            runtime.spawn(warm_up(conn.clone(), state.clone()));
+            conns.push(OwnConn {
+                store: self.id,
+                epoch,
+                conn,
+                state,
+            });
+            self.conn()
         })
     }
 }
 
+/// A thread's own connection to one store ([`Redis::local_conn`]).
+struct OwnConn {
+    /// The store's [`Redis::id`].
+    store: u64,
+    /// The [`Redis::conn_epoch`] it was made in.
+    epoch: u64,
+    conn: ConnectionManager,
+    /// [`WARMING`], [`READY`] or [`FAILED`].
+    state: Arc<AtomicU8>,
+}
+
+const WARMING: u8 = 0;
+const READY: u8 = 1;
+const FAILED: u8 = 2;
+
 thread_local! {
-    /// Per store (by [`Redis::id`]), this thread's connection and the
-    /// [`Redis::conn_epoch`] it was made in.
-    static LOCAL_CONNS: std::cell::RefCell<Vec<(u64, u64, ConnectionManager)>> =
+    static LOCAL_CONNS: std::cell::RefCell<Vec<OwnConn>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Connects `conn` (made lazily) with a `PING`, on the runtime it will
+/// serve; marks it ready when answered, failed when not (within its
+/// connect and answer timeouts, and at most [`WARM_UP_WITHIN`]). Nothing
+/// else is told: the store's health is the shared connection's to say.
+async fn warm_up(mut conn: ConnectionManager, state: Arc<AtomicU8>) {
+    let ping = redis::cmd("PING");
+    let answer = tokio::time::timeout(WARM_UP_WITHIN, ping.query_async::<String>(&mut conn));
+    let up = matches!(answer.await, Ok(Ok(_)));
+    state.store(if up { READY } else { FAILED }, Ordering::Release);
+}
+
+/// The longest a thread's new connection is given to answer its first
+/// `PING` ([`warm_up`]).
+const WARM_UP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Runs a script (EVALSHA, and the script itself only when Redis lacks it).
 fn invoke(

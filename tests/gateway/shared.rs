@@ -323,6 +323,105 @@ async fn redis_stopped_is_503_and_a_restart_from_its_aof_loses_nothing() {
     );
 }
 
+/// A TCP relay in front of `to` that can hold new connections: one it
+/// accepts while held is passed on only once released (as a slow link or
+/// handshake would keep it). Counts the connections it passed on.
+struct Relay {
+    addr: std::net::SocketAddr,
+    held: tokio::sync::watch::Sender<bool>,
+    passed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    async fn start(to: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay binds");
+        let addr = listener.local_addr().expect("relay address");
+        let (held, release) = tokio::sync::watch::channel(false);
+        let passed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = passed.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut release = release.clone();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    if release.wait_for(|held| !*held).await.is_err() {
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Relay { addr, held, passed }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    fn passed(&self) -> usize {
+        self.passed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A worker thread's own Redis connection carries requests only once it
+/// is up: while new connections to Redis hang (a slow link, a slow
+/// handshake), keyed requests go over the connection the node already
+/// has, and are served; once connections go through again, the threads'
+/// own are made and used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_do_not_wait_for_a_threads_own_redis_connection() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let (upstream, nodes) = nodes(1, &format!("url: \"redis://{}/0\"", relay.addr), "").await;
+    let node = &nodes[0];
+    let (key, _) = node.create_key("fifty").await;
+    let at_start = relay.passed();
+    relay.hold(true);
+    // More requests than worker threads, one after another and at once.
+    for _ in 0..6 {
+        assert_eq!(node.get("/api/data", &key).await.status(), 200);
+    }
+    let statuses = burst(&nodes, 6, "/api/data", &key).await;
+    assert_eq!(statuses, vec![200; 6]);
+    assert_eq!(relay.passed(), at_start, "no new connection got through");
+    assert_eq!(
+        metric(&node.scrape().await, "tollgate_store_healthy", &[]),
+        1.0
+    );
+    relay.hold(false);
+    // The held connections go through, and each answers its PING.
+    let clients_on = |command: &str| {
+        redis
+            .cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|client| client.split(' ').any(|f| f == format!("cmd={command}")))
+            .count()
+    };
+    wait_for("a thread's own connection answered", || {
+        clients_on("ping") > 0
+    })
+    .await;
+    // Then carries its thread's requests: a second connection runs the
+    // charging script (the first is the node's shared one).
+    let mut served = 12;
+    while clients_on("evalsha") < 2 {
+        assert!(served < 40, "no thread's own connection carried a request");
+        assert_eq!(node.get("/api/data", &key).await.status(), 200);
+        served += 1;
+    }
+    assert_eq!(upstream.seen().len(), served);
+    assert_eq!(
+        node.usage(&key).await["usage"]["credits"]["remaining"],
+        50 - served
+    );
+}
+
 /// `on_error: allow`: while Redis is away keyed requests are forwarded
 /// uncharged and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
