@@ -50,44 +50,63 @@ fn seconds(nanos: u64) -> f64 {
     nanos as f64 / 1e9
 }
 
-/// Writes `n` in decimal at the end of `buf`; returns where it is.
-fn push_number(buf: &mut Vec<u8>, n: u64) -> std::ops::Range<usize> {
-    let start = buf.len();
+/// Writes `n` in decimal at the end of `buf`.
+fn push_number(buf: &mut Vec<u8>, n: u64) {
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-    start..buf.len()
 }
 
-/// Adds tollgate's own fields to an answer, replacing any the upstream
-/// sent under those names. On HTTP/1.x they go on the wire after the
-/// upstream's fields without entering the header map (a map insert each
-/// cost more than the rest of the answer's header work:
-/// `ResponseHeader::append_h1_field` in the vendored pingora-http); an
-/// HTTP/2 answer is built from the map, so there they are inserted.
-fn add_fields<'a>(
+/// The value of one of tollgate's own answer fields.
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    /// Written in decimal: on HTTP/1.x straight into the wire form.
+    Number(u64),
+    Text(&'a [u8]),
+}
+
+/// Adds tollgate's own fields (those given a value) to an answer,
+/// replacing any the upstream sent under those names. On HTTP/1.x they go
+/// on the wire after the upstream's fields without entering the header
+/// map (a map insert each cost more than the rest of the answer's header
+/// work: `ResponseHeader::append_h1_field` in the vendored pingora-http);
+/// an HTTP/2 answer is built from the map, so there they are inserted.
+fn add_fields(
     resp: &mut ResponseHeader,
     http2: bool,
-    fields: impl Iterator<Item = (&'static HeaderName, &'a [u8])> + Clone,
+    fields: &[(&'static HeaderName, Option<Value<'_>>)],
 ) {
+    let ours = fields
+        .iter()
+        .filter_map(|&(name, value)| Some((name, value?)));
     if http2 {
-        for (name, value) in fields {
-            if let Ok(value) = HeaderValue::from_bytes(value) {
-                resp.insert_static_header(name, value);
-            }
+        for (name, value) in ours {
+            let value = match value {
+                Value::Number(n) => HeaderValue::from(n),
+                Value::Text(text) => match HeaderValue::from_bytes(text) {
+                    Ok(value) => value,
+                    Err(_) => continue,
+                },
+            };
+            resp.insert_static_header(name, value);
         }
         return;
     }
     let theirs = resp
         .headers
         .keys()
-        .any(|n| fields.clone().any(|(ours, _)| n == ours));
+        .any(|n| ours.clone().any(|(name, _)| n == name));
     if theirs {
-        for (name, _) in fields.clone() {
+        for (name, _) in ours.clone() {
             resp.remove_header(name);
         }
     }
-    for (name, value) in fields {
-        if let Err(e) = resp.append_h1_field(name, value) {
-            tracing::debug!(error = %e, %name, "field not added");
+    for (name, value) in ours {
+        match value {
+            Value::Number(n) => resp.append_h1_number(name, n),
+            Value::Text(text) => {
+                if let Err(e) = resp.append_h1_field(name, text) {
+                    tracing::debug!(error = %e, %name, "field not added");
+                }
+            }
         }
     }
 }
@@ -744,57 +763,42 @@ impl ProxyHttp for Proxy {
         let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
             return Ok(());
         };
-        // Every number is written into one buffer, and each field's value
-        // is a slice of it (or the tier's policy).
-        let mut values = Vec::with_capacity(64 + 48 * admission.rates.len());
-        let remaining = admission.remaining.map(|n| push_number(&mut values, n));
-        let tightest = admission.tightest.as_ref().map(|t| {
-            [
-                push_number(&mut values, t.limit),
-                push_number(&mut values, t.remaining),
-                push_number(&mut values, t.reset),
-            ]
-        });
-        // The policy, and the state of each of its limits after this request.
+        // The state of each of the policy's limits after this request, in
+        // one field value.
+        let mut state = Vec::new();
         let policy = config.tier_at(admission.tier).and_then(|tier| {
             let policy = tier.rate_limit_policy.as_ref()?;
-            let start = values.len();
+            state.reserve(48 * admission.rates.len());
             for r in &admission.rates {
                 let Some((name, _)) = tier.rate_limits.get_index(r.index) else {
                     continue;
                 };
-                if values.len() > start {
-                    values.extend_from_slice(b", ");
+                if !state.is_empty() {
+                    state.extend_from_slice(b", ");
                 }
-                values.push(b'"');
-                values.extend_from_slice(name.as_bytes());
-                values.extend_from_slice(b"\";r=");
-                push_number(&mut values, r.remaining);
-                values.extend_from_slice(b";t=");
-                push_number(&mut values, r.reset);
+                state.push(b'"');
+                state.extend_from_slice(name.as_bytes());
+                state.extend_from_slice(b"\";r=");
+                push_number(&mut state, r.remaining);
+                state.extend_from_slice(b";t=");
+                push_number(&mut state, r.reset);
             }
-            Some((policy, start..values.len()))
+            Some(policy)
         });
-        let [limit, left, reset] = tightest.map_or([None, None, None], |spans| spans.map(Some));
-        let at = |span: Option<std::ops::Range<usize>>| span.and_then(|s| values.get(s));
-        let fields = [
-            (&X_USAGE_REMAINING, at(remaining)),
-            (&RATELIMIT_LIMIT, at(limit)),
-            (&RATELIMIT_REMAINING, at(left)),
-            (&RATELIMIT_RESET, at(reset)),
-            (
-                &RATELIMIT_POLICY,
-                policy.as_ref().map(|(p, _)| p.as_bytes()),
-            ),
-            (
-                &RATELIMIT,
-                at(policy.as_ref().map(|(_, state)| state.clone())),
-            ),
-        ];
-        let fields = fields
-            .iter()
-            .filter_map(|&(name, value)| Some((name, value?)));
-        add_fields(upstream_response, session.is_http2(), fields);
+        let tightest = admission.tightest.as_ref();
+        let number = |n: Option<u64>| n.map(Value::Number);
+        add_fields(
+            upstream_response,
+            session.is_http2(),
+            &[
+                (&X_USAGE_REMAINING, number(admission.remaining)),
+                (&RATELIMIT_LIMIT, number(tightest.map(|t| t.limit))),
+                (&RATELIMIT_REMAINING, number(tightest.map(|t| t.remaining))),
+                (&RATELIMIT_RESET, number(tightest.map(|t| t.reset))),
+                (&RATELIMIT_POLICY, policy.map(|p| Value::Text(p.as_bytes()))),
+                (&RATELIMIT, policy.map(|_| Value::Text(&state))),
+            ],
+        );
         Ok(())
     }
 

@@ -123,6 +123,16 @@ impl H1Fields {
         if !valid_field_value(value) {
             return pingora_error::Error::e_explain(InvalidHTTPHeader, "invalid value while append");
         }
+        self.push(name, value);
+        Ok(())
+    }
+
+    /// A number's field: its digits need no check.
+    fn append_number(&mut self, name: &HeaderName, n: u64) {
+        self.push(name, itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn push(&mut self, name: &HeaderName, value: &[u8]) {
         let fields = &mut self.0;
         // Room for a proxy's handful of fields at once, not a growth each.
         if fields.capacity() == 0 {
@@ -133,7 +143,6 @@ impl H1Fields {
         fields.extend_from_slice(b": ");
         fields.extend_from_slice(value);
         fields.extend_from_slice(b"\r\n");
-        Ok(())
     }
 }
 
@@ -301,6 +310,11 @@ impl RequestHeader {
     /// tollgate: as [ResponseHeader::append_h1_field()], for a request going out as HTTP/1.x.
     pub fn append_h1_field(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
         self.h1_fields.append(name, value)
+    }
+
+    /// tollgate: as [ResponseHeader::append_h1_number()], for a request going out as HTTP/1.x.
+    pub fn append_h1_number(&mut self, name: &HeaderName, n: u64) {
+        self.h1_fields.append_number(name, n)
     }
 
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
@@ -667,6 +681,12 @@ impl ResponseHeader {
     /// so no value can end the header early or add a line.
     pub fn append_h1_field(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
         self.h1_fields.append(name, value)
+    }
+
+    /// tollgate: as [Self::append_h1_field()], the value a number in decimal, written
+    /// straight into the wire form (its digits need no check).
+    pub fn append_h1_number(&mut self, name: &HeaderName, n: u64) {
+        self.h1_fields.append_number(name, n)
     }
 
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
@@ -1279,6 +1299,8 @@ mod tests {
         let name = HeaderName::from_static("x-own");
         resp.append_h1_field(&name, b"1, \"a\";r=2").unwrap();
         resp.append_h1_field(&http::header::SERVER, b"t\tu").unwrap();
+        resp.append_h1_number(&name, u64::MAX);
+        resp.append_h1_number(&name, 0);
         // Nothing that could end the header or add a line gets in.
         for bad in [&b"1\r\nx-evil: 1"[..], b"1\n", b"1\r", b"\0", b"\x7f"] {
             assert!(resp.append_h1_field(&name, bad).is_err(), "{bad:?}");
@@ -1287,7 +1309,8 @@ mod tests {
         resp.clone().header_to_h1_wire(&mut buf);
         assert_eq!(
             buf,
-            b"Content-Length: 0\r\nx-own: 1, \"a\";r=2\r\nserver: t\tu\r\n"
+            b"Content-Length: 0\r\nx-own: 1, \"a\";r=2\r\nserver: t\tu\r\n\
+              x-own: 18446744073709551615\r\nx-own: 0\r\n"
         );
         assert!(!resp.headers.contains_key("x-own"));
         assert!(!resp.as_owned_parts().headers.contains_key("x-own"));
@@ -1295,10 +1318,11 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("Host", "h").unwrap();
         req.append_h1_field(&name, b"2").unwrap();
+        req.append_h1_number(&name, 30);
         assert!(req.append_h1_field(&name, b"\r\n").is_err());
         let mut buf: Vec<u8> = vec![];
         req.clone().header_to_h1_wire(&mut buf);
-        assert_eq!(buf, b"Host: h\r\nx-own: 2\r\n");
+        assert_eq!(buf, b"Host: h\r\nx-own: 2\r\nx-own: 30\r\n");
         assert!(!req.headers.contains_key("x-own"));
     }
 
