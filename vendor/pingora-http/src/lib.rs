@@ -1291,6 +1291,35 @@ mod tests {
         assert!(valid_field_value(b""));
     }
 
+    // tollgate: values of every length mixing the bytes at the edges of the check.
+    #[test]
+    fn mixed_field_values_are_checked_as_a_header_value_would_be() {
+        let edges = [
+            0x00, 0x01, 0x08, 0x09, 0x0a, 0x1f, 0x20, 0x21, 0x29, 0x7e, 0x7f, 0x80, 0x89, 0xa0, 0xff,
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 41) as usize;
+            let mut pick = state;
+            let value: Vec<u8> = (0..len)
+                .map(|i| {
+                    pick = pick.rotate_left(11) ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                    // Mostly bytes that pass, so a single bad one is often alone.
+                    if pick % 4 == 0 {
+                        edges[(pick >> 8) as usize % edges.len()]
+                    } else {
+                        b'a' + (pick >> 16) as u8 % 26
+                    }
+                })
+                .collect();
+            let expected = HeaderValue::from_bytes(&value).is_ok();
+            assert_eq!(valid_field_value(&value), expected, "{value:?}");
+        }
+    }
+
     // tollgate: fields appended for the HTTP/1.x wire follow the map's there, and only there.
     #[test]
     fn h1_fields_follow_the_map_on_the_wire_only() {
