@@ -120,11 +120,16 @@ pub fn well_formed(key: &str) -> bool {
 
 /// Whether `key` has a tollgate key's shape: a prefix, `_`, then the right
 /// number of base58 characters. No hashing.
+///
+/// Read from the end: the tail holds no `_` (base58 has none), so the
+/// last `_` is the one just before it (as `rsplit_once('_')` would find,
+/// without its search).
 pub fn well_shaped(key: &str) -> bool {
-    let Some((prefix, tail)) = key.rsplit_once('_') else {
+    let key = key.as_bytes();
+    let Some(cut) = key.len().checked_sub(RANDOM_LEN + CHECKSUM_LEN + 1) else {
         return false;
     };
-    !prefix.is_empty() && tail.len() == RANDOM_LEN + CHECKSUM_LEN && tail.bytes().all(base58)
+    cut > 0 && key[cut] == b'_' && key[cut + 1..].iter().all(|&b| base58(b))
 }
 
 /// Whether a well-shaped key's last characters are the checksum of the
@@ -212,6 +217,32 @@ mod tests {
             "sk_free_0000000000000000000000000000",
         ] {
             assert!(!well_formed(bad), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// As the split at the last `_` reads it, for strings near a key's
+        /// shape: any prefix (empty, with `_`s, non-ASCII), a base58 tail of
+        /// about the right length, sometimes with a character that is not
+        /// base58 in it.
+        #[test]
+        fn the_shape_is_read_as_a_split_at_the_last_underscore(
+            prefix in "[a-z_é]{0,4}",
+            underscore in proptest::bool::ANY,
+            tail in "[1-9A-HJ-NP-Za-km-z]{26,30}",
+            bad in proptest::option::of(("[_0OIlé]", 0..26usize)),
+        ) {
+            let mut tail = tail;
+            if let Some((bad, at)) = bad {
+                tail.insert_str(at, &bad);
+            }
+            let key = format!("{prefix}{}{tail}", if underscore { "_" } else { "" });
+            let split = key.rsplit_once('_').is_some_and(|(prefix, tail)| {
+                !prefix.is_empty()
+                    && tail.len() == RANDOM_LEN + CHECKSUM_LEN
+                    && tail.bytes().all(base58)
+            });
+            proptest::prop_assert_eq!(well_shaped(&key), split, "{}", key);
         }
     }
 
