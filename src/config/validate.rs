@@ -58,7 +58,7 @@ fn duration_text(d: Duration) -> String {
         (1_000, "s"),
     ]
     .into_iter()
-    .find(|(per, _)| ms % per == 0)
+    .find(|(per, _)| ms.is_multiple_of(*per))
     .map_or_else(
         || format!("{ms}ms"),
         |(per, unit)| format!("{}{unit}", ms / per),

@@ -450,7 +450,7 @@ impl Local {
         &self,
         after: &str,
         limit: usize,
-    ) -> Result<Vec<(sqlite::Row, Vec<u8>, Option<String>)>, StoreError> {
+    ) -> Result<Vec<sqlite::CopiedKey>, StoreError> {
         self.disk.rows_after(after, limit)
     }
 
@@ -527,6 +527,8 @@ impl Local {
     fn has_room(&self) -> bool {
         match nix::sys::statvfs::statvfs(&self.dir) {
             Ok(fs) => {
+                // The block count's type is narrower than u64 on some targets.
+                #[allow(clippy::useless_conversion)]
                 let free = u64::from(fs.blocks_available()).saturating_mul(fs.fragment_size());
                 free >= MIN_FREE
             }
@@ -867,14 +869,15 @@ mod tests {
                 .await
                 .expect("create");
             let entry = store.lookup(&key.hash).expect("read").expect("found");
-            let mut state = entry.lock().expect("live");
-            state.usage.used = 7;
-            let requests = state.usage.rate.slot("requests");
-            for t in 0..5 {
-                requests.add(2, 60_000, 1_000 + t * 1_500);
+            {
+                let mut state = entry.lock().expect("live");
+                state.usage.used = 7;
+                let requests = state.usage.rate.slot("requests");
+                for t in 0..5 {
+                    requests.add(2, 60_000, 1_000 + t * 1_500);
+                }
+                window = requests.clone();
             }
-            window = requests.clone();
-            drop(state);
             store.touch(&entry);
             assert_eq!(store.flush_dirty().await.expect("flush"), 1);
             // Dropped without a fold, as by kill -9: the usage is in the

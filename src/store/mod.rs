@@ -72,7 +72,9 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
-/// Which backend runs.
+/// Which backend runs. One a process, reached on every keyed request:
+/// kept inline rather than boxed.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Local(local::Local),
     Redis(Arc<self::redis::Redis>),

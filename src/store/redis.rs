@@ -376,7 +376,8 @@ fn cached_from(key_id: &str, values: &[Value]) -> Result<Cached, StoreError> {
 /// What a compare-and-set answered.
 enum Cas {
     Done,
-    Changed(Cached),
+    /// Boxed: the state is large, and seldom sent back.
+    Changed(Box<Cached>),
     Gone,
 }
 
@@ -388,7 +389,7 @@ fn cas_reply(key_id: &str, reply: &Value) -> Result<Cas, StoreError> {
     };
     match int(items.first()) {
         Some(1) => Ok(Cas::Done),
-        Some(0) => Ok(Cas::Changed(cached_from(key_id, &items[1..])?)),
+        Some(0) => Ok(Cas::Changed(Box::new(cached_from(key_id, &items[1..])?))),
         Some(-1) => Ok(Cas::Gone),
         _ => Err(StoreError::Io(format!(
             "redis: unexpected script answer {reply:?}"
@@ -589,25 +590,23 @@ async fn warm_up(mut conn: ConnectionManager, state: Arc<AtomicU8>) {
 const WARM_UP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Runs a script (EVALSHA, and the script itself only when Redis lacks it).
-fn invoke(
+async fn invoke(
     mut conn: Conn,
     script: &'static LazyLock<Script>,
     keys: Vec<String>,
     args: Vec<String>,
-) -> impl std::future::Future<Output = Result<Value, StoreError>> + Send + 'static {
-    async move {
-        let mut invocation = script.prepare_invoke();
-        for k in &keys {
-            invocation.key(k);
-        }
-        for a in &args {
-            invocation.arg(a);
-        }
-        invocation
-            .invoke_async::<Value>(&mut conn)
-            .await
-            .map_err(io)
+) -> Result<Value, StoreError> {
+    let mut invocation = script.prepare_invoke();
+    for k in &keys {
+        invocation.key(k);
     }
+    for a in &args {
+        invocation.arg(a);
+    }
+    invocation
+        .invoke_async::<Value>(&mut conn)
+        .await
+        .map_err(io)
 }
 
 impl Redis {
@@ -942,7 +941,7 @@ impl Redis {
                     self.announce(&entry.key_id).await;
                     return Ok(());
                 }
-                Cas::Changed(now) => *state = now,
+                Cas::Changed(now) => *state = *now,
                 Cas::Gone => {
                     self.gone(entry);
                     return Err(StoreError::Gone.into());
@@ -1220,7 +1219,7 @@ impl Redis {
                     state.ver = version;
                     return Ok(events.len());
                 }
-                Cas::Changed(now) => *state = now,
+                Cas::Changed(now) => *state = *now,
                 Cas::Gone => {
                     self.gone(entry);
                     return Ok(0);

@@ -182,6 +182,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE keys ADD COLUMN billing_seq INTEGER NOT NULL DEFAULT 0",
 ];
 
+/// A key as [`Disk::rows_after`] copies it: its row, hash and external id.
+pub type CopiedKey = (Row, Vec<u8>, Option<String>);
+
 /// A key as stored: everything but the hash, which the caller knows.
 pub struct Row {
     pub key_id: String,
@@ -507,11 +510,7 @@ impl Disk {
 
     /// Every key, in id order, `limit` at a time after `after` (for copying
     /// a store whole).
-    pub fn rows_after(
-        &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<(Row, Vec<u8>, Option<String>)>, StoreError> {
+    pub fn rows_after(&self, after: &str, limit: usize) -> Result<Vec<CopiedKey>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|c| {
             c.prepare_cached(
