@@ -57,7 +57,7 @@ fn push_number(buf: &mut Vec<u8>, n: u64) {
 
 /// The value of one of tollgate's own answer fields.
 #[derive(Clone, Copy)]
-enum Value<'a> {
+enum FieldValue<'a> {
     /// Written in decimal: on HTTP/1.x straight into the wire form.
     Number(u64),
     Text(&'a [u8]),
@@ -72,7 +72,7 @@ enum Value<'a> {
 fn add_fields(
     resp: &mut ResponseHeader,
     http2: bool,
-    fields: &[(&'static HeaderName, Option<Value<'_>>)],
+    fields: &[(&'static HeaderName, Option<FieldValue<'_>>)],
 ) {
     let ours = fields
         .iter()
@@ -80,8 +80,8 @@ fn add_fields(
     if http2 {
         for (name, value) in ours {
             let value = match value {
-                Value::Number(n) => HeaderValue::from(n),
-                Value::Text(text) => match HeaderValue::from_bytes(text) {
+                FieldValue::Number(n) => HeaderValue::from(n),
+                FieldValue::Text(text) => match HeaderValue::from_bytes(text) {
                     Ok(value) => value,
                     Err(_) => continue,
                 },
@@ -101,8 +101,8 @@ fn add_fields(
     }
     for (name, value) in ours {
         match value {
-            Value::Number(n) => resp.append_h1_number(name, n),
-            Value::Text(text) => {
+            FieldValue::Number(n) => resp.append_h1_number(name, n),
+            FieldValue::Text(text) => {
                 if let Err(e) = resp.append_h1_field(name, text) {
                     tracing::debug!(error = %e, %name, "field not added");
                 }
@@ -786,7 +786,7 @@ impl ProxyHttp for Proxy {
             Some(policy)
         });
         let tightest = admission.tightest.as_ref();
-        let number = |n: Option<u64>| n.map(Value::Number);
+        let number = |n: Option<u64>| n.map(FieldValue::Number);
         add_fields(
             upstream_response,
             session.is_http2(),
@@ -795,8 +795,11 @@ impl ProxyHttp for Proxy {
                 (&RATELIMIT_LIMIT, number(tightest.map(|t| t.limit))),
                 (&RATELIMIT_REMAINING, number(tightest.map(|t| t.remaining))),
                 (&RATELIMIT_RESET, number(tightest.map(|t| t.reset))),
-                (&RATELIMIT_POLICY, policy.map(|p| Value::Text(p.as_bytes()))),
-                (&RATELIMIT, policy.map(|_| Value::Text(&state))),
+                (
+                    &RATELIMIT_POLICY,
+                    policy.map(|p| FieldValue::Text(p.as_bytes())),
+                ),
+                (&RATELIMIT, policy.map(|_| FieldValue::Text(&state))),
             ],
         );
         Ok(())
