@@ -348,7 +348,7 @@ async fn a_receiver_that_hangs_past_the_timeout_is_retried() {
         assert_eq!(h.get("/api/data", &key).await.status(), 200);
     }
     // The first attempt hangs; requests go on meanwhile.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("a delivery hanging", || receiver.hung() > 0).await;
     receiver.hang(false);
     for _ in 0..2 {
         assert_eq!(h.get("/api/data", &key).await.status(), 200);

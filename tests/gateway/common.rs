@@ -185,6 +185,8 @@ struct ReceiverState {
     status: std::sync::atomic::AtomicU16,
     /// Answer only after 15 s (past tollgate's 10 s timeout).
     hang: std::sync::atomic::AtomicBool,
+    /// Deliveries that began hanging.
+    hung: std::sync::atomic::AtomicUsize,
 }
 
 /// A real webhook receiver: records every delivery, answers as told.
@@ -227,6 +229,11 @@ impl Receiver {
             .store(hang, std::sync::atomic::Ordering::Release);
     }
 
+    /// How many deliveries began hanging ([`Receiver::hang`]).
+    pub fn hung(&self) -> usize {
+        self.state.hung.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.state.deliveries.lock().clone()
     }
@@ -257,6 +264,7 @@ async fn receive(State(state): State<Arc<ReceiverState>>, req: Request) -> Statu
         return StatusCode::BAD_REQUEST;
     };
     if state.hang.load(std::sync::atomic::Ordering::Acquire) {
+        state.hung.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         tokio::time::sleep(Duration::from_secs(15)).await;
     }
     let status = match state.status.load(std::sync::atomic::Ordering::Acquire) {
