@@ -312,11 +312,6 @@ impl RequestHeader {
         self.h1_fields.append(name, value)
     }
 
-    /// tollgate: as [ResponseHeader::append_h1_number()], for a request going out as HTTP/1.x.
-    pub fn append_h1_number(&mut self, name: &HeaderName, n: u64) {
-        self.h1_fields.append_number(name, n)
-    }
-
     /// If case sensitivity is enabled, returns an iterator over the header names as they go on
     /// the wire and their values. Otherwise returns an empty iterator.
     ///
@@ -1347,11 +1342,10 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("Host", "h").unwrap();
         req.append_h1_field(&name, b"2").unwrap();
-        req.append_h1_number(&name, 30);
         assert!(req.append_h1_field(&name, b"\r\n").is_err());
         let mut buf: Vec<u8> = vec![];
         req.clone().header_to_h1_wire(&mut buf);
-        assert_eq!(buf, b"Host: h\r\nx-own: 2\r\nx-own: 30\r\n");
+        assert_eq!(buf, b"Host: h\r\nx-own: 2\r\n");
         assert!(!req.headers.contains_key("x-own"));
     }
 
