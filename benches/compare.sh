@@ -485,7 +485,7 @@ fi
 SIDE=${SIDE:-5}
 declare -A SIDE_BY_SIDE
 together() { # label, case, case it is compared with
-  local i idx l pid keys url header total rps us ratios="" speeds=""
+  local i idx l pid keys url header total ratios="" speeds=""
   local -a labels=("$2" "$3") wrks
   local -A before us_of rps_of
   for i in $(seq "$SIDE"); do
@@ -520,7 +520,7 @@ together() { # label, case, case it is compared with
 side() { # label, target
   local ratios=${SIDE_BY_SIDE[$1]%%|*} speeds=${SIDE_BY_SIDE[$1]#*|}
   awk -v l="$1" -v t="$2" -v r="$ratios" -v s="$speeds" 'BEGIN {
-    n = split(r, a, " "); k = split(s, q, " ")
+    n = split(r, a, " ")
     for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x }
     m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     printf "  %-34s %6.3f   (runs %.2f .. %.2f; req/s %s)   (target >= %s)\n", l, m, a[1], a[n], s, t }'
