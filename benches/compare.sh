@@ -307,15 +307,20 @@ settle() {
 redis_commands() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info stats | awk -F: '/^total_commands_processed/ {print $2+0}'; else echo 0; fi; }
 redis_scripts() { if [ "$REDIS" = 1 ]; then redis-cli -p 3990 info commandstats | awk -F'[=,:]' '/^cmdstat_eval/ {n += $3} END {print n+0}'; else echo 0; fi; }
 declare -A COMMANDS SCRIPTS
+# wrk on the load core, sending a key per request from the keys file; a
+# case without keys ("") sends one key's value in a header no proxy reads.
+load() { # keys file or "", connections, duration, url
+  local keys=$1 header=Authorization
+  if [ -z "$keys" ]; then keys=$WORK/keys-1.txt; header=X-Bench-Key; fi
+  (export KEYS_FILE=$keys KEY_HEADER=$header
+    on_load wrk -t1 -c"$2" -d"$3" --latency -s benches/keys.lua "$4")
+}
 run() { # label, pid (CPU measured), keys file or "", url
   local label=$1 pid=$2 keys=$3 url=$4 before after out commands scripts store_before store_after
   settle
   commands=$(redis_commands); scripts=$(redis_scripts)
   before=$(cpu "$pid"); store_before=$(store_cpu "$pid")
-  local header=Authorization
-  if [ -z "$keys" ]; then keys=$WORK/keys-1.txt; header=X-Bench-Key; fi
-  out=$(KEYS_FILE=$keys KEY_HEADER=$header; export KEYS_FILE KEY_HEADER
-    on_load wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s benches/keys.lua "$url")
+  out=$(load "$keys" "$CONNS" "$DURATION" "$url")
   after=$(cpu "$pid"); store_after=$(store_cpu "$pid")
   COMMANDS[$label]=$(( ${COMMANDS[$label]:-0} + $(redis_commands) - commands ))
   SCRIPTS[$label]=$(( ${SCRIPTS[$label]:-0} + $(redis_scripts) - scripts ))
@@ -485,7 +490,7 @@ fi
 SIDE=${SIDE:-5}
 declare -A SIDE_BY_SIDE
 together() { # label, case, case it is compared with
-  local i idx l pid keys url header total ratios="" speeds=""
+  local i idx l pid keys url total ratios="" speeds=""
   local -a labels=("$2" "$3") wrks
   local -A before us_of rps_of
   for i in $(seq "$SIDE"); do
@@ -494,11 +499,7 @@ together() { # label, case, case it is compared with
     for l in "${labels[@]}"; do IFS='|' read -r pid keys url <<<"${CASE[$l]}"; before[$l]=$(cpu "$pid"); done
     for idx in 0 1; do
       IFS='|' read -r pid keys url <<<"${CASE[${labels[$idx]}]}"
-      header=Authorization
-      if [ -z "$keys" ]; then keys=$WORK/keys-1.txt; header=X-Bench-Key; fi
-      (KEYS_FILE=$keys KEY_HEADER=$header; export KEYS_FILE KEY_HEADER
-        on_load wrk -t1 -c$((CONNS / 2)) -d"$PAIR_DURATION" -s benches/keys.lua "$url") \
-        > "$WORK/side-$idx.txt" & wrks+=($!)
+      load "$keys" $((CONNS / 2)) "$PAIR_DURATION" "$url" > "$WORK/side-$idx.txt" & wrks+=($!)
     done
     wait "${wrks[@]}"
     for idx in 0 1; do
