@@ -18,10 +18,10 @@
 //! route's overhead. `RUST_LOG` still decides whether it is written (the
 //! target is `tollgate::access`).
 
-use std::fmt::Write as _;
+use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tracing::{Level, Metadata};
@@ -226,70 +226,99 @@ pub fn access(line: &Access<'_>) {
         return;
     }
     thread_local! {
-        static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(256));
+        static SCRATCH: RefCell<Scratch> = RefCell::default();
     }
-    LINE.with(|buf| {
-        let Ok(mut buf) = buf.try_borrow_mut() else {
+    SCRATCH.with(|cell| {
+        let Ok(mut scratch) = cell.try_borrow_mut() else {
             return;
         };
+        let Scratch {
+            line: buf,
+            second,
+            labels,
+        } = &mut *scratch;
         buf.clear();
         match sink.format {
-            Format::Text => text_line(&mut buf, line, sink.ansi),
-            Format::Json => json_line(&mut buf, line),
+            Format::Text => text_line(buf, second, labels, line, sink.ansi),
+            Format::Json => json_line(buf, second, line),
         }
-        sink.writer.make_writer().write_all(buf.as_bytes()).ok();
+        sink.writer.make_writer().write_all(buf).ok();
     });
+}
+
+/// A thread's own space for access lines, kept between them: the line
+/// being written, the current second's text, and the labels last written.
+#[derive(Default)]
+struct Scratch {
+    line: Vec<u8>,
+    second: Second,
+    labels: Labels,
+}
+
+/// The time now: seconds since the epoch, and microseconds into the second.
+fn now() -> (i64, u32) {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(since) => (since.as_secs() as i64, since.subsec_micros()),
+        Err(before) => {
+            // A clock set before 1970: the second before, counted up.
+            let before = before.duration();
+            let secs = -(before.as_secs() as i64);
+            match before.subsec_micros() {
+                0 => (secs, 0),
+                micros => (secs - 1, 1_000_000 - micros),
+            }
+        }
+    }
+}
+
+/// The time as `tracing-subscriber` writes it up to the second (RFC 3339,
+/// UTC), formatted once a second.
+#[derive(Default)]
+struct Second {
+    at: Option<i64>,
+    text: Vec<u8>,
+}
+
+impl Second {
+    fn text(&mut self, secs: i64) -> &[u8] {
+        if self.at != Some(secs) {
+            self.at = Some(secs);
+            self.text.clear();
+            // Outside jiff's years (-9999..=9999): no date to write.
+            if let Ok(now) = jiff::Timestamp::from_second(secs) {
+                let dt = jiff::tz::TimeZone::UTC.to_datetime(now);
+                let _ = write!(
+                    self.text,
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                    dt.year(),
+                    dt.month(),
+                    dt.day(),
+                    dt.hour(),
+                    dt.minute(),
+                    dt.second()
+                );
+            }
+        }
+        &self.text
+    }
 }
 
 /// The time as `tracing-subscriber` writes it: RFC 3339, microseconds, UTC.
-/// The part up to the second is formatted once a second per thread.
-fn timestamp(out: &mut String) {
-    thread_local! {
-        static SECOND: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
-    }
-    let now = jiff::Timestamp::now();
-    let (secs, nanos) = (now.as_second(), now.subsec_nanosecond());
-    // A negative sub-second part belongs to the second before.
-    let (secs, micros) = if nanos < 0 {
-        (secs - 1, (1_000_000_000 + nanos) / 1000)
-    } else {
-        (secs, nanos / 1000)
-    };
-    SECOND.with(|cell| {
-        let Ok(mut cached) = cell.try_borrow_mut() else {
-            return;
-        };
-        if cached.0 != secs {
-            let dt = jiff::tz::TimeZone::UTC.to_datetime(now);
-            cached.1.clear();
-            let _ = write!(
-                cached.1,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-                dt.year(),
-                dt.month(),
-                dt.day(),
-                dt.hour(),
-                dt.minute(),
-                dt.second()
-            );
-            cached.0 = secs;
-        }
-        out.push_str(&cached.1);
-    });
-    fraction(out, micros);
+fn timestamp(out: &mut Vec<u8>, second: &mut Second) {
+    let (secs, micros) = now();
+    out.extend_from_slice(second.text(secs));
+    out.extend_from_slice(&fraction(micros));
 }
 
 /// `.{micros:06}Z`, without `core::fmt`.
-fn fraction(out: &mut String, micros: i32) {
-    let mut buf = itoa::Buffer::new();
-    let digits = buf.format(micros);
-    out.push('.');
-    out.extend(std::iter::repeat_n(
-        '0',
-        6usize.saturating_sub(digits.len()),
-    ));
-    out.push_str(digits);
-    out.push('Z');
+fn fraction(micros: u32) -> [u8; 8] {
+    let mut text = *b".000000Z";
+    let mut left = micros;
+    for at in (1..7).rev() {
+        text[at] = b'0' + (left % 10) as u8;
+        left /= 10;
+    }
+    text
 }
 
 /// A number of microseconds in milliseconds, as the access line gives it.
@@ -297,178 +326,235 @@ pub fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-/// `ms(us)` as `{:?}` writes it, from the integer: the whole
-/// milliseconds, a point, and the thousandths without their trailing
-/// zeros (Debug writes `x.0`). Below 10^15 microseconds that is exactly
-/// Debug's text: `ms(us)` is the double nearest `us / 1000` (`us` is
-/// exact as a double, the division correctly rounded), and Debug writes
-/// the shortest decimal that reads back as it; `us / 1000` in decimal, at
-/// most 15 significant digits, does, and no other decimal of at most 15
-/// significant digits does (doubles there are closer together than such
-/// decimals), so neither does a shorter one. No float is formatted.
-fn debug_ms(out: &mut String, us: u64) {
-    if us >= 1_000_000_000_000_000 {
-        let _ = write!(out, "{:?}", ms(us));
-        return;
-    }
-    out.push_str(itoa::Buffer::new().format(us / 1000));
-    let f = us % 1000;
-    let digit = |d: u64| char::from(b'0' + (d % 10) as u8);
-    out.push('.');
-    out.push(digit(f / 100));
-    if !f.is_multiple_of(100) {
-        out.push(digit(f / 10));
-        if !f.is_multiple_of(10) {
-            out.push(digit(f));
+/// A piece of a line written from its end, in a buffer on the stack:
+/// digits come out of a number last first, so nothing is formatted
+/// elsewhere and copied, and one copy puts the piece in the line.
+struct Backward {
+    buf: [u8; 160],
+    at: usize,
+}
+
+impl Backward {
+    fn new() -> Backward {
+        Backward {
+            buf: [0; 160],
+            at: 160,
         }
+    }
+
+    #[inline(always)]
+    fn push(&mut self, bytes: &[u8]) {
+        let at = self.at - bytes.len();
+        self.buf[at..self.at].copy_from_slice(bytes);
+        self.at = at;
+    }
+
+    /// The last decimal digit of `n`.
+    #[inline(always)]
+    fn digit(&mut self, n: u64) {
+        self.at -= 1;
+        self.buf[self.at] = b'0' + (n % 10) as u8;
+    }
+
+    #[inline(always)]
+    fn number(&mut self, mut n: u64) {
+        loop {
+            self.digit(n);
+            n /= 10;
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    /// `ms(us)` as `{:?}` writes it, from the integer: the whole
+    /// milliseconds, a point, and the thousandths without their trailing
+    /// zeros (Debug writes `x.0`). Below 10^15 microseconds that is exactly
+    /// Debug's text: `ms(us)` is the double nearest `us / 1000` (`us` is
+    /// exact as a double, the division correctly rounded), and Debug
+    /// writes the shortest decimal that reads back as it; `us / 1000` in
+    /// decimal, at most 15 significant digits, does, and no other decimal
+    /// of at most 15 significant digits does (doubles there are closer
+    /// together than such decimals), so neither does a shorter one. No
+    /// float is formatted.
+    #[inline(always)]
+    fn ms(&mut self, us: u64) {
+        #[cold]
+        fn debug(rest: &mut Backward, us: u64) {
+            rest.push(format!("{:?}", ms(us)).as_bytes());
+        }
+        if us >= 1_000_000_000_000_000 {
+            debug(self, us);
+            return;
+        }
+        let f = us % 1000;
+        if !f.is_multiple_of(10) {
+            self.digit(f);
+        }
+        if !f.is_multiple_of(100) {
+            self.digit(f / 10);
+        }
+        self.digit(f / 100);
+        self.push(b".");
+        self.number(us / 1000);
+    }
+
+    fn text(&self) -> &[u8] {
+        &self.buf[self.at..]
     }
 }
 
 /// `value` as `{:?}` writes it, without Debug's per-character escaping
 /// when nothing needs escaping (names from the config nearly always).
-fn quoted(out: &mut String, value: &str) {
+fn quoted(out: &mut Vec<u8>, value: &str) {
     if value
         .bytes()
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
     {
-        out.push('"');
-        out.push_str(value);
-        out.push('"');
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
     } else {
         let _ = write!(out, "{value:?}");
     }
 }
 
+/// A field's name and `=` as the text layout writes them: plain, and in
+/// colour.
+macro_rules! field {
+    ($name:literal) => {
+        [
+            concat!(" ", $name, "=").as_bytes(),
+            concat!(" \x1b[3m", $name, "\x1b[0m\x1b[2m=\x1b[0m").as_bytes(),
+        ]
+    };
+}
+
 /// `tracing-subscriber`'s full text layout for the access event.
-fn text_line(out: &mut String, line: &Access<'_>, ansi: bool) {
+fn text_line(
+    out: &mut Vec<u8>,
+    second: &mut Second,
+    labels: &mut Labels,
+    line: &Access<'_>,
+    ansi: bool,
+) {
+    let (secs, micros) = now();
     if ansi {
-        out.push_str("\x1b[2m");
-        timestamp(out);
-        out.push_str("\x1b[0m");
-    } else {
-        timestamp(out);
+        out.extend_from_slice(b"\x1b[2m");
     }
-    labels(out, line, ansi);
-    latency(out, ansi, "latency_ms", line.latency_us);
+    out.extend_from_slice(second.text(secs));
+    let mut time = [0; 12];
+    time[..8].copy_from_slice(&fraction(micros));
+    time[8..].copy_from_slice(b"\x1b[0m");
+    out.extend_from_slice(&time[..if ansi { 12 } else { 8 }]);
+    out.extend_from_slice(labels.text(line, ansi));
+    // The rest up to the error, or the end, from its end.
+    let colour = usize::from(ansi);
+    let mut rest = Backward::new();
+    if line.error.is_none() {
+        rest.push(b"\n");
+    }
     if let Some(us) = line.upstream_us {
-        latency(out, ansi, "upstream_ms", us);
+        rest.ms(us);
+        rest.push(field!("upstream_ms")[colour]);
     }
+    rest.ms(line.latency_us);
+    rest.push(field!("latency_ms")[colour]);
+    rest.number(u64::from(line.status));
+    out.extend_from_slice(rest.text());
     if let Some(error) = line.error {
-        field(out, ansi, "error");
+        out.extend_from_slice(field!("error")[colour]);
         quoted(out, error);
-    }
-    out.push('\n');
-}
-
-/// A field's name and `=`, as the text layout writes them.
-fn field(out: &mut String, ansi: bool, name: &str) {
-    if ansi {
-        out.push_str(" \x1b[3m");
-        out.push_str(name);
-        out.push_str("\x1b[0m\x1b[2m=\x1b[0m");
-    } else {
-        out.push(' ');
-        out.push_str(name);
-        out.push('=');
+        out.push(b'\n');
     }
 }
 
-fn latency(out: &mut String, ansi: bool, name: &str, us: u64) {
-    field(out, ansi, name);
-    debug_ms(out, us);
-}
-
-/// A text line from its level to its `status`, which depends only on the
+/// A text line from its level to its `status=`, which depends only on the
 /// route, tier and code: formatted once and reused while they repeat (a
 /// dozen pieces pushed and three names scanned, a fifth of the line's
 /// work, become three comparisons and one copy).
-fn labels(out: &mut String, line: &Access<'_>, ansi: bool) {
-    #[derive(Default)]
-    struct Last {
-        route: String,
-        tier: String,
-        code: String,
-        ansi: bool,
-        text: String,
-    }
-    fn format(out: &mut String, line: &Access<'_>, ansi: bool) {
-        out.push_str(if ansi {
-            " \x1b[32m INFO\x1b[0m \x1b[2mtollgate::access\x1b[0m\x1b[2m:\x1b[0m request"
-        } else {
-            "  INFO tollgate::access: request"
-        });
-        for (name, value) in [
-            ("route", line.route),
-            ("tier", line.tier),
-            ("code", line.code),
-        ] {
-            field(out, ansi, name);
-            quoted(out, value);
-        }
-        field(out, ansi, "status");
-    }
-    thread_local! {
-        static LAST: std::cell::RefCell<Last> = std::cell::RefCell::default();
-    }
-    LAST.with(|cell| {
-        let Ok(mut last) = cell.try_borrow_mut() else {
-            format(out, line, ansi);
-            return;
-        };
-        let same = last.ansi == ansi
-            && last.route == line.route
-            && last.tier == line.tier
-            && last.code == line.code;
+#[derive(Default)]
+struct Labels {
+    /// Whether `text` holds anything yet.
+    filled: bool,
+    route: String,
+    tier: String,
+    code: String,
+    ansi: bool,
+    text: Vec<u8>,
+}
+
+impl Labels {
+    fn text(&mut self, line: &Access<'_>, ansi: bool) -> &[u8] {
+        let same = self.filled
+            && self.ansi == ansi
+            && self.route == line.route
+            && self.tier == line.tier
+            && self.code == line.code;
         if !same {
-            let last = &mut *last;
-            last.route.clear();
-            last.route.push_str(line.route);
-            last.tier.clear();
-            last.tier.push_str(line.tier);
-            last.code.clear();
-            last.code.push_str(line.code);
-            last.ansi = ansi;
-            last.text.clear();
-            format(&mut last.text, line, ansi);
+            self.filled = true;
+            for (kept, now) in [
+                (&mut self.route, line.route),
+                (&mut self.tier, line.tier),
+                (&mut self.code, line.code),
+            ] {
+                kept.clear();
+                kept.push_str(now);
+            }
+            self.ansi = ansi;
+            let out = &mut self.text;
+            out.clear();
+            out.extend_from_slice(if ansi {
+                b" \x1b[32m INFO\x1b[0m \x1b[2mtollgate::access\x1b[0m\x1b[2m:\x1b[0m request"
+            } else {
+                b"  INFO tollgate::access: request"
+            });
+            let colour = usize::from(ansi);
+            for (name, value) in [
+                (field!("route"), line.route),
+                (field!("tier"), line.tier),
+                (field!("code"), line.code),
+            ] {
+                out.extend_from_slice(name[colour]);
+                quoted(out, value);
+            }
+            out.extend_from_slice(field!("status")[colour]);
         }
-        out.push_str(&last.text);
-    });
-    out.push_str(itoa::Buffer::new().format(line.status));
+        &self.text
+    }
 }
 
 /// `tracing-subscriber`'s JSON layout for the access event.
-fn json_line(out: &mut String, line: &Access<'_>) {
-    let string = |out: &mut String, s: &str| {
-        // A `String` sink cannot fail; serde_json escapes what must be.
-        if let Ok(quoted) = serde_json::to_string(s) {
-            out.push_str(&quoted);
-        }
+fn json_line(out: &mut Vec<u8>, second: &mut Second, line: &Access<'_>) {
+    // A `Vec` sink cannot fail; serde_json escapes what must be.
+    let string = |out: &mut Vec<u8>, s: &str| {
+        let _ = serde_json::to_writer(&mut *out, s);
     };
-    let number = |out: &mut String, n: f64| match serde_json::Number::from_f64(n) {
+    let number = |out: &mut Vec<u8>, n: f64| match serde_json::Number::from_f64(n) {
         Some(n) => {
             let _ = write!(out, "{n}");
         }
-        None => out.push_str("null"),
+        None => out.extend_from_slice(b"null"),
     };
-    out.push_str("{\"timestamp\":\"");
-    timestamp(out);
-    out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"route\":");
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    timestamp(out, second);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"route\":");
     string(out, line.route);
-    out.push_str(",\"tier\":");
+    out.extend_from_slice(b",\"tier\":");
     string(out, line.tier);
-    out.push_str(",\"code\":");
+    out.extend_from_slice(b",\"code\":");
     string(out, line.code);
     let _ = write!(out, ",\"status\":{},\"latency_ms\":", line.status);
     number(out, ms(line.latency_us));
     if let Some(us) = line.upstream_us {
-        out.push_str(",\"upstream_ms\":");
+        out.extend_from_slice(b",\"upstream_ms\":");
         number(out, ms(us));
     }
     if let Some(error) = line.error {
-        out.push_str(",\"error\":");
+        out.extend_from_slice(b",\"error\":");
         string(out, error);
     }
-    out.push_str("},\"target\":\"tollgate::access\"}\n");
+    out.extend_from_slice(b"},\"target\":\"tollgate::access\"}\n");
 }
 
 /// Sets up logging to stderr, filtered by `RUST_LOG` (else `default`).
@@ -621,11 +707,55 @@ mod tests {
             (4_250, ".004250Z"),
             (999_999, ".999999Z"),
         ] {
-            let mut out = String::new();
-            fraction(&mut out, micros);
-            assert_eq!(out, written);
-            assert_eq!(out, format!(".{micros:06}Z"));
+            let out = fraction(micros);
+            assert_eq!(&out, written.as_bytes());
+            assert_eq!(&out, format!(".{micros:06}Z").as_bytes());
         }
+    }
+
+    #[test]
+    fn the_second_is_written_as_rfc_3339_utc() {
+        let mut second = Second::default();
+        for (secs, written) in [
+            (0, "1970-01-01T00:00:00"),
+            (-1, "1969-12-31T23:59:59"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_796_083_199, "2026-11-30T23:59:59"),
+        ] {
+            assert_eq!(second.text(secs), written.as_bytes());
+            // Again: the text kept for the second.
+            assert_eq!(second.text(secs), written.as_bytes());
+        }
+        // Past jiff's last year: nothing, rather than a wrong date.
+        assert_eq!(second.text(i64::MAX), b"");
+    }
+
+    #[test]
+    fn an_access_line_starts_with_the_time_now() {
+        let mut scratch = Scratch::default();
+        let line = Access {
+            route: "r",
+            tier: "t",
+            code: "OK",
+            status: 200,
+            latency_us: 1,
+            upstream_us: None,
+            error: None,
+        };
+        let before = jiff::Timestamp::now();
+        text_line(
+            &mut scratch.line,
+            &mut scratch.second,
+            &mut scratch.labels,
+            &line,
+            false,
+        );
+        let after = jiff::Timestamp::now();
+        let text = String::from_utf8(scratch.line).expect("utf8");
+        let (time, _) = text.split_once(' ').expect("a time, then the rest");
+        let time: jiff::Timestamp = time.parse().expect("an RFC 3339 time");
+        // Written to the microsecond, so up to one before `before`.
+        assert!(time >= before - jiff::SignedDuration::from_micros(1) && time <= after);
     }
 
     #[test]
@@ -704,19 +834,28 @@ mod tests {
                 [line, other, line]
             })
             .collect();
+        let mut scratch = Scratch::default();
         for line in &lines {
             for ansi in [false, true] {
                 let theirs = from_subscriber(false, ansi, line);
                 for _ in 0..2 {
-                    let mut ours = String::new();
-                    text_line(&mut ours, line, ansi);
+                    let mut ours = Vec::new();
+                    text_line(
+                        &mut ours,
+                        &mut scratch.second,
+                        &mut scratch.labels,
+                        line,
+                        ansi,
+                    );
+                    let ours = String::from_utf8(ours).expect("utf8");
                     assert_eq!(after_time(&ours), after_time(&theirs), "ansi {ansi}");
                 }
             }
             let theirs: serde_json::Value =
                 serde_json::from_str(&from_subscriber(true, false, line)).expect("json");
-            let mut ours = String::new();
-            json_line(&mut ours, line);
+            let mut ours = Vec::new();
+            json_line(&mut ours, &mut scratch.second, line);
+            let ours = String::from_utf8(ours).expect("utf8");
             assert!(ours.ends_with('\n'));
             let mut ours: serde_json::Value = serde_json::from_str(&ours).expect("our json");
             assert!(ours["timestamp"]
