@@ -137,7 +137,18 @@ pub struct Ctx {
     /// Canonical path plus the original query, when it differs from what
     /// the client sent: what is forwarded instead.
     target: Option<String>,
-    key_source: Option<KeySource>,
+    /// What the request's key brought, once one was presented.
+    keyed: Option<Box<Keyed>>,
+    /// The request's outcome code: a rejection code, or `OK`.
+    pub code: &'static str,
+}
+
+/// What a request learns of its key. Boxed in [`Ctx`]: a request without
+/// a key carries a pointer's worth instead, and Pingora moves the context
+/// a few times a request (each move of a larger one a `memcpy`).
+#[derive(Default)]
+struct Keyed {
+    source: Option<KeySource>,
     key: Option<Key>,
     key_id: Option<String>,
     external_id: Option<String>,
@@ -145,13 +156,23 @@ pub struct Ctx {
     /// config has it (for logs and metrics).
     tier: Option<usize>,
     admission: Option<Admission>,
-    /// The request's outcome code: a rejection code, or `OK`.
-    pub code: &'static str,
 }
 
 impl Ctx {
     fn route(&self) -> Option<&Route> {
         Some(&self.config.as_ref()?.routes[self.route?])
+    }
+
+    fn keyed(&mut self) -> &mut Keyed {
+        self.keyed.get_or_insert_with(Box::default)
+    }
+
+    fn admission(&self) -> Option<&Admission> {
+        self.keyed.as_ref()?.admission.as_ref()
+    }
+
+    fn tier(&self) -> Option<usize> {
+        self.keyed.as_ref()?.tier
     }
 }
 
@@ -372,7 +393,7 @@ impl Proxy {
     ) -> Result<Admission, Rejection> {
         let headers = &session.req_header().headers;
         let (key, source) = presented_key(headers)?;
-        ctx.key_source = Some(source);
+        ctx.keyed().source = Some(source);
         let decided = Tick::now();
         let result = self.decide(ctx, config, route, headers, key).await;
         self.gateway
@@ -414,18 +435,20 @@ impl Proxy {
             })
             .await;
         let ((key_id, external_id, tier), result) = charged(decided)?;
-        ctx.key_id = Some(key_id);
-        ctx.external_id = external_id;
-        ctx.tier = tier;
-        ctx.key = Some(key);
+        let keyed = ctx.keyed();
+        keyed.key_id = Some(key_id);
+        keyed.external_id = external_id;
+        keyed.tier = tier;
+        keyed.key = Some(key);
         result
     }
 
     /// Gives the request's charge back (the upstream failed).
     async fn refund(&self, ctx: &mut Ctx) {
-        let (Some(key), Some(admission), Some(config)) =
-            (&ctx.key, &mut ctx.admission, &ctx.config)
-        else {
+        let (Some(keyed), Some(config)) = (&mut ctx.keyed, &ctx.config) else {
+            return;
+        };
+        let (Some(key), Some(admission)) = (&keyed.key, &mut keyed.admission) else {
             return;
         };
         let tier = config.tier_at(admission.tier);
@@ -480,12 +503,7 @@ impl ProxyHttp for Proxy {
             usage: false,
             preflight: false,
             target: None,
-            key_source: None,
-            key: None,
-            key_id: None,
-            external_id: None,
-            tier: None,
-            admission: None,
+            keyed: None,
             code: "OK",
         }
     }
@@ -583,7 +601,7 @@ impl ProxyHttp for Proxy {
         }
         match self.admit(session, ctx, &config, route).await {
             Ok(admission) => {
-                ctx.admission = Some(admission);
+                ctx.keyed().admission = Some(admission);
                 Ok(false)
             }
             // The shared store does not answer, and the operator chose to
@@ -656,7 +674,8 @@ impl ProxyHttp for Proxy {
         {
             upstream_request.insert_header("host", host)?;
         }
-        if let (Some(source), false) = (ctx.key_source, route.forward_key) {
+        let keyed = ctx.keyed.as_deref();
+        if let (Some(source), false) = (keyed.and_then(|k| k.source), route.forward_key) {
             upstream_request.remove_header(source.header());
         }
         if ctx.preflight && route.auth && !route.forward_key {
@@ -668,11 +687,11 @@ impl ProxyHttp for Proxy {
         // upstream peer speaks HTTP/1.x: `upstream::peer` names no other
         // protocol), without entering its header map; a client's fields of
         // these names were removed above.
-        if let Some(admission) = &ctx.admission {
-            if let Some(id) = &ctx.key_id {
+        if let Some((keyed, admission)) = keyed.and_then(|k| Some((k, k.admission.as_ref()?))) {
+            if let Some(id) = &keyed.key_id {
                 upstream_request.append_h1_field(&X_TOLLGATE_KEY_ID, id.as_bytes())?;
             }
-            if let Some(ext) = &ctx.external_id {
+            if let Some(ext) = &keyed.external_id {
                 // An external id no header can carry is left out.
                 let _ = upstream_request.append_h1_field(&X_TOLLGATE_EXTERNAL_ID, ext.as_bytes());
             }
@@ -693,7 +712,7 @@ impl ProxyHttp for Proxy {
             return Ok(());
         }
         ctx.upstream_us = ctx.upstream_started.map(Tick::elapsed_micros);
-        if ctx.admission.is_none() {
+        if ctx.admission().is_none() {
             return Ok(());
         }
         // A second handle on the snapshot, so the route can be read while
@@ -708,7 +727,7 @@ impl ProxyHttp for Proxy {
         if route.meter.is_empty() {
             return Ok(());
         }
-        let Some(key) = &ctx.key else {
+        let Some(key) = ctx.keyed.as_ref().and_then(|k| k.key.as_ref()) else {
             return Ok(());
         };
         let mut metered = Vec::with_capacity(route.meter.len());
@@ -760,7 +779,7 @@ impl ProxyHttp for Proxy {
         if !session.is_http2() {
             speak_http_1_1(session.req_header().version, upstream_response);
         }
-        let (Some(admission), Some(config)) = (&ctx.admission, &ctx.config) else {
+        let (Some(admission), Some(config)) = (ctx.admission(), &ctx.config) else {
             return Ok(());
         };
         // The state of each of the policy's limits after this request, in
@@ -877,16 +896,18 @@ impl ProxyHttp for Proxy {
             _ => ctx.route().map_or(NONE, |r| r.name.as_str()),
         };
         let tier = ctx
-            .tier
+            .tier()
             .and_then(|t| config.tiers.get_index(t))
             .map_or(NONE, |(name, _)| name.as_str());
         config
             .handles
-            .request(label, ctx.tier, ctx.code, seconds(took));
-        if let Some(admission) = &ctx.admission {
-            config
-                .handles
-                .charge(ctx.tier, admission.charge.credits, admission.charge.overage);
+            .request(label, ctx.tier(), ctx.code, seconds(took));
+        if let Some(admission) = ctx.admission() {
+            config.handles.charge(
+                ctx.tier(),
+                admission.charge.credits,
+                admission.charge.overage,
+            );
             config
                 .handles
                 .pools(&self.gateway.metrics, ctx.route, &admission.charge);
