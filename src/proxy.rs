@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::{H1Value, RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession as HttpSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -55,33 +55,32 @@ fn push_number(buf: &mut Vec<u8>, n: u64) {
     buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-/// The value of one of tollgate's own answer fields.
-#[derive(Clone, Copy)]
-enum FieldValue<'a> {
-    /// Written in decimal: on HTTP/1.x straight into the wire form.
-    Number(u64),
-    Text(&'a [u8]),
-}
-
 /// Adds tollgate's own fields (those given a value) to an answer,
 /// replacing any the upstream sent under those names. On HTTP/1.x they go
 /// on the wire after the upstream's fields without entering the header
 /// map (a map insert each cost more than the rest of the answer's header
-/// work: `ResponseHeader::append_h1_field` in the vendored pingora-http);
-/// an HTTP/2 answer is built from the map, so there they are inserted.
-fn add_fields(
+/// work), all in one step: `ResponseHeader::append_h1_fields` in the
+/// vendored pingora-http. An HTTP/2 answer is built from the map, so there
+/// they are inserted.
+fn add_fields<const N: usize>(
     resp: &mut ResponseHeader,
     http2: bool,
-    fields: &[(&'static HeaderName, Option<FieldValue<'_>>)],
+    fields: &[(&'static HeaderName, Option<H1Value<'_>>); N],
 ) {
-    let ours = fields
-        .iter()
-        .filter_map(|&(name, value)| Some((name, value?)));
+    let mut ours = [(&RATELIMIT, H1Value::Number(0)); N];
+    let mut given = 0;
+    for &(name, value) in fields {
+        if let Some(value) = value {
+            ours[given] = (name, value);
+            given += 1;
+        }
+    }
+    let ours = &ours[..given];
     if http2 {
-        for (name, value) in ours {
+        for &(name, value) in ours {
             let value = match value {
-                FieldValue::Number(n) => HeaderValue::from(n),
-                FieldValue::Text(text) => match HeaderValue::from_bytes(text) {
+                H1Value::Number(n) => HeaderValue::from(n),
+                H1Value::Text(text) => match HeaderValue::from_bytes(text) {
                     Ok(value) => value,
                     Err(_) => continue,
                 },
@@ -93,21 +92,15 @@ fn add_fields(
     let theirs = resp
         .headers
         .keys()
-        .any(|n| ours.clone().any(|(name, _)| n == name));
+        .any(|n| ours.iter().any(|(name, _)| n == *name));
     if theirs {
-        for (name, _) in ours.clone() {
-            resp.remove_header(name);
+        for (name, _) in ours {
+            resp.remove_header(*name);
         }
     }
-    for (name, value) in ours {
-        match value {
-            FieldValue::Number(n) => resp.append_h1_number(name, n),
-            FieldValue::Text(text) => {
-                if let Err(e) = resp.append_h1_field(name, text) {
-                    tracing::debug!(error = %e, %name, "field not added");
-                }
-            }
-        }
+    let left_out = resp.append_h1_fields(ours);
+    if left_out > 0 {
+        tracing::debug!(left_out, "fields no header can carry were not added");
     }
 }
 
@@ -805,7 +798,7 @@ impl ProxyHttp for Proxy {
             Some(policy)
         });
         let tightest = admission.tightest.as_ref();
-        let number = |n: Option<u64>| n.map(FieldValue::Number);
+        let number = |n: Option<u64>| n.map(H1Value::Number);
         add_fields(
             upstream_response,
             session.is_http2(),
@@ -816,9 +809,9 @@ impl ProxyHttp for Proxy {
                 (&RATELIMIT_RESET, number(tightest.map(|t| t.reset))),
                 (
                     &RATELIMIT_POLICY,
-                    policy.map(|p| FieldValue::Text(p.as_bytes())),
+                    policy.map(|p| H1Value::Text(p.as_bytes())),
                 ),
-                (&RATELIMIT, policy.map(|_| FieldValue::Text(&state))),
+                (&RATELIMIT, policy.map(|_| H1Value::Text(&state))),
             ],
         );
         Ok(())
