@@ -438,15 +438,13 @@ fn text_line(
     line: &Access<'_>,
     ansi: bool,
 ) {
-    let (secs, micros) = now();
     if ansi {
         out.extend_from_slice(b"\x1b[2m");
+        timestamp(out, second);
+        out.extend_from_slice(b"\x1b[0m");
+    } else {
+        timestamp(out, second);
     }
-    out.extend_from_slice(second.text(secs));
-    let mut time = [0; 12];
-    time[..8].copy_from_slice(&fraction(micros));
-    time[8..].copy_from_slice(b"\x1b[0m");
-    out.extend_from_slice(&time[..if ansi { 12 } else { 8 }]);
     out.extend_from_slice(labels.text(line, ansi));
     // The rest up to the error, or the end, from its end.
     let colour = usize::from(ansi);

@@ -67,6 +67,8 @@ fn add_fields<const N: usize>(
     http2: bool,
     fields: &[(&'static HeaderName, Option<H1Value<'_>>); N],
 ) {
+    // The given fields first; the places after them (a placeholder, the
+    // array's length fixed) are never read.
     let mut ours = [(&RATELIMIT, H1Value::Number(0)); N];
     let mut given = 0;
     for &(name, value) in fields {
@@ -888,16 +890,16 @@ impl ProxyHttp for Proxy {
             RouteLabel::Usage => USAGE,
             _ => ctx.route().map_or(NONE, |r| r.name.as_str()),
         };
-        let tier = ctx
-            .tier()
+        let tier_index = ctx.tier();
+        let tier = tier_index
             .and_then(|t| config.tiers.get_index(t))
             .map_or(NONE, |(name, _)| name.as_str());
         config
             .handles
-            .request(label, ctx.tier(), ctx.code, seconds(took));
+            .request(label, tier_index, ctx.code, seconds(took));
         if let Some(admission) = ctx.admission() {
             config.handles.charge(
-                ctx.tier(),
+                tier_index,
                 admission.charge.credits,
                 admission.charge.overage,
             );

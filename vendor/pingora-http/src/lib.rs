@@ -141,8 +141,7 @@ impl H1Fields {
                     }
             })
             .sum();
-        let out = &mut self.0;
-        out.reserve(room);
+        self.0.reserve(room);
         let mut left_out = 0;
         for (name, value) in fields {
             let mut digits = itoa::Buffer::new();
@@ -154,10 +153,7 @@ impl H1Fields {
                     continue;
                 }
             };
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            self.push(name, value);
         }
         left_out
     }
