@@ -78,6 +78,8 @@ struct KeyState {
     revoked: bool,
     /// An admin write of this key is being committed.
     admin_pending: bool,
+    /// Charged since it was loaded (see [`Local::charge`]).
+    charged: bool,
 }
 
 pub struct Entry {
@@ -105,6 +107,7 @@ impl Entry {
                 usage,
                 revoked: false,
                 admin_pending: false,
+                charged: false,
             }),
             dirty: AtomicBool::new(false),
             unreported: AtomicBool::new(false),
@@ -277,6 +280,13 @@ impl Local {
             entry.last_used.store(self.now_secs(), Ordering::Relaxed);
             return Ok(Some(entry.clone()));
         }
+        // What a loaded key keeps in memory comes from a heap of its own
+        // (see `alloc::lasting`).
+        crate::alloc::lasting(|| self.load(hash))
+    }
+
+    /// Reads the key with this hash into memory (see [`Local::lookup`]).
+    fn load(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
         loop {
             let revocations = self.revocations.load(Ordering::Acquire);
             // Unknown keys never take the write lock.
@@ -396,7 +406,14 @@ impl Local {
         let out = {
             let mut state = entry.lock()?;
             let state = &mut *state;
-            f(&state.record, &mut state.usage)
+            if state.charged {
+                f(&state.record, &mut state.usage)
+            } else {
+                // A key's first charge adds its windows and pools to its
+                // usage, kept as long as the key is: from the keys' heap.
+                state.charged = true;
+                crate::alloc::lasting(|| f(&state.record, &mut state.usage))
+            }
         };
         self.touch(entry);
         Some(out)

@@ -745,16 +745,20 @@ impl Redis {
         if values.first().is_none_or(|v| matches!(v, Value::Nil)) {
             return Ok(None);
         }
-        let cached = cached_from(key_id, &values)?;
-        let entry = Arc::new(Entry {
-            key_id: key_id.to_string(),
-            hash,
-            state: tokio::sync::Mutex::new(cached),
-            stale: AtomicBool::new(false),
-            gone: AtomicBool::new(false),
-        });
-        let mut cache = self.cache.write();
-        Ok(Some(cache.entry(hash).or_insert(entry).clone()))
+        // What a loaded key keeps in memory comes from a heap of its own
+        // (see `alloc::lasting`).
+        crate::alloc::lasting(|| {
+            let cached = cached_from(key_id, &values)?;
+            let entry = Arc::new(Entry {
+                key_id: key_id.to_string(),
+                hash,
+                state: tokio::sync::Mutex::new(cached),
+                stale: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+            });
+            let mut cache = self.cache.write();
+            Ok(Some(cache.entry(hash).or_insert(entry).clone()))
+        })
     }
 
     pub fn in_memory(&self, hash: &KeyHash) -> Option<Arc<Entry>> {
