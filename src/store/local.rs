@@ -280,13 +280,6 @@ impl Local {
             entry.last_used.store(self.now_secs(), Ordering::Relaxed);
             return Ok(Some(entry.clone()));
         }
-        // What a loaded key keeps in memory comes from a heap of its own
-        // (see `alloc::lasting`).
-        crate::alloc::lasting(|| self.load(hash))
-    }
-
-    /// Reads the key with this hash into memory (see [`Local::lookup`]).
-    fn load(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
         loop {
             let revocations = self.revocations.load(Ordering::Acquire);
             // Unknown keys never take the write lock.
@@ -305,7 +298,12 @@ impl Local {
             if self.revocations.load(Ordering::Acquire) != revocations {
                 continue;
             }
-            let entry = Arc::new(Entry::new(record, usage, self.now_secs()));
+            // What a loaded key keeps in memory comes from a heap of its
+            // own (see `alloc::lasting`): copied there, so that what
+            // reading it made and let go of leaves no holes among it.
+            let entry = crate::alloc::lasting(|| {
+                Arc::new(Entry::new(record.clone(), usage.clone(), self.now_secs()))
+            });
             cache.insert(*hash, entry.clone());
             return Ok(Some(entry));
         }
@@ -406,14 +404,15 @@ impl Local {
         let out = {
             let mut state = entry.lock()?;
             let state = &mut *state;
-            if state.charged {
-                f(&state.record, &mut state.usage)
-            } else {
+            let out = f(&state.record, &mut state.usage);
+            if !state.charged {
                 // A key's first charge adds its windows and pools to its
-                // usage, kept as long as the key is: from the keys' heap.
+                // usage, kept as long as the key is: copied to the keys'
+                // heap with the rest of it.
                 state.charged = true;
-                crate::alloc::lasting(|| f(&state.record, &mut state.usage))
+                state.usage = crate::alloc::lasting(|| state.usage.clone());
             }
+            out
         };
         self.touch(entry);
         Some(out)

@@ -745,20 +745,25 @@ impl Redis {
         if values.first().is_none_or(|v| matches!(v, Value::Nil)) {
             return Ok(None);
         }
+        let cached = cached_from(key_id, &values)?;
         // What a loaded key keeps in memory comes from a heap of its own
-        // (see `alloc::lasting`).
-        crate::alloc::lasting(|| {
-            let cached = cached_from(key_id, &values)?;
-            let entry = Arc::new(Entry {
+        // (see `alloc::lasting`): copied there, so that what reading it
+        // made and let go of leaves no holes among it.
+        let entry = crate::alloc::lasting(|| {
+            Arc::new(Entry {
                 key_id: key_id.to_string(),
                 hash,
-                state: tokio::sync::Mutex::new(cached),
+                state: tokio::sync::Mutex::new(Cached {
+                    record: cached.record.clone(),
+                    usage: cached.usage.clone(),
+                    ver: cached.ver.clone(),
+                }),
                 stale: AtomicBool::new(false),
                 gone: AtomicBool::new(false),
-            });
-            let mut cache = self.cache.write();
-            Ok(Some(cache.entry(hash).or_insert(entry).clone()))
-        })
+            })
+        });
+        let mut cache = self.cache.write();
+        Ok(Some(cache.entry(hash).or_insert(entry).clone()))
     }
 
     pub fn in_memory(&self, hash: &KeyHash) -> Option<Arc<Entry>> {
