@@ -298,6 +298,12 @@ impl Window {
             }
             _ => {
                 if units > 0 {
+                    if self.buckets.len() == self.buckets.capacity() {
+                        // The buckets live as long as their key: grown in
+                        // the keys' heap (see `alloc::lasting`), not among
+                        // the blocks of the request that happens to grow them.
+                        crate::alloc::lasting(|| self.buckets.reserve(1));
+                    }
                     self.buckets.push_back((now_ms, units));
                     self.total += u128::from(units);
                 }
