@@ -245,6 +245,7 @@ impl ConnectionLike for Conn {
 }
 
 /// What a node knows of a key.
+#[derive(Clone)]
 struct Cached {
     record: KeyRecord,
     usage: Usage,
@@ -753,11 +754,7 @@ impl Redis {
             Arc::new(Entry {
                 key_id: key_id.to_string(),
                 hash,
-                state: tokio::sync::Mutex::new(Cached {
-                    record: cached.record.clone(),
-                    usage: cached.usage.clone(),
-                    ver: cached.ver.clone(),
-                }),
+                state: tokio::sync::Mutex::new(cached.clone()),
                 stale: AtomicBool::new(false),
                 gone: AtomicBool::new(false),
             })
