@@ -144,6 +144,15 @@ pub fn lasting<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether the block `p` points into came from the keys' heap (see
+/// [`lasting`]). `p` must point into a live block of the global allocator
+/// (mimalloc in the unit tests, as in the binary).
+#[cfg(test)]
+pub(crate) fn in_lasting_heap<T>(p: *const T) -> bool {
+    // SAFETY: `p` is inside a live mimalloc block (the caller's promise).
+    unsafe { theap::mi_heap_of(p.cast()) == lasting_heap() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,3 +56,9 @@ pub mod upgrade;
 pub mod upstream;
 pub mod views;
 pub mod window;
+
+/// The unit tests run on the allocator the binary ships with (see
+/// [`alloc`]), so that a test can ask which heap a block came from.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;

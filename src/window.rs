@@ -382,6 +382,25 @@ mod tests {
         assert_eq!(w.used(MIN, 69_000), 0);
     }
 
+    /// A window's buckets last as long as its key: each time they grow,
+    /// the new buffer comes from the keys' heap, whichever request grew it.
+    #[test]
+    fn buckets_grow_in_the_keys_heap() {
+        let mut w = Window::default();
+        let mut grown = 0;
+        for t in 0..61 {
+            let capacity = w.buckets.capacity();
+            w.add(1, MIN, t * 1000);
+            if w.buckets.capacity() != capacity {
+                grown += 1;
+                let buffer = w.buckets.as_slices().0.as_ptr();
+                assert!(crate::alloc::in_lasting_heap(buffer), "growth {grown}");
+            }
+        }
+        assert!(grown >= 2, "grew {grown} times");
+        assert_eq!(w.used(MIN, 60_000), 60);
+    }
+
     #[test]
     fn refund_takes_units_back() {
         let mut w = Window::default();

@@ -969,6 +969,36 @@ mod tests {
         assert!(err.contains("written by a newer tollgate"), "{err}");
     }
 
+    /// A loaded key, and after its first charge the windows and pools that
+    /// charge added, are copied into the keys' heap: what a worker keeps
+    /// for as long as the key stays loaded is not among its requests'
+    /// blocks (see `alloc::lasting`).
+    #[tokio::test]
+    async fn a_loaded_and_charged_key_lives_in_the_keys_heap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = keys::generate("sk_t");
+        {
+            let store = Local::open(dir.path()).expect("open");
+            let rec = record(&key.hash, None);
+            store
+                .create(key.hash, &rec, &Usage::default())
+                .await
+                .expect("create");
+        }
+        let store = Local::open(dir.path()).expect("reopen");
+        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        assert!(crate::alloc::in_lasting_heap(Arc::as_ptr(&entry)));
+        store
+            .charge(&entry, |_, usage| {
+                usage.rate.slot("requests").add(1, 60_000, 0);
+            })
+            .expect("live");
+        let state = entry.lock().expect("live");
+        let window = state.usage.rate.get("requests").expect("charged");
+        // The window sits in its map's buffer, made by the charge.
+        assert!(crate::alloc::in_lasting_heap(std::ptr::from_ref(window)));
+    }
+
     #[tokio::test]
     async fn revoke_removes_the_key_everywhere() {
         let dir = tempfile::tempdir().expect("tempdir");
