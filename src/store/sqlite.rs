@@ -79,8 +79,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// be in `usage_log` (see "Usage log"), which builds that know 3 would not
 /// fold. 5: windows may be in the packed compact form (`v` 3). 6: logged
 /// usage may be in `usage_log_folding` (a fold under way when the process
-/// stopped), which builds that know 5 would not fold.
-const SCHEMA_VERSION: i64 = 6;
+/// stopped), which builds that know 5 would not fold. 7: opening reads
+/// the highest `seq` from `meta`, which builds that know 6 would not keep.
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -104,6 +105,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (sink, id)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_batch ON outbox (sink, batch);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// `meta`'s `seq`: at least every `seq` written to `keys` or the usage
+/// log, raised in the transaction of each write that uses one, so that
+/// opening reads it rather than scanning every key's row (with 1,000,000
+/// keys that scan was most of a start-up, and grew with their usage).
+const KEEP_SEQ: &str = "
+INSERT INTO meta (name, value) VALUES ('seq', ?1)
+    ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)
 ";
 
 /// The usage log (see "Usage log"); also made again by each fold.
@@ -359,8 +373,36 @@ fn writer_connection(file: &Path) -> Result<Connection, StoreError> {
             conn.execute_batch(step)?;
         }
     }
+    let kept: Option<i64> = conn
+        .query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if kept.is_none() {
+        // A store of schema 6 or before: its highest `seq` by a scan, once.
+        let highest = highest_seq_scanned(&conn)?;
+        conn.execute(KEEP_SEQ, [highest])?;
+    }
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     Ok(conn)
+}
+
+/// The highest `seq` in `keys` and in the usage logs, read from every row.
+fn highest_seq_scanned(conn: &Connection) -> rusqlite::Result<i64> {
+    let folding = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    let mut query = String::from(
+        "SELECT max((SELECT coalesce(max(max(seq, billing_seq)), 0) FROM keys), \
+                    (SELECT coalesce(max(seq), 0) FROM usage_log)",
+    );
+    if folding {
+        query.push_str(", (SELECT coalesce(max(seq), 0) FROM usage_log_folding)");
+    }
+    query.push(')');
+    conn.query_row(&query, [], |r| r.get(0))
 }
 
 fn reader_connection(file: &Path) -> Result<Connection, StoreError> {
@@ -382,11 +424,12 @@ impl Disk {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fold_all(&tx)?;
         tx.commit()?;
-        let (max_seq, keys): (i64, i64) = conn.query_row(
-            "SELECT coalesce(max(max(seq, billing_seq)), 0), count(*) FROM keys",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        // Neither reads every key's row: the count goes through an index.
+        let max_seq: i64 =
+            conn.query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
+                r.get(0)
+            })?;
+        let keys: i64 = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))?;
         let (tx, rx) = mpsc::channel();
         let fail = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -912,6 +955,9 @@ fn commit(
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     transaction(conn, fail, |tx| {
         let mut results = Vec::with_capacity(group.len());
+        if let Some(highest) = group.iter().filter_map(|job| job.write.highest_seq()).max() {
+            tx.prepare_cached(KEEP_SEQ)?.execute([seq(highest)])?;
+        }
         for job in group {
             // Only a new key can be refused on its own merits; every other
             // write goes in without a savepoint, which would copy each page
@@ -948,6 +994,24 @@ fn transaction<T>(
     let out = f(&mut tx)?;
     tx.commit()?;
     Ok(out)
+}
+
+impl Write {
+    /// The highest `seq` this write puts in `keys` or the usage log.
+    fn highest_seq(&self) -> Option<u64> {
+        match self {
+            Write::Create { seq, .. } | Write::Update { seq, .. } => Some(*seq),
+            Write::Usage { rows, .. } => rows.iter().map(|row| row.seq).max(),
+            Write::Import(rows) => rows.iter().map(|(row, _, _)| row.seq).max(),
+            Write::Fold
+            | Write::Batch { .. }
+            | Write::Delivered { .. }
+            | Write::Sent { .. }
+            | Write::Park { .. }
+            | Write::Unpark { .. }
+            | Write::Delete { .. } => None,
+        }
+    }
 }
 
 fn seq(n: u64) -> i64 {
@@ -1416,5 +1480,70 @@ mod tests {
         assert_eq!(usage_of(&writer, 2).0, "k2 new");
         assert_eq!(usage_of(&writer, 3).0, "k3 after");
         assert_eq!(log_len(&writer), 0);
+    }
+
+    fn kept_seq(conn: &Connection) -> i64 {
+        conn.query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
+            r.get(0)
+        })
+        .expect("kept")
+    }
+
+    /// Each write that uses a `seq` raises the one `meta` keeps, in its
+    /// own transaction; opening reads that one, not every key's row.
+    #[test]
+    fn opening_reads_the_highest_seq_kept_with_the_writes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut writer, fail, healthy) = writer_with_log(dir.path());
+        assert_eq!(kept_seq(&writer.conn), 15);
+        let (update, _) = job(Write::Update {
+            key_id: "k1".into(),
+            external_id: None,
+            record: "{}".into(),
+            usage: "admin".into(),
+            seq: 20,
+        });
+        let (delete, _) = job(Write::Delete {
+            key_id: "k1".into(),
+        });
+        writer.step(vec![update, delete], &fail, &healthy);
+        // Gone with its key from `keys`, kept in `meta`.
+        assert_eq!(kept_seq(&writer.conn), 20);
+        // Higher than any row: a scan would not find it.
+        writer
+            .conn
+            .execute("UPDATE meta SET value = 500 WHERE name = 'seq'", [])
+            .expect("raise");
+        drop(writer);
+        let (disk, max_seq, keys) =
+            Disk::open(dir.path(), Arc::new(AtomicBool::new(true))).expect("open");
+        assert_eq!((max_seq, keys), (500, 2));
+        disk.close();
+    }
+
+    /// A store of schema 6 keeps no `seq`: the first opening finds it in
+    /// every row, the usage logs' included (here only a log a fold set
+    /// aside holds the highest), and keeps it from then on.
+    #[test]
+    fn a_store_before_schema_7_gets_its_highest_seq_from_its_rows_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut writer, fail, healthy) = writer_with_log(dir.path());
+        let (fold, _) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        writer
+            .conn
+            .execute_batch("DROP TABLE meta; PRAGMA user_version = 6;")
+            .expect("schema 6");
+        drop(writer);
+        let (disk, max_seq, keys) =
+            Disk::open(dir.path(), Arc::new(AtomicBool::new(true))).expect("open");
+        assert_eq!((max_seq, keys), (15, 3));
+        disk.close();
+        let conn = writer_connection(&dir.path().join(FILE)).expect("open");
+        assert_eq!(kept_seq(&conn), 15);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }
