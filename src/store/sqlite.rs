@@ -373,18 +373,21 @@ fn writer_connection(file: &Path) -> Result<Connection, StoreError> {
             conn.execute_batch(step)?;
         }
     }
-    let kept: Option<i64> = conn
-        .query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    if kept.is_none() {
+    if kept_seq(&conn)?.is_none() {
         // A store of schema 6 or before: its highest `seq` by a scan, once.
         let highest = highest_seq_scanned(&conn)?;
         conn.execute(KEEP_SEQ, [highest])?;
     }
     conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
     Ok(conn)
+}
+
+/// The highest `seq` `meta` keeps (see [`KEEP_SEQ`]).
+fn kept_seq(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 /// The highest `seq` in `keys` and in the usage logs, read from every row.
@@ -425,10 +428,11 @@ impl Disk {
         fold_all(&tx)?;
         tx.commit()?;
         // Neither reads every key's row: the count goes through an index.
-        let max_seq: i64 =
-            conn.query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
-                r.get(0)
-            })?;
+        // Kept since the connection was opened (found then if absent).
+        let max_seq = match kept_seq(&conn)? {
+            Some(kept) => kept,
+            None => highest_seq_scanned(&conn)?,
+        };
         let keys: i64 = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))?;
         let (tx, rx) = mpsc::channel();
         let fail = Arc::new(AtomicBool::new(false));
@@ -1482,20 +1486,13 @@ mod tests {
         assert_eq!(log_len(&writer), 0);
     }
 
-    fn kept_seq(conn: &Connection) -> i64 {
-        conn.query_row("SELECT value FROM meta WHERE name = 'seq'", [], |r| {
-            r.get(0)
-        })
-        .expect("kept")
-    }
-
     /// Each write that uses a `seq` raises the one `meta` keeps, in its
     /// own transaction; opening reads that one, not every key's row.
     #[test]
     fn opening_reads_the_highest_seq_kept_with_the_writes() {
         let dir = tempfile::tempdir().expect("dir");
         let (mut writer, fail, healthy) = writer_with_log(dir.path());
-        assert_eq!(kept_seq(&writer.conn), 15);
+        assert_eq!(kept_seq(&writer.conn).expect("read"), Some(15));
         let (update, _) = job(Write::Update {
             key_id: "k1".into(),
             external_id: None,
@@ -1508,7 +1505,7 @@ mod tests {
         });
         writer.step(vec![update, delete], &fail, &healthy);
         // Gone with its key from `keys`, kept in `meta`.
-        assert_eq!(kept_seq(&writer.conn), 20);
+        assert_eq!(kept_seq(&writer.conn).expect("read"), Some(20));
         // Higher than any row: a scan would not find it.
         writer
             .conn
@@ -1540,7 +1537,7 @@ mod tests {
         assert_eq!((max_seq, keys), (15, 3));
         disk.close();
         let conn = writer_connection(&dir.path().join(FILE)).expect("open");
-        assert_eq!(kept_seq(&conn), 15);
+        assert_eq!(kept_seq(&conn).expect("read"), Some(15));
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
