@@ -392,11 +392,7 @@ fn kept_seq(conn: &Connection) -> rusqlite::Result<Option<i64>> {
 
 /// The highest `seq` in `keys` and in the usage logs, read from every row.
 fn highest_seq_scanned(conn: &Connection) -> rusqlite::Result<i64> {
-    let folding = conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )? > 0;
+    let folding = folding_log_left(conn)?;
     let mut query = String::from(
         "SELECT max((SELECT coalesce(max(max(seq, billing_seq)), 0) FROM keys), \
                     (SELECT coalesce(max(seq), 0) FROM usage_log)",
@@ -427,8 +423,9 @@ impl Disk {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fold_all(&tx)?;
         tx.commit()?;
-        // Neither reads every key's row: the count goes through an index.
-        // Kept since the connection was opened (found then if absent).
+        // Neither reads every key's row: the highest `seq` as `meta` keeps
+        // it (`writer_connection` found it if the store kept none), the
+        // count through an index.
         let max_seq = match kept_seq(&conn)? {
             Some(kept) => kept,
             None => highest_seq_scanned(&conn)?,
@@ -858,6 +855,16 @@ impl Writer {
     }
 }
 
+/// Whether a log set aside by a fold is there (`usage_log_folding`): a
+/// fold under way, or one the process stopped in.
+fn folding_log_left(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
+}
+
 /// Sets the log aside (unless a fold left one) and starts its list.
 /// Returns where the fold is, and whether the log is one a fold left; or
 /// `None` when there is nothing to fold: no log a fold left, and nothing
@@ -865,11 +872,7 @@ impl Writer {
 /// fold). Renaming the log is a schema change, which makes SQLite read its
 /// schema again and prepare every statement anew.
 fn fold_start(conn: &Connection) -> rusqlite::Result<Option<(FoldAt, bool)>> {
-    let leftover = conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'usage_log_folding'",
-        [],
-        |r| r.get::<_, i64>(0),
-    )? > 0;
+    let leftover = folding_log_left(conn)?;
     if !leftover {
         let logged: bool =
             conn.query_row("SELECT EXISTS (SELECT 1 FROM usage_log)", [], |r| r.get(0))?;
