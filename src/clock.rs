@@ -80,6 +80,17 @@ impl Tick {
         }))
     }
 
+    /// Nanoseconds from the clock's (arbitrary) start.
+    pub fn nanos(self) -> u64 {
+        self.0
+    }
+
+    /// The reading `nanos` from the clock's start; for tests.
+    #[cfg(test)]
+    pub fn from_nanos(nanos: u64) -> Tick {
+        Tick(nanos)
+    }
+
     /// Nanoseconds from `self` to `later` (0 if `later` is not later).
     pub fn nanos_until(self, later: Tick) -> u64 {
         later.0.saturating_sub(self.0)

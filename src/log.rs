@@ -27,10 +27,16 @@ use parking_lot::Mutex;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
+use crate::clock::Tick;
+
 /// How often buffered lines reach stderr.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// A buffer this full is written out by the thread that filled it.
-pub const FLUSH_AT: usize = 256 * 1024;
+/// A buffer this full is written out by the thread that filled it. Small
+/// enough that the buffer and its spare stay in the CPU's cache: at tens
+/// of thousands of lines a second a larger one is written out by the
+/// request threads all the same (it fills within `FLUSH_EVERY`), and
+/// each line then went into memory not touched since the last time round.
+pub const FLUSH_AT: usize = 32 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -202,6 +208,8 @@ pub struct Access<'a> {
     /// From forwarding to the upstream's answer, in microseconds.
     pub upstream_us: Option<u64>,
     pub error: Option<&'a str>,
+    /// When the request ended (the line's time).
+    pub at: Tick,
 }
 
 /// Writes one access line, if `RUST_LOG` lets `tollgate::access` through.
@@ -234,41 +242,73 @@ pub fn access(line: &Access<'_>) {
         };
         let Scratch {
             line: buf,
-            second,
+            time,
             labels,
         } = &mut *scratch;
         buf.clear();
         match sink.format {
-            Format::Text => text_line(buf, second, labels, line, sink.ansi),
-            Format::Json => json_line(buf, second, line),
+            Format::Text => text_line(buf, time, labels, line, sink.ansi),
+            Format::Json => json_line(buf, time, line),
         }
         sink.writer.make_writer().write_all(buf).ok();
     });
 }
 
 /// A thread's own space for access lines, kept between them: the line
-/// being written, the current second's text, and the labels last written.
+/// being written, its clock, and the labels last written.
 #[derive(Default)]
 struct Scratch {
     line: Vec<u8>,
-    second: Second,
+    time: Time,
     labels: Labels,
 }
 
-/// The time now: seconds since the epoch, and microseconds into the second.
-fn now() -> (i64, u32) {
+/// The wall clock now, in nanoseconds since the epoch.
+fn wall_nanos() -> i128 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => (since.as_secs() as i64, since.subsec_micros()),
-        Err(before) => {
-            // A clock set before 1970: the second before, counted up.
-            let before = before.duration();
-            let secs = -(before.as_secs() as i64);
-            match before.subsec_micros() {
-                0 => (secs, 0),
-                micros => (secs - 1, 1_000_000 - micros),
-            }
-        }
+        Ok(since) => i128::try_from(since.as_nanos()).unwrap_or(i128::MAX),
+        // A clock set before 1970.
+        Err(before) => -i128::try_from(before.duration().as_nanos()).unwrap_or(i128::MAX),
     }
+}
+
+/// How long the wall clock is counted forward on the monotonic one before
+/// it is read again.
+const READ_WALL_EVERY: u64 = 1_000_000_000;
+
+/// The wall clock as of a monotonic reading: read once a second (per
+/// thread), and counted forward in between from the monotonic reading each
+/// line already has (its request's end), so a line costs no clock read of
+/// its own. The two clocks run at the same rate (NTP slews both); a step
+/// of the wall clock (set by hand) reaches the lines within a second.
+#[derive(Default)]
+struct Wall {
+    /// A monotonic reading, and the wall time then (nanoseconds since the
+    /// epoch).
+    read: Option<(Tick, i128)>,
+}
+
+impl Wall {
+    /// The wall time at `at`, in nanoseconds since the epoch; `read` reads
+    /// both clocks, one just after the other.
+    fn at(&mut self, at: Tick, read: impl FnOnce() -> (Tick, i128)) -> i128 {
+        let fresh = self
+            .read
+            .filter(|&(tick, _)| at >= tick && tick.nanos_until(at) < READ_WALL_EVERY);
+        let (tick, wall) = match fresh {
+            Some(fresh) => fresh,
+            None => *self.read.insert(read()),
+        };
+        wall + (i128::from(at.nanos()) - i128::from(tick.nanos()))
+    }
+}
+
+/// A thread's clock for its lines: the wall clock, and the current
+/// second's text.
+#[derive(Default)]
+struct Time {
+    wall: Wall,
+    second: Second,
 }
 
 /// The time as `tracing-subscriber` writes it up to the second (RFC 3339,
@@ -303,10 +343,14 @@ impl Second {
     }
 }
 
-/// The time as `tracing-subscriber` writes it: RFC 3339, microseconds, UTC.
-fn timestamp(out: &mut Vec<u8>, second: &mut Second) {
-    let (secs, micros) = now();
-    out.extend_from_slice(second.text(secs));
+/// The time at `at` as `tracing-subscriber` writes it: RFC 3339,
+/// microseconds, UTC.
+fn timestamp(out: &mut Vec<u8>, time: &mut Time, at: Tick) {
+    let nanos = time.wall.at(at, || (Tick::now(), wall_nanos()));
+    // Floored, as before 1970 too: the second before, counted up.
+    let secs = i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or(i64::MAX);
+    let micros = (nanos.rem_euclid(1_000_000_000) / 1000) as u32;
+    out.extend_from_slice(time.second.text(secs));
     out.extend_from_slice(&fraction(micros));
 }
 
@@ -433,17 +477,17 @@ macro_rules! field {
 /// `tracing-subscriber`'s full text layout for the access event.
 fn text_line(
     out: &mut Vec<u8>,
-    second: &mut Second,
+    time: &mut Time,
     labels: &mut Labels,
     line: &Access<'_>,
     ansi: bool,
 ) {
     if ansi {
         out.extend_from_slice(b"\x1b[2m");
-        timestamp(out, second);
+        timestamp(out, time, line.at);
         out.extend_from_slice(b"\x1b[0m");
     } else {
-        timestamp(out, second);
+        timestamp(out, time, line.at);
     }
     out.extend_from_slice(labels.text(line, ansi));
     // The rest up to the error, or the end, from its end.
@@ -523,7 +567,7 @@ impl Labels {
 }
 
 /// `tracing-subscriber`'s JSON layout for the access event.
-fn json_line(out: &mut Vec<u8>, second: &mut Second, line: &Access<'_>) {
+fn json_line(out: &mut Vec<u8>, time: &mut Time, line: &Access<'_>) {
     // A `Vec` sink cannot fail; serde_json escapes what must be.
     let string = |out: &mut Vec<u8>, s: &str| {
         let _ = serde_json::to_writer(&mut *out, s);
@@ -535,7 +579,7 @@ fn json_line(out: &mut Vec<u8>, second: &mut Second, line: &Access<'_>) {
         None => out.extend_from_slice(b"null"),
     };
     out.extend_from_slice(b"{\"timestamp\":\"");
-    timestamp(out, second);
+    timestamp(out, time, line.at);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"route\":");
     string(out, line.route);
     out.extend_from_slice(b",\"tier\":");
@@ -729,6 +773,58 @@ mod tests {
     }
 
     #[test]
+    fn the_wall_clock_is_read_once_a_second_and_counted_forward_between() {
+        let epoch_2027: i128 = 1_798_761_600 * 1_000_000_000;
+        let tick = Tick::from_nanos;
+        let mut wall = Wall::default();
+        let reads = std::cell::Cell::new(0);
+        let read = |at: u64, wall: i128| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                (tick(at), wall)
+            }
+        };
+        // The first line reads it (300 ns after its request ended).
+        assert_eq!(
+            wall.at(tick(5_000_000_000), read(5_000_000_300, epoch_2027 + 300)),
+            epoch_2027
+        );
+        assert_eq!(reads.get(), 1);
+        // Within the second: counted forward, not read.
+        assert_eq!(
+            wall.at(tick(5_400_000_000), read(0, 0)),
+            epoch_2027 + 400_000_000
+        );
+        assert_eq!(
+            wall.at(tick(6_000_000_299), read(0, 0)),
+            epoch_2027 + 1_000_000_299
+        );
+        assert_eq!(reads.get(), 1);
+        // A second after the reading: read again, and a step of the wall
+        // clock (an hour back) shows from here.
+        let stepped = epoch_2027 - 3_600_000_000_000;
+        assert_eq!(
+            wall.at(
+                tick(6_000_000_300),
+                read(6_000_000_400, stepped + 1_000_000_400)
+            ),
+            stepped + 1_000_000_300
+        );
+        assert_eq!(reads.get(), 2);
+        // A line whose end was before the last reading: read again rather
+        // than counted backwards past it.
+        assert_eq!(
+            wall.at(
+                tick(6_000_000_200),
+                read(6_000_000_500, stepped + 1_000_000_500)
+            ),
+            stepped + 1_000_000_200
+        );
+        assert_eq!(reads.get(), 3);
+    }
+
+    #[test]
     fn an_access_line_starts_with_the_time_now() {
         let mut scratch = Scratch::default();
         let line = Access {
@@ -739,11 +835,12 @@ mod tests {
             latency_us: 1,
             upstream_us: None,
             error: None,
+            at: Tick::now(),
         };
         let before = jiff::Timestamp::now();
         text_line(
             &mut scratch.line,
-            &mut scratch.second,
+            &mut scratch.time,
             &mut scratch.labels,
             &line,
             false,
@@ -767,6 +864,7 @@ mod tests {
                 latency_us: 1250,
                 upstream_us: Some(500),
                 error: None,
+                at: Tick::now(),
             },
             Access {
                 route: "a \"quoted\" name",
@@ -776,6 +874,7 @@ mod tests {
                 latency_us: 3000,
                 upstream_us: None,
                 error: Some("ConnectRefused"),
+                at: Tick::now(),
             },
         ];
         // Latencies from none to the most a u64 holds: every count of
@@ -817,6 +916,7 @@ mod tests {
                 latency_us: us,
                 upstream_us: Some(us / 7),
                 error: None,
+                at: Tick::now(),
             }))
             .collect();
         // The same route, tier and code with another code in between, so
@@ -840,7 +940,7 @@ mod tests {
                     let mut ours = Vec::new();
                     text_line(
                         &mut ours,
-                        &mut scratch.second,
+                        &mut scratch.time,
                         &mut scratch.labels,
                         line,
                         ansi,
@@ -852,7 +952,7 @@ mod tests {
             let theirs: serde_json::Value =
                 serde_json::from_str(&from_subscriber(true, false, line)).expect("json");
             let mut ours = Vec::new();
-            json_line(&mut ours, &mut scratch.second, line);
+            json_line(&mut ours, &mut scratch.time, line);
             let ours = String::from_utf8(ours).expect("utf8");
             assert!(ours.ends_with('\n'));
             let mut ours: serde_json::Value = serde_json::from_str(&ours).expect("our json");

@@ -336,6 +336,93 @@ impl Proxy {
         }
     }
 
+    /// `request_filter`'s work, on the config snapshot `config`.
+    async fn filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        config: &Generation,
+    ) -> Result<bool> {
+        if let Some(refusal) = beyond_caps(session.req_header()) {
+            // What follows on this connection cannot be trusted to be framed
+            // as expected (a CONNECT's tunnel, say): close it after the answer.
+            session.set_keepalive(None);
+            return reject(session, ctx, refusal).await;
+        }
+        let preflight = preflight_method(session.req_header());
+        ctx.preflight = preflight.is_some();
+        let found = {
+            let req = session.req_header();
+            let method = preflight.as_ref().unwrap_or(&req.method);
+            self.route(config, method, req.uri.path())
+                .map(|(path, route)| {
+                    // No route takes this method: is the path known at all?
+                    let route = route.ok_or_else(|| {
+                        let allow = config.allowed_methods(&path);
+                        (!allow.is_empty()).then(|| {
+                            allow
+                                .iter()
+                                .map(|m| m.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                    });
+                    let usage = path == config.usage_path && req.method == Method::GET;
+                    // Forwarded as received unless normalising changed it.
+                    let target = match path {
+                        Cow::Borrowed(_) => None,
+                        Cow::Owned(path) => Some(match req.uri.query() {
+                            Some(q) => format!("{path}?{q}"),
+                            None => path,
+                        }),
+                    };
+                    (route, target, usage)
+                })
+        };
+        let (route, target, usage) = match found {
+            Ok(found) => found,
+            Err(rejection) => return reject(session, ctx, rejection).await,
+        };
+        if usage {
+            return self.usage(session, ctx, config).await;
+        }
+        let index = match route {
+            Ok(index) => index,
+            Err(Some(allow)) => {
+                return reject(session, ctx, Rejection::MethodNotAllowed { allow }).await
+            }
+            Err(None) => return reject(session, ctx, Rejection::RouteNotFound).await,
+        };
+        ctx.route = Some(index);
+        ctx.target = target;
+        let route = &config.routes[index];
+        // A CORS preflight carries no key (browsers never send one) and is
+        // the upstream's to answer: forwarded, uncharged.
+        if !route.auth || ctx.preflight {
+            return Ok(false);
+        }
+        match self.admit(session, ctx, config, route).await {
+            Ok(admission) => {
+                ctx.keyed().admission = Some(admission);
+                Ok(false)
+            }
+            // The shared store does not answer, and the operator chose to
+            // serve uncharged meanwhile: forwarded without identity
+            // headers (nothing is known of the key), counted.
+            Err(Rejection::StoreUnavailable)
+                if config
+                    .redis
+                    .as_ref()
+                    .is_some_and(|r| r.on_error == OnStoreError::Allow) =>
+            {
+                self.gateway.metrics.store_bypassed.inc();
+                ctx.code = "OK";
+                Ok(false)
+            }
+            Err(rejection) => reject(session, ctx, rejection).await,
+        }
+    }
+
     /// The customer usage endpoint: answered here, never charged or forwarded.
     async fn usage(&self, session: &mut Session, ctx: &mut Ctx, config: &Config) -> Result<bool> {
         ctx.usage = true;
@@ -528,92 +615,20 @@ impl ProxyHttp for Proxy {
             latency_us: 0,
             upstream_us: None,
             error: Some(error.etype().as_str()),
+            at: Tick::now(),
         });
         let (resp, body) = json_answer(rejection.status(), &rejection.body(), &[])?;
         session.write_error_response(resp, body).await
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // One handle on the snapshot for the whole request, kept in `ctx`
+        // once this hook is done with it (nothing this hook calls reads it
+        // there): not a second count on it for the hook alone.
         let config = self.gateway.config();
-        ctx.config = Some(config.clone());
-        if let Some(refusal) = beyond_caps(session.req_header()) {
-            // What follows on this connection cannot be trusted to be framed
-            // as expected (a CONNECT's tunnel, say): close it after the answer.
-            session.set_keepalive(None);
-            return reject(session, ctx, refusal).await;
-        }
-        let preflight = preflight_method(session.req_header());
-        ctx.preflight = preflight.is_some();
-        let found = {
-            let req = session.req_header();
-            let method = preflight.as_ref().unwrap_or(&req.method);
-            self.route(&config, method, req.uri.path())
-                .map(|(path, route)| {
-                    // No route takes this method: is the path known at all?
-                    let route = route.ok_or_else(|| {
-                        let allow = config.allowed_methods(&path);
-                        (!allow.is_empty()).then(|| {
-                            allow
-                                .iter()
-                                .map(|m| m.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                    });
-                    let usage = path == config.usage_path && req.method == Method::GET;
-                    // Forwarded as received unless normalising changed it.
-                    let target = match path {
-                        Cow::Borrowed(_) => None,
-                        Cow::Owned(path) => Some(match req.uri.query() {
-                            Some(q) => format!("{path}?{q}"),
-                            None => path,
-                        }),
-                    };
-                    (route, target, usage)
-                })
-        };
-        let (route, target, usage) = match found {
-            Ok(found) => found,
-            Err(rejection) => return reject(session, ctx, rejection).await,
-        };
-        if usage {
-            return self.usage(session, ctx, &config).await;
-        }
-        let index = match route {
-            Ok(index) => index,
-            Err(Some(allow)) => {
-                return reject(session, ctx, Rejection::MethodNotAllowed { allow }).await
-            }
-            Err(None) => return reject(session, ctx, Rejection::RouteNotFound).await,
-        };
-        ctx.route = Some(index);
-        ctx.target = target;
-        let route = &config.routes[index];
-        // A CORS preflight carries no key (browsers never send one) and is
-        // the upstream's to answer: forwarded, uncharged.
-        if !route.auth || ctx.preflight {
-            return Ok(false);
-        }
-        match self.admit(session, ctx, &config, route).await {
-            Ok(admission) => {
-                ctx.keyed().admission = Some(admission);
-                Ok(false)
-            }
-            // The shared store does not answer, and the operator chose to
-            // serve uncharged meanwhile: forwarded without identity
-            // headers (nothing is known of the key), counted.
-            Err(Rejection::StoreUnavailable)
-                if config
-                    .redis
-                    .as_ref()
-                    .is_some_and(|r| r.on_error == OnStoreError::Allow) =>
-            {
-                self.gateway.metrics.store_bypassed.inc();
-                ctx.code = "OK";
-                Ok(false)
-            }
-            Err(rejection) => reject(session, ctx, rejection).await,
-        }
+        let answered = self.filter(session, ctx, &config).await;
+        ctx.config = Some(config);
+        answered
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -879,7 +894,8 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let took = ctx.started.elapsed_nanos();
+        let ended = Tick::now();
+        let took = ctx.started.nanos_until(ended);
         let Some(config) = &ctx.config else { return };
         let label = match (ctx.route, ctx.usage) {
             (_, true) => RouteLabel::Usage,
@@ -916,6 +932,7 @@ impl ProxyHttp for Proxy {
             latency_us: took / 1000,
             upstream_us: ctx.upstream_us,
             error: error.map(|e| e.etype().as_str()),
+            at: ended,
         });
     }
 }

@@ -106,16 +106,20 @@ impl IdlePool {
         &self,
         peer: &P,
     ) -> Result<(HttpSession, bool)> {
-        let (mut stream, reused) = match take(peer.reuse_hash()) {
-            Some(stream) => (stream, true),
+        let (mut stream, taken_at) = match take(peer.reuse_hash()) {
+            Some((stream, now)) => (stream, Some(now)),
             // Boxed: connecting is rare on a kept-alive path, and its
             // future (over 8 KiB) would otherwise be part of every request's.
             None => (
                 TimedStream::new(Box::pin(self.transport.new_stream(peer)).await?),
-                false,
+                None,
             ),
         };
-        stream.start(peer.get_peer_options().and_then(|o| o.read_timeout));
+        stream.start(
+            peer.get_peer_options().and_then(|o| o.read_timeout),
+            taken_at,
+        );
+        let reused = taken_at.is_some();
         Ok((HttpSession::new_with_options(stream, peer), reused))
     }
 
@@ -152,14 +156,16 @@ impl IdlePool {
 }
 
 /// The most recently released connection to the peer `key` that is still
-/// alive; those expired or found closed on the way are dropped.
-fn take(key: u64) -> Option<Box<TimedStream>> {
+/// alive, and the time it was taken; those expired or found closed on the
+/// way are dropped.
+fn take(key: u64) -> Option<(Box<TimedStream>, Instant)> {
     IDLE.with_borrow_mut(|idle| {
         let list = idle.by_peer.get_mut(&key)?;
-        drop_expired(list, Instant::now());
+        let now = Instant::now();
+        drop_expired(list, now);
         while let Some(mut c) = list.pop_back() {
             if quiet(c.stream.inner_mut()) {
-                return Some(c.stream);
+                return Some((c.stream, now));
             }
         }
         None

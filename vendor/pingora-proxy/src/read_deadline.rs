@@ -44,7 +44,9 @@ pub(crate) struct TimedStream {
     inner: Stream,
     /// The timeout of the request now using the connection; `None`: none.
     timeout: Option<Duration>,
-    /// When the read now waiting began to wait; `None` between waits.
+    /// When the read now waiting began to wait; `None` between waits. Set
+    /// before the first by [`TimedStream::start`] when the pool read the
+    /// clock as it handed the connection out.
     since: Option<Instant>,
     /// Fires no later than the waiting read's deadline. Armed at the
     /// connection's first wait and kept, moved only when it fires.
@@ -75,9 +77,13 @@ impl TimedStream {
     }
 
     /// Readies the connection for a request whose reads may wait `timeout`.
-    pub(crate) fn start(&mut self, timeout: Option<Duration>) {
+    /// `now`, the time the pool handed it out if it read the clock then,
+    /// is taken for the start of the first wait (the wait for the answer,
+    /// which begins once the request is written, microseconds later; the
+    /// timeout is counted from a little earlier rather than read again).
+    pub(crate) fn start(&mut self, timeout: Option<Duration>, now: Option<std::time::Instant>) {
         self.timeout = timeout;
-        self.since = None;
+        self.since = now.map(Instant::from_std);
     }
 
     /// The connection itself, read without a timeout (the pool's check of
