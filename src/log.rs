@@ -775,58 +775,54 @@ mod tests {
     #[test]
     fn the_wall_clock_is_read_once_a_second_and_counted_forward_between() {
         let epoch_2027: i128 = 1_798_761_600 * 1_000_000_000;
-        let tick = Tick::from_nanos;
-        let mut wall = Wall::default();
-        let reads = std::cell::Cell::new(0);
-        let read = |at: u64, wall: i128| {
-            let reads = &reads;
-            move || {
-                reads.set(reads.get() + 1);
-                (tick(at), wall)
-            }
-        };
-        // The first line reads it (300 ns after its request ended).
-        assert_eq!(
-            wall.at(tick(5_000_000_000), read(5_000_000_300, epoch_2027 + 300)),
-            epoch_2027
-        );
-        assert_eq!(reads.get(), 1);
-        // Within the second: counted forward, not read.
-        assert_eq!(
-            wall.at(tick(5_400_000_000), read(0, 0)),
-            epoch_2027 + 400_000_000
-        );
-        assert_eq!(
-            wall.at(tick(6_000_000_299), read(0, 0)),
-            epoch_2027 + 1_000_000_299
-        );
-        assert_eq!(reads.get(), 1);
-        // A second after the reading: read again, and a step of the wall
-        // clock (an hour back) shows from here.
         let stepped = epoch_2027 - 3_600_000_000_000;
-        assert_eq!(
-            wall.at(
-                tick(6_000_000_300),
-                read(6_000_000_400, stepped + 1_000_000_400)
+        // A line's end; what the two clocks read, should they be read; the
+        // wall time the line gets; the readings taken so far.
+        let lines: [(u64, (u64, i128), i128, u32); 5] = [
+            // The first line reads them (300 ns after its request ended).
+            (
+                5_000_000_000,
+                (5_000_000_300, epoch_2027 + 300),
+                epoch_2027,
+                1,
             ),
-            stepped + 1_000_000_300
-        );
-        assert_eq!(reads.get(), 2);
-        // A line whose end was before the last reading: read again rather
-        // than counted backwards past it.
-        assert_eq!(
-            wall.at(
-                tick(6_000_000_200),
-                read(6_000_000_500, stepped + 1_000_000_500)
+            // Within the second: counted forward, not read.
+            (5_400_000_000, (0, 0), epoch_2027 + 400_000_000, 1),
+            (6_000_000_299, (0, 0), epoch_2027 + 1_000_000_299, 1),
+            // A second after the reading: read again, and a step of the
+            // wall clock (an hour back) shows from here.
+            (
+                6_000_000_300,
+                (6_000_000_400, stepped + 1_000_000_400),
+                stepped + 1_000_000_300,
+                2,
             ),
-            stepped + 1_000_000_200
-        );
-        assert_eq!(reads.get(), 3);
+            // A line whose end was before the last reading: read again
+            // rather than counted backwards past it.
+            (
+                6_000_000_200,
+                (6_000_000_500, stepped + 1_000_000_500),
+                stepped + 1_000_000_200,
+                3,
+            ),
+        ];
+        let mut wall = Wall::default();
+        let mut reads = 0;
+        for (end, (tick, wall_then), given, read_so_far) in lines {
+            let read = || {
+                reads += 1;
+                (Tick::from_nanos(tick), wall_then)
+            };
+            assert_eq!(wall.at(Tick::from_nanos(end), read), given, "line at {end}");
+            assert_eq!(reads, read_so_far, "line at {end}");
+        }
     }
 
     #[test]
     fn an_access_line_starts_with_the_time_now() {
         let mut scratch = Scratch::default();
+        // Before the line's end is read: its time is that end.
+        let before = jiff::Timestamp::now();
         let line = Access {
             route: "r",
             tier: "t",
@@ -837,7 +833,6 @@ mod tests {
             error: None,
             at: Tick::now(),
         };
-        let before = jiff::Timestamp::now();
         text_line(
             &mut scratch.line,
             &mut scratch.time,
