@@ -42,8 +42,14 @@ const KEY_IDLE: Duration = Duration::from_secs(600);
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the write-behind's usage log is folded into the keys' rows
-/// (see `store::sqlite`'s "Usage log").
-const FOLD_EVERY: Duration = Duration::from_secs(5);
+/// (see `store::sqlite`'s "Usage log"). A fold writes each key logged
+/// since the last one once, however often it was logged, and with the
+/// keys in use spread over a large store that is a page of the database
+/// for nearly every key: the rarer the folds, the fewer such pages. At
+/// 5 s, 10,000 keys in use spread over 1,000,000 cost the writer 1.2-1.3
+/// us a request, at 15 s 0.9-1.0 (BENCHMARKS.md). The log then holds up to
+/// 15 s of passes, which a start after a crash folds first.
+const FOLD_EVERY: Duration = Duration::from_secs(15);
 
 /// How long the drain lets the tasks of connections accepted just before
 /// the stop start being served (and so be counted) before it looks.
