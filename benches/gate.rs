@@ -136,7 +136,7 @@ impl Bench {
             let rec = KeyRecord::new(keys::generate_id(), &key.hash, &key.start, tier, ts(START));
             batch.push((
                 sqlite::Row {
-                    key_id: rec.key_id.clone(),
+                    key_id: rec.key_id.to_string(),
                     record: serde_json::to_string(&rec).expect("json"),
                     usage: usage.clone(),
                     seq: 0,

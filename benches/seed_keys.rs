@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         let record = KeyRecord::new(keys::generate_id(), &key.hash, &key.start, tier, now);
         writeln!(secrets, "{}", key.secret)?;
         let row = sqlite::Row {
-            key_id: record.key_id.clone(),
+            key_id: record.key_id.to_string(),
             record: serde_json::to_string(&record)?,
             usage: usage.clone(),
             seq: 0,

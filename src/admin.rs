@@ -490,7 +490,7 @@ async fn update_key(
             }
             usage.change_plan(old, new, policy, record.refill_day, now);
             let _ = from.set(record.tier.clone());
-            record.tier = new.id.clone();
+            record.tier = new.id.as_str().into();
         }
         if let Some(name) = &req.name {
             record.name = name.clone();

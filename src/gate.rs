@@ -181,9 +181,9 @@ pub fn admit(
     let (tier_index, _, tier) =
         config
             .tiers
-            .get_full(&record.tier)
+            .get_full(record.tier.as_str())
             .ok_or_else(|| Rejection::TierNotFound {
-                tier: record.tier.clone(),
+                tier: record.tier.to_string(),
             })?;
     if let Some(feature) = demand.feature.as_deref().filter(|f| !tier.has_feature(f)) {
         return Err(Rejection::FeatureNotAvailable {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use compact_str::CompactString;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -22,9 +23,12 @@ use crate::window::Window;
 /// in one allocation, found with one short search. (A `BTreeMap` took a
 /// ~1 KB node for one entry and two searches a lookup; with many keys in
 /// use their state is seldom in the CPU's cache, and every request reads
-/// it.) Stored as the JSON object the `BTreeMap` was.
+/// it.) A name of up to 24 bytes is held in the list itself, not in an
+/// allocation of its own: the search reads it beside the value rather than
+/// missing the cache once more per name. Stored as the JSON object the
+/// `BTreeMap` was.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Named<V>(Vec<(String, V)>);
+pub struct Named<V>(Vec<(CompactString, V)>);
 
 impl<V> Default for Named<V> {
     fn default() -> Self {
@@ -53,7 +57,7 @@ impl<V> Named<V> {
         V: Default,
     {
         let i = self.find(name).unwrap_or_else(|at| {
-            self.0.insert(at, (name.to_string(), V::default()));
+            self.0.insert(at, (CompactString::from(name), V::default()));
             at
         });
         &mut self.0[i].1
@@ -64,7 +68,7 @@ impl<V> Named<V> {
         match self.find(&name) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(at) => {
-                self.0.insert(at, (name, value));
+                self.0.insert(at, (CompactString::from(name), value));
                 None
             }
         }
@@ -109,7 +113,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
                 mut entries: A,
             ) -> Result<Named<V>, A::Error> {
                 let mut all = Vec::with_capacity(entries.size_hint().unwrap_or(0).min(16));
-                while let Some(entry) = entries.next_entry::<String, V>()? {
+                while let Some(entry) = entries.next_entry::<CompactString, V>()? {
                     all.push(entry);
                 }
                 // Sorted whatever order the object gave (not an insert
@@ -129,12 +133,13 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
 /// A key as the operator sees it. Never holds the key itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
-    pub key_id: String,
+    /// Held inline (up to 24 bytes), like `tier`: every request reads both.
+    pub key_id: CompactString,
     /// Hex SHA-256 of the key.
     pub hash: String,
     /// Prefix plus the first random characters, to recognise a key.
     pub start: String,
-    pub tier: String,
+    pub tier: CompactString,
     pub external_id: Option<String>,
     pub name: Option<String>,
     #[serde(default)]
@@ -156,10 +161,10 @@ impl KeyRecord {
         created_at: Timestamp,
     ) -> KeyRecord {
         KeyRecord {
-            key_id,
+            key_id: key_id.into(),
             hash: hash.to_hex(),
             start: start.to_string(),
-            tier: tier.to_string(),
+            tier: tier.into(),
             external_id: None,
             name: None,
             meta: Map::new(),

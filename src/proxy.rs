@@ -145,7 +145,7 @@ pub struct Ctx {
 struct Keyed {
     source: Option<KeySource>,
     key: Option<Key>,
-    key_id: Option<String>,
+    key_id: Option<compact_str::CompactString>,
     external_id: Option<String>,
     /// The index of the key's tier in the config, once known and if the
     /// config has it (for logs and metrics).
@@ -457,7 +457,7 @@ impl Proxy {
                 let tier = config
                     .tier(&record.tier)
                     .ok_or_else(|| Rejection::TierNotFound {
-                        tier: record.tier.clone(),
+                        tier: record.tier.to_string(),
                     })?;
                 Ok(views::usage_report(tier, record, usage, now))
             })
@@ -510,7 +510,7 @@ impl Proxy {
                 // An admission names its tier; only a refusal looks it up.
                 let tier = match &result {
                     Ok(admission) => Some(admission.tier),
-                    Err(_) => config.tiers.get_index_of(&record.tier),
+                    Err(_) => config.tiers.get_index_of(record.tier.as_str()),
                 };
                 let who = (record.key_id.clone(), record.external_id.clone(), tier);
                 (who, result)

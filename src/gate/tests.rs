@@ -689,7 +689,7 @@ proptest! {
                     u.settle(tier, r.refill_day, now);
                     let new = &c.tiers[tiers[t]];
                     u.change_plan(Some(tier), new, policies[policy], r.refill_day, now);
-                    r.tier = tiers[t].to_string();
+                    r.tier = tiers[t].into();
                     account(&mut given, &mut taken, before, left(&u));
                     last = None;
                 }

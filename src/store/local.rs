@@ -349,7 +349,7 @@ impl Local {
     ) -> Result<(), StoreError> {
         self.disk
             .write(Write::Create {
-                key_id: record.key_id.clone(),
+                key_id: record.key_id.to_string(),
                 hash: hash.0,
                 external_id: record.external_id.clone(),
                 record: to_json(record),
@@ -378,7 +378,7 @@ impl Local {
             change(&mut next.record, &mut next.usage)?;
             live.admin_pending = true;
             let write = Write::Update {
-                key_id: next.record.key_id.clone(),
+                key_id: next.record.key_id.to_string(),
                 external_id: next.record.external_id.clone(),
                 record: to_json(&next.record),
                 usage: usage_json(&next.usage),
@@ -622,7 +622,7 @@ impl Local {
                 let seq = self.next_seq();
                 entry.logged_seq.store(seq, Ordering::Release);
                 snap.rows.push(UsageRow {
-                    key_id: state.record.key_id.clone(),
+                    key_id: state.record.key_id.to_string(),
                     usage: usage_json(&state.usage),
                     billing: to_json(&billing),
                     seq,

@@ -1013,16 +1013,25 @@ impl Redis {
             )));
         }
         // Indexes after the data: a key is findable only once it is whole.
-        self.run::<()>(redis::cmd("SET").arg(hash_key(&hash)).arg(&record.key_id))
-            .await?;
-        self.run::<i64>(redis::cmd("ZADD").arg(IDS).arg(0).arg(&record.key_id))
-            .await?;
+        self.run::<()>(
+            redis::cmd("SET")
+                .arg(hash_key(&hash))
+                .arg(record.key_id.as_str()),
+        )
+        .await?;
+        self.run::<i64>(
+            redis::cmd("ZADD")
+                .arg(IDS)
+                .arg(0)
+                .arg(record.key_id.as_str()),
+        )
+        .await?;
         if let Some(ext) = &record.external_id {
             self.run::<i64>(
                 redis::cmd("ZADD")
                     .arg(ext_key(ext))
                     .arg(0)
-                    .arg(&record.key_id),
+                    .arg(record.key_id.as_str()),
             )
             .await?;
         }

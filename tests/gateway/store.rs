@@ -811,5 +811,5 @@ fn sled_store_with_one_key(dir: &Path) -> (String, String) {
     external.extend_from_slice(id);
     tree("external").insert(external, &[]).expect("insert");
     db.flush().expect("flush");
-    (key.secret, record.key_id)
+    (key.secret, record.key_id.to_string())
 }
