@@ -284,32 +284,38 @@ done
 # each case is reported: the machine is shared, and a slow moment then
 # lands on one sample of every case rather than on all samples of one.
 ROUNDS=${ROUNDS:-3}
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# CPU ticks (user + system) in a /proc stat file. The name field before
+# them may hold spaces (a thread named "BG usage flushe"), so they are
+# counted from after it. (Until 2026-12-06 the write-behind's figure
+# matched the flusher's name without its spaces and so held the writer
+# thread alone.)
+ticks() { sed 's/.*) //' "$1" | awk '{print $12 + $13}'; }
+cpu() { awk -v t="$(ticks "/proc/$1/stat")" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'; }
 # CPU seconds of tollgate's write-behind (the store's writer thread and the
 # flusher that feeds it); 0 for other proxies.
-# A thread's name may hold spaces ("BG usage flushe"), and so then does
-# the name field of its stat: its times are counted from after the name.
-# (Until 2026-12-06 the flusher's name was matched without them, so the
-# figure held the writer thread alone.)
 store_cpu() {
   local t n total=0
   for t in /proc/"$1"/task/*; do
     n=$(cat "$t/comm" 2>/dev/null || true)
-    case "$n" in "tollgate-store"*|"BG usage flushe"*)
-      total=$((total + $(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}'))) ;;
-    esac
+    case "$n" in "tollgate-store"*|"BG usage flushe"*) total=$((total + $(ticks "$t/stat"))) ;; esac
   done
   awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
 }
 declare -A SAMPLES SERVED RUNS
+# CPU ticks of every proxy still running.
+all_ticks() {
+  local p total=0
+  for p in "${PIDS[@]}"; do [ -e "/proc/$p/stat" ] && total=$((total + $(ticks "/proc/$p/stat"))); done
+  echo "$total"
+}
 # Waits until no proxy is still busy with the last case's tail (tollgate
 # writing behind the usage of many keys), so it is not billed to the next.
 settle() {
-  local p a b
+  local a b
   for _ in $(seq 60); do
-    a=0; for p in "${PIDS[@]}"; do [ -e "/proc/$p/stat" ] && a=$(awk -v s="$a" '{print s + $14 + $15}' "/proc/$p/stat"); done
+    a=$(all_ticks)
     sleep 0.5
-    b=0; for p in "${PIDS[@]}"; do [ -e "/proc/$p/stat" ] && b=$(awk -v s="$b" '{print s + $14 + $15}' "/proc/$p/stat"); done
+    b=$(all_ticks)
     [ "$((b - a))" -le 2 ] && return
   done
 }
