@@ -42,6 +42,31 @@ pub struct Window {
     /// it rather than the buckets, which with many keys in use are seldom
     /// in the CPU's cache. Wide enough that 61 buckets never overflow it.
     total: u128,
+    /// The oldest bucket's time and the newest bucket, kept with them (not
+    /// stored): see [`Ends`].
+    ends: Ends,
+}
+
+/// Copies of a window's two ends, beside its other fields: a request on a
+/// key reads only these to prune and count (the oldest bucket has not left
+/// the window, the newest takes the unit), and only writes the newest
+/// bucket, so the buckets themselves, two cache lines apart in a minute's
+/// window and with many keys in use seldom in the CPU's cache, are read
+/// only when a bucket leaves or a clock steps back. Meaningless while the
+/// window is empty (then the default, so that equal windows are equal).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ends {
+    oldest_at: i64,
+    newest: (i64, u64),
+}
+
+impl Ends {
+    fn of(buckets: &VecDeque<(i64, u64)>) -> Ends {
+        match (buckets.front(), buckets.back()) {
+            (Some(&(oldest_at, _)), Some(&newest)) => Ends { oldest_at, newest },
+            _ => Ends::default(),
+        }
+    }
 }
 
 thread_local! {
@@ -222,11 +247,13 @@ impl Window {
 
     fn with(width_ms: i64, buckets: VecDeque<(i64, u64)>, v: u8) -> Window {
         let total = buckets.iter().map(|&(_, n)| u128::from(n)).sum();
+        let ends = Ends::of(&buckets);
         Window {
             width_ms,
             buckets,
             v,
             total,
+            ends,
         }
     }
 
@@ -237,10 +264,23 @@ impl Window {
         u64::try_from(self.total).unwrap_or(u64::MAX)
     }
 
-    /// Sets bucket `pos`'s units, keeping the total.
+    /// Sets bucket `pos`'s units, keeping the total (not the ends).
     fn set_units(&mut self, pos: usize, n: u64) {
         let old = std::mem::replace(&mut self.buckets[pos].1, n);
         self.total = self.total - u128::from(old) + u128::from(n);
+    }
+
+    /// Makes the newest bucket `newest`, in the buckets and their copy,
+    /// keeping the total: written without reading the bucket it replaces.
+    fn set_newest(&mut self, newest: (i64, u64)) {
+        let old = std::mem::replace(&mut self.ends.newest, newest);
+        self.total = self.total - u128::from(old.1) + u128::from(newest.1);
+        if let Some(bucket) = self.buckets.back_mut() {
+            *bucket = newest;
+        }
+        if self.buckets.len() == 1 {
+            self.ends.oldest_at = newest.0;
+        }
     }
 
     /// Reads a window written as `(bucket index, units)` as if each bucket's
@@ -253,6 +293,7 @@ impl Window {
                 *at = at.saturating_add(1).saturating_mul(width).saturating_sub(1);
             }
             self.v = 1;
+            self.ends = Ends::of(&self.buckets);
         }
     }
 
@@ -264,23 +305,33 @@ impl Window {
             self.width_ms = width;
             self.buckets.clear();
             self.total = 0;
+            self.ends = Ends::default();
+        }
+        if self.buckets.is_empty() {
+            return;
         }
         // A clock stepped back: units counted "in the future" count as if
         // they came now, so they leave one window from here, not one window
         // plus the step (a step back never locks a key out for longer).
-        for (at, _) in self.buckets.iter_mut().rev() {
-            if *at <= now_ms {
-                break;
+        if self.ends.newest.0 > now_ms {
+            for (at, _) in self.buckets.iter_mut().rev() {
+                if *at <= now_ms {
+                    break;
+                }
+                *at = now_ms;
             }
-            *at = now_ms;
+            self.ends = Ends::of(&self.buckets);
         }
-        while let Some(&(at, n)) = self.buckets.front() {
-            if at.saturating_add(window_ms) <= now_ms {
-                self.buckets.pop_front();
-                self.total -= u128::from(n);
-            } else {
-                break;
+        if self.ends.oldest_at.saturating_add(window_ms) <= now_ms {
+            while let Some(&(at, n)) = self.buckets.front() {
+                if at.saturating_add(window_ms) <= now_ms {
+                    self.buckets.pop_front();
+                    self.total -= u128::from(n);
+                } else {
+                    break;
+                }
             }
+            self.ends = Ends::of(&self.buckets);
         }
     }
 
@@ -296,32 +347,27 @@ impl Window {
         self.prune(window_ms, now_ms);
         let width = self.width_ms;
         let idx = now_ms.div_euclid(width);
-        let last = self.buckets.len().wrapping_sub(1);
-        match self.buckets.back_mut() {
-            Some((at, n)) if at.div_euclid(width) == idx => {
-                *at = (*at).max(now_ms);
-                let sum = n.saturating_add(units);
-                self.set_units(last, sum);
+        let (at, n) = self.ends.newest;
+        if !self.buckets.is_empty() && at.div_euclid(width) == idx {
+            self.set_newest((at.max(now_ms), n.saturating_add(units)));
+        } else if !self.buckets.is_empty() && at > now_ms {
+            // A clock that stepped back lands in the newest bucket (pruning
+            // moved any such bucket to now, so this is for safety's sake).
+            self.set_newest((at, n.saturating_add(units)));
+            return at.div_euclid(width);
+        } else if units > 0 {
+            if self.buckets.len() == self.buckets.capacity() {
+                // The buckets live as long as their key: grown in the
+                // keys' heap (see `alloc::lasting`), not among the blocks
+                // of the request that happens to grow them.
+                crate::alloc::lasting(|| self.buckets.reserve(1));
             }
-            // A clock that stepped back lands in the newest bucket.
-            Some((at, n)) if *at > now_ms => {
-                let bucket = at.div_euclid(width);
-                let sum = n.saturating_add(units);
-                self.set_units(last, sum);
-                return bucket;
+            if self.buckets.is_empty() {
+                self.ends.oldest_at = now_ms;
             }
-            _ => {
-                if units > 0 {
-                    if self.buckets.len() == self.buckets.capacity() {
-                        // The buckets live as long as their key: grown in
-                        // the keys' heap (see `alloc::lasting`), not among
-                        // the blocks of the request that happens to grow them.
-                        crate::alloc::lasting(|| self.buckets.reserve(1));
-                    }
-                    self.buckets.push_back((now_ms, units));
-                    self.total += u128::from(units);
-                }
-            }
+            self.buckets.push_back((now_ms, units));
+            self.ends.newest = (now_ms, units);
+            self.total += u128::from(units);
         }
         idx
     }
@@ -340,6 +386,7 @@ impl Window {
             if left == 0 {
                 self.buckets.remove(pos);
             }
+            self.ends = Ends::of(&self.buckets);
         }
     }
 
@@ -368,7 +415,8 @@ impl Window {
     /// in ms; `None` when nothing is counted. Never more than one window
     /// after `now_ms`.
     pub fn oldest_expiry_ms(&self, window_ms: i64, now_ms: i64) -> Option<i64> {
-        self.buckets.front().map(|(at, _)| {
+        (!self.buckets.is_empty()).then(|| {
+            let at = self.ends.oldest_at;
             at.saturating_add(window_ms)
                 .min(now_ms.saturating_add(window_ms))
         })
@@ -583,6 +631,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(w.units(), summed(&w));
+                prop_assert_eq!(w.ends, Ends::of(&w.buckets));
                 prop_assert_eq!(w.wait_ms(0, u64::MAX, window_ms, at), Some(0));
             }
             for text in [serde_json::to_string(&w).unwrap(), compact(|| serde_json::to_string(&w).unwrap())] {
