@@ -12,6 +12,7 @@ use compact_str::CompactString;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use crate::clock::Now;
 use crate::config::{Credits, Pool, PoolWindow, Tier};
@@ -25,14 +26,17 @@ use crate::window::Window;
 /// use their state is seldom in the CPU's cache, and every request reads
 /// it.) A name of up to 24 bytes is held in the list itself, not in an
 /// allocation of its own: the search reads it beside the value rather than
-/// missing the cache once more per name. Stored as the JSON object the
-/// `BTreeMap` was.
+/// missing the cache once more per name. The first entry is held in the
+/// list itself, beside the key's other usage (a tier has one rate limit
+/// or one pool more often than more): a request reads it without first
+/// reading where the list's entries are, another cache line apart. Stored
+/// as the JSON object the `BTreeMap` was.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Named<V>(Vec<(CompactString, V)>);
+pub struct Named<V>(SmallVec<[(CompactString, V); 1]>);
 
 impl<V> Default for Named<V> {
     fn default() -> Self {
-        Named(Vec::new())
+        Named(SmallVec::new())
     }
 }
 
@@ -112,7 +116,8 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
                 self,
                 mut entries: A,
             ) -> Result<Named<V>, A::Error> {
-                let mut all = Vec::with_capacity(entries.size_hint().unwrap_or(0).min(16));
+                let mut all: SmallVec<[(CompactString, V); 1]> =
+                    SmallVec::with_capacity(entries.size_hint().unwrap_or(0).min(16));
                 while let Some(entry) = entries.next_entry::<CompactString, V>()? {
                     all.push(entry);
                 }
