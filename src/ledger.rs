@@ -26,11 +26,11 @@ use crate::window::Window;
 /// use their state is seldom in the CPU's cache, and every request reads
 /// it.) A name of up to 24 bytes is held in the list itself, not in an
 /// allocation of its own: the search reads it beside the value rather than
-/// missing the cache once more per name. The first entry is held in the
-/// list itself, beside the key's other usage (a tier has one rate limit
-/// or one pool more often than more): a request reads it without first
-/// reading where the list's entries are, another cache line apart. Stored
-/// as the JSON object the `BTreeMap` was.
+/// missing the cache once more per name. The first entry is in no
+/// allocation at all but beside the key's other usage (a tier has one
+/// rate limit or one pool more often than more): a request reads it
+/// without first reading where the list's entries are, another cache line
+/// apart. Stored as the JSON object the `BTreeMap` was.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Named<V>(SmallVec<[(CompactString, V); 1]>);
 
