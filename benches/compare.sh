@@ -290,7 +290,9 @@ ROUNDS=${ROUNDS:-3}
 # matched the flusher's name without its spaces and so held the writer
 # thread alone.)
 ticks() { sed 's/.*) //' "$1" | awk '{print $12 + $13}'; }
-cpu() { awk -v t="$(ticks "/proc/$1/stat")" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'; }
+# Ticks as CPU seconds.
+secs() { awk -v t="$1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'; }
+cpu() { secs "$(ticks "/proc/$1/stat")"; }
 # CPU seconds of tollgate's write-behind (the store's writer thread and the
 # flusher that feeds it); 0 for other proxies.
 store_cpu() {
@@ -299,7 +301,7 @@ store_cpu() {
     n=$(cat "$t/comm" 2>/dev/null || true)
     case "$n" in "tollgate-store"*|"BG usage flushe"*) total=$((total + $(ticks "$t/stat"))) ;; esac
   done
-  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", t / hz}'
+  secs "$total"
 }
 declare -A SAMPLES SERVED RUNS
 # CPU ticks of every proxy still running.

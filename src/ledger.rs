@@ -32,11 +32,14 @@ use crate::window::Window;
 /// without first reading where the list's entries are, another cache line
 /// apart. Stored as the JSON object the `BTreeMap` was.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Named<V>(SmallVec<[(CompactString, V); 1]>);
+pub struct Named<V>(List<V>);
+
+/// A [`Named`]'s entries, the first of them inline.
+type List<V> = SmallVec<[(CompactString, V); 1]>;
 
 impl<V> Default for Named<V> {
     fn default() -> Self {
-        Named(SmallVec::new())
+        Named(List::new())
     }
 }
 
@@ -116,8 +119,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
                 self,
                 mut entries: A,
             ) -> Result<Named<V>, A::Error> {
-                let mut all: SmallVec<[(CompactString, V); 1]> =
-                    SmallVec::with_capacity(entries.size_hint().unwrap_or(0).min(16));
+                let mut all = List::with_capacity(entries.size_hint().unwrap_or(0).min(16));
                 while let Some(entry) = entries.next_entry::<CompactString, V>()? {
                     all.push(entry);
                 }

@@ -347,27 +347,32 @@ impl Window {
         self.prune(window_ms, now_ms);
         let width = self.width_ms;
         let idx = now_ms.div_euclid(width);
-        let (at, n) = self.ends.newest;
-        if !self.buckets.is_empty() && at.div_euclid(width) == idx {
-            self.set_newest((at.max(now_ms), n.saturating_add(units)));
-        } else if !self.buckets.is_empty() && at > now_ms {
+        let newest = (!self.buckets.is_empty()).then_some(self.ends.newest);
+        match newest {
+            Some((at, n)) if at.div_euclid(width) == idx => {
+                self.set_newest((at.max(now_ms), n.saturating_add(units)));
+            }
             // A clock that stepped back lands in the newest bucket (pruning
             // moved any such bucket to now, so this is for safety's sake).
-            self.set_newest((at, n.saturating_add(units)));
-            return at.div_euclid(width);
-        } else if units > 0 {
-            if self.buckets.len() == self.buckets.capacity() {
-                // The buckets live as long as their key: grown in the
-                // keys' heap (see `alloc::lasting`), not among the blocks
-                // of the request that happens to grow them.
-                crate::alloc::lasting(|| self.buckets.reserve(1));
+            Some((at, n)) if at > now_ms => {
+                self.set_newest((at, n.saturating_add(units)));
+                return at.div_euclid(width);
             }
-            if self.buckets.is_empty() {
-                self.ends.oldest_at = now_ms;
+            _ if units > 0 => {
+                if self.buckets.len() == self.buckets.capacity() {
+                    // The buckets live as long as their key: grown in the
+                    // keys' heap (see `alloc::lasting`), not among the
+                    // blocks of the request that happens to grow them.
+                    crate::alloc::lasting(|| self.buckets.reserve(1));
+                }
+                if newest.is_none() {
+                    self.ends.oldest_at = now_ms;
+                }
+                self.buckets.push_back((now_ms, units));
+                self.ends.newest = (now_ms, units);
+                self.total += u128::from(units);
             }
-            self.buckets.push_back((now_ms, units));
-            self.ends.newest = (now_ms, units);
-            self.total += u128::from(units);
+            _ => {}
         }
         idx
     }

@@ -301,9 +301,8 @@ impl Local {
 
     /// The key with this hash, loaded into memory on first use.
     pub fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<Entry>>, StoreError> {
-        if let Some(entry) = self.cache.shard(hash).read().get(hash) {
-            entry.last_used.store(self.now_secs(), Ordering::Relaxed);
-            return Ok(Some(entry.clone()));
+        if let Some(entry) = self.in_memory(hash) {
+            return Ok(Some(entry));
         }
         loop {
             let revocations = self.revocations.load(Ordering::Acquire);
