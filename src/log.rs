@@ -12,13 +12,19 @@
 //! Colours only when stderr is a terminal: a file or a pipe gets plain text.
 //!
 //! The access line itself ([`access`]) is formatted here, in the same text
-//! or JSON layout `tracing-subscriber` gives every other line, and written
-//! straight into the buffer: going through the subscriber's field visitors
-//! cost about three microseconds a request (measured), most of a public
-//! route's overhead. `RUST_LOG` still decides whether it is written (the
+//! or JSON layout `tracing-subscriber` gives every other line: going
+//! through the subscriber's field visitors cost about three microseconds a
+//! request (measured), most of a public route's overhead. And it is
+//! formatted when it is written out, not when the request ends: a request
+//! leaves its line's fields (names as `&'static str`, numbers, its end's
+//! clock reading) in the buffer, and up to [`ACCESS_BATCH`] of them are
+//! formatted together, the formatting's code and state in the CPU's caches
+//! for all but the first, where one line at a time ran from cold caches
+//! each request. A line written by any other event first formats the
+//! access lines before it, so the output keeps the order things happened
+//! in. `RUST_LOG` still decides whether access lines are written (the
 //! target is `tollgate::access`).
 
-use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,6 +43,10 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// request threads all the same (it fills within `FLUSH_EVERY`), and
 /// each line then went into memory not touched since the last time round.
 pub const FLUSH_AT: usize = 32 * 1024;
+/// This many access lines waiting are formatted and written out by the
+/// request that adds the last: about [`FLUSH_AT`] of text (a line is
+/// ~140 bytes), the fields kept meanwhile ~25 KiB.
+pub const ACCESS_BATCH: usize = 224;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -47,8 +57,33 @@ pub enum Format {
 /// Lines not yet written, and the output they go to. Whoever writes out
 /// holds `out` while taking `lines`, so chunks reach the output in order.
 struct Shared<W> {
-    lines: Mutex<Vec<u8>>,
+    lines: Mutex<Lines>,
     out: Mutex<Out<W>>,
+}
+
+/// What waits to be written out: text, then access lines not yet
+/// formatted (every one of them later than all of the text).
+struct Lines {
+    text: Vec<u8>,
+    access: Vec<Access>,
+    /// How access lines are formatted, and the state that carries from
+    /// one to the next.
+    style: Style,
+}
+
+impl Lines {
+    /// Formats the access lines waiting onto the text: what is added
+    /// after this comes after them.
+    fn format_access(&mut self) {
+        let Lines {
+            text,
+            access,
+            style,
+        } = self;
+        for line in access.drain(..) {
+            style.line(text, &line);
+        }
+    }
 }
 
 /// The output, and the buffer last written out, kept empty with its
@@ -63,7 +98,11 @@ impl<W: Write> Shared<W> {
     fn write_out(&self) {
         let mut out = self.out.lock();
         let Out { to, spare } = &mut *out;
-        std::mem::swap(spare, &mut *self.lines.lock());
+        {
+            let mut lines = self.lines.lock();
+            lines.format_access();
+            std::mem::swap(spare, &mut lines.text);
+        }
         if !spare.is_empty() {
             // Stderr gone (a closed pipe): there is nowhere left to say so.
             let _ = to.write_all(spare);
@@ -87,12 +126,22 @@ impl<W> Clone for Buffered<W> {
 }
 
 impl<W: Write + Send + 'static> Buffered<W> {
-    /// A buffer in front of `out`. Nothing writes it out on a schedule
-    /// until [`Buffered::tick`] starts that.
-    pub fn new(out: W) -> Buffered<W> {
+    /// A buffer in front of `out`, its access lines in `format` (with
+    /// colours if `ansi`). Nothing writes it out on a schedule until
+    /// [`Buffered::tick`] starts that.
+    pub fn new(out: W, format: Format, ansi: bool) -> Buffered<W> {
         Buffered {
             shared: Arc::new(Shared {
-                lines: Mutex::new(Vec::with_capacity(64 * 1024)),
+                lines: Mutex::new(Lines {
+                    text: Vec::with_capacity(64 * 1024),
+                    access: Vec::with_capacity(ACCESS_BATCH),
+                    style: Style {
+                        format,
+                        ansi,
+                        time: Time::default(),
+                        labels: Labels::default(),
+                    },
+                }),
                 out: Mutex::new(Out {
                     to: out,
                     spare: Vec::with_capacity(64 * 1024),
@@ -114,6 +163,18 @@ impl<W: Write + Send + 'static> Buffered<W> {
                 }
             })
             .map(drop)
+    }
+
+    /// Keeps an access line, to be formatted when it is written out.
+    pub fn access(&self, line: Access) {
+        let full = {
+            let mut lines = self.shared.lines.lock();
+            lines.access.push(line);
+            lines.access.len() >= ACCESS_BATCH
+        };
+        if full {
+            self.shared.write_out();
+        }
     }
 
     /// Writes out every buffered line now.
@@ -150,8 +211,9 @@ impl<W: Write> Write for Line<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let full = {
             let mut lines = self.shared.lines.lock();
-            lines.extend_from_slice(buf);
-            lines.len() >= FLUSH_AT
+            lines.format_access();
+            lines.text.extend_from_slice(buf);
+            lines.text.len() >= FLUSH_AT
         };
         if full || self.urgent {
             self.shared.write_out();
@@ -182,11 +244,9 @@ impl<'a, W: Write + 'a> MakeWriter<'a> for Buffered<W> {
     }
 }
 
-/// Where access lines go once [`init`] has run, and in which layout.
+/// Where access lines go once [`init`] has run.
 struct Sink {
     writer: Buffered<std::io::Stderr>,
-    format: Format,
-    ansi: bool,
     /// Whether `RUST_LOG` lets `tollgate::access` through, asked once when
     /// the subscriber was installed: its filter does not change after, and
     /// asking per request (`tracing::enabled!` goes to the subscriber
@@ -196,24 +256,26 @@ struct Sink {
 
 static ACCESS: OnceLock<Sink> = OnceLock::new();
 
-/// One request, as its access line says it.
-#[derive(Clone, Copy)]
-pub struct Access<'a> {
-    pub route: &'a str,
-    pub tier: &'a str,
-    pub code: &'a str,
+/// One request, as its access line says it. Its names are `'static`
+/// (interned, see `metrics::intern`): the line is formatted after the
+/// request, and its config, may be gone.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub route: &'static str,
+    pub tier: &'static str,
+    pub code: &'static str,
     pub status: u16,
     /// The whole request, in microseconds (written in milliseconds).
     pub latency_us: u64,
     /// From forwarding to the upstream's answer, in microseconds.
     pub upstream_us: Option<u64>,
-    pub error: Option<&'a str>,
+    pub error: Option<&'static str>,
     /// When the request ended (the line's time).
     pub at: Tick,
 }
 
 /// Writes one access line, if `RUST_LOG` lets `tollgate::access` through.
-pub fn access(line: &Access<'_>) {
+pub fn access(line: Access) {
     let Some(sink) = ACCESS.get() else {
         // Logging not set up by [`init`] (a library user's subscriber):
         // the ordinary event.
@@ -230,37 +292,27 @@ pub fn access(line: &Access<'_>) {
         );
         return;
     };
-    if !sink.enabled {
-        return;
+    if sink.enabled {
+        sink.writer.access(line);
     }
-    thread_local! {
-        static SCRATCH: RefCell<Scratch> = RefCell::default();
-    }
-    SCRATCH.with(|cell| {
-        let Ok(mut scratch) = cell.try_borrow_mut() else {
-            return;
-        };
-        let Scratch {
-            line: buf,
-            time,
-            labels,
-        } = &mut *scratch;
-        buf.clear();
-        match sink.format {
-            Format::Text => text_line(buf, time, labels, line, sink.ansi),
-            Format::Json => json_line(buf, time, line),
-        }
-        sink.writer.make_writer().write_all(buf).ok();
-    });
 }
 
-/// A thread's own space for access lines, kept between them: the line
-/// being written, its clock, and the labels last written.
-#[derive(Default)]
-struct Scratch {
-    line: Vec<u8>,
+/// How access lines are written, and what carries from one to the next:
+/// the clock, and the labels last written.
+struct Style {
+    format: Format,
+    ansi: bool,
     time: Time,
     labels: Labels,
+}
+
+impl Style {
+    fn line(&mut self, out: &mut Vec<u8>, line: &Access) {
+        match self.format {
+            Format::Text => text_line(out, &mut self.time, &mut self.labels, line, self.ansi),
+            Format::Json => json_line(out, &mut self.time, line),
+        }
+    }
 }
 
 /// The wall clock now, in nanoseconds since the epoch.
@@ -272,15 +324,16 @@ fn wall_nanos() -> i128 {
     }
 }
 
-/// How long the wall clock is counted forward on the monotonic one before
-/// it is read again.
+/// How far from a reading of the wall clock it is counted on the
+/// monotonic one before it is read again.
 const READ_WALL_EVERY: u64 = 1_000_000_000;
 
-/// The wall clock as of a monotonic reading: read once a second (per
-/// thread), and counted forward in between from the monotonic reading each
-/// line already has (its request's end), so a line costs no clock read of
-/// its own. The two clocks run at the same rate (NTP slews both); a step
-/// of the wall clock (set by hand) reaches the lines within a second.
+/// The wall clock as of a monotonic reading: read at most once a second,
+/// and counted forward (or back, for a line that ended before the
+/// reading) from the monotonic reading each line already has (its
+/// request's end), so a line costs no clock read of its own. The two
+/// clocks run at the same rate (NTP slews both); a step of the wall clock
+/// (set by hand) reaches the lines within a second.
 #[derive(Default)]
 struct Wall {
     /// A monotonic reading, and the wall time then (nanoseconds since the
@@ -294,7 +347,7 @@ impl Wall {
     fn at(&mut self, at: Tick, read: impl FnOnce() -> (Tick, i128)) -> i128 {
         let fresh = self
             .read
-            .filter(|&(tick, _)| at >= tick && tick.nanos_until(at) < READ_WALL_EVERY);
+            .filter(|&(tick, _)| at.nanos().abs_diff(tick.nanos()) < READ_WALL_EVERY);
         let (tick, wall) = match fresh {
             Some(fresh) => fresh,
             None => *self.read.insert(read()),
@@ -303,8 +356,8 @@ impl Wall {
     }
 }
 
-/// A thread's clock for its lines: the wall clock, and the current
-/// second's text.
+/// The clock of access lines: the wall clock, and the current second's
+/// text.
 #[derive(Default)]
 struct Time {
     wall: Wall,
@@ -475,13 +528,7 @@ macro_rules! field {
 }
 
 /// `tracing-subscriber`'s full text layout for the access event.
-fn text_line(
-    out: &mut Vec<u8>,
-    time: &mut Time,
-    labels: &mut Labels,
-    line: &Access<'_>,
-    ansi: bool,
-) {
+fn text_line(out: &mut Vec<u8>, time: &mut Time, labels: &mut Labels, line: &Access, ansi: bool) {
     if ansi {
         out.extend_from_slice(b"\x1b[2m");
         timestamp(out, time, line.at);
@@ -527,7 +574,7 @@ struct Labels {
 }
 
 impl Labels {
-    fn text(&mut self, line: &Access<'_>, ansi: bool) -> &[u8] {
+    fn text(&mut self, line: &Access, ansi: bool) -> &[u8] {
         let same = self.filled
             && self.ansi == ansi
             && self.route == line.route
@@ -567,7 +614,7 @@ impl Labels {
 }
 
 /// `tracing-subscriber`'s JSON layout for the access event.
-fn json_line(out: &mut Vec<u8>, time: &mut Time, line: &Access<'_>) {
+fn json_line(out: &mut Vec<u8>, time: &mut Time, line: &Access) {
     // A `Vec` sink cannot fail; serde_json escapes what must be.
     let string = |out: &mut Vec<u8>, s: &str| {
         let _ = serde_json::to_writer(&mut *out, s);
@@ -605,12 +652,12 @@ fn json_line(out: &mut Vec<u8>, time: &mut Time, line: &Access<'_>) {
 pub fn init(format: Format, default: &str) -> Flush {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let writer = Buffered::new(std::io::stderr());
+    let ansi = std::io::stderr().is_terminal();
+    let writer = Buffered::new(std::io::stderr(), format, ansi);
     if let Err(e) = writer.tick(FLUSH_EVERY) {
         eprintln!("warning: no log writer thread ({e}); lines are written when the buffer fills or at exit");
     }
     let flush = writer.guard();
-    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -624,8 +671,6 @@ pub fn init(format: Format, default: &str) -> Flush {
     }
     let _ = ACCESS.set(Sink {
         writer,
-        format,
-        ansi,
         enabled: tracing::enabled!(target: "tollgate::access", Level::INFO),
     });
     flush
@@ -666,7 +711,7 @@ mod tests {
     #[test]
     fn lines_wait_in_memory_and_go_out_in_order_in_one_write() {
         let out = Recorder::default();
-        let writer = Buffered::new(out.clone());
+        let writer = Buffered::new(out.clone(), Format::Text, false);
         for n in 0..100 {
             write_line(&writer, Level::INFO, &format!("line {n}\n"));
         }
@@ -680,7 +725,7 @@ mod tests {
     #[test]
     fn a_warning_goes_out_at_once_behind_what_came_before() {
         let out = Recorder::default();
-        let writer = Buffered::new(out.clone());
+        let writer = Buffered::new(out.clone(), Format::Text, false);
         write_line(&writer, Level::INFO, "access\n");
         write_line(&writer, Level::WARN, "warning\n");
         assert_eq!(out.0.lock().0, b"access\nwarning\n");
@@ -689,7 +734,7 @@ mod tests {
     #[test]
     fn a_full_buffer_is_written_by_the_writer_and_nothing_is_lost() {
         let out = Recorder::default();
-        let writer = Buffered::new(out.clone());
+        let writer = Buffered::new(out.clone(), Format::Text, false);
         let flush = writer.guard();
         let line = "x".repeat(999) + "\n";
         let lines = 2 * FLUSH_AT / line.len() + 7;
@@ -704,9 +749,85 @@ mod tests {
         assert_eq!(out.0.lock().0.len(), lines * line.len(), "every line, once");
     }
 
+    fn request(n: u64) -> Access {
+        Access {
+            route: "r",
+            tier: "t",
+            code: "OK",
+            status: 200,
+            latency_us: n,
+            upstream_us: None,
+            error: None,
+            at: Tick::now(),
+        }
+    }
+
+    /// The access lines of an output, by their latency, and its other
+    /// lines as they are.
+    fn lines_of(out: &Recorder) -> Vec<String> {
+        let text = String::from_utf8(out.0.lock().0.clone()).expect("utf8");
+        text.lines()
+            .map(|line| match line.split_once(" latency_ms=") {
+                Some((_, latency)) => format!("access {latency}"),
+                None => line.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn access_lines_keep_their_place_among_the_other_lines() {
+        let out = Recorder::default();
+        let writer = Buffered::new(out.clone(), Format::Text, false);
+        writer.access(request(1000));
+        write_line(&writer, Level::INFO, "event\n");
+        writer.access(request(2000));
+        writer.access(request(3000));
+        assert!(out.0.lock().0.is_empty(), "nothing written before its time");
+        writer.flush();
+        assert_eq!(
+            lines_of(&out),
+            ["access 1.0", "event", "access 2.0", "access 3.0"]
+        );
+        assert_eq!(out.0.lock().1, 1, "in one write");
+    }
+
+    #[test]
+    fn a_warning_goes_out_at_once_behind_the_access_lines_before_it() {
+        let out = Recorder::default();
+        let writer = Buffered::new(out.clone(), Format::Text, false);
+        writer.access(request(1000));
+        write_line(&writer, Level::WARN, "warning\n");
+        assert_eq!(lines_of(&out), ["access 1.0", "warning"]);
+    }
+
+    #[test]
+    fn a_full_batch_of_access_lines_is_written_by_the_request_that_fills_it() {
+        let out = Recorder::default();
+        let writer = Buffered::new(out.clone(), Format::Json, false);
+        let flush = writer.guard();
+        for n in 0..ACCESS_BATCH as u64 - 1 {
+            writer.access(request(n));
+        }
+        assert!(out.0.lock().0.is_empty(), "a batch not yet full waits");
+        writer.access(request(7));
+        let written = lines_of(&out);
+        assert_eq!(
+            written.len(),
+            ACCESS_BATCH,
+            "the batch, written by its last"
+        );
+        assert_eq!(out.0.lock().1, 1);
+        for line in &written {
+            serde_json::from_str::<serde_json::Value>(line).expect("a JSON line");
+        }
+        writer.access(request(8));
+        drop(flush);
+        assert_eq!(lines_of(&out).len(), ACCESS_BATCH + 1, "the rest at exit");
+    }
+
     /// What `tracing-subscriber` itself writes for the access event, in
     /// one layout.
-    fn from_subscriber(json: bool, ansi: bool, line: &Access<'_>) -> String {
+    fn from_subscriber(json: bool, ansi: bool, line: &Access) -> String {
         let out = Recorder::default();
         let make = {
             let out = out.clone();
@@ -773,12 +894,12 @@ mod tests {
     }
 
     #[test]
-    fn the_wall_clock_is_read_once_a_second_and_counted_forward_between() {
+    fn the_wall_clock_is_read_once_a_second_and_lines_counted_from_it() {
         let epoch_2027: i128 = 1_798_761_600 * 1_000_000_000;
         let stepped = epoch_2027 - 3_600_000_000_000;
         // A line's end; what the two clocks read, should they be read; the
         // wall time the line gets; the readings taken so far.
-        let lines: [(u64, (u64, i128), i128, u32); 5] = [
+        let lines: [(u64, (u64, i128), i128, u32); 6] = [
             // The first line reads them (300 ns after its request ended).
             (
                 5_000_000_000,
@@ -797,12 +918,14 @@ mod tests {
                 stepped + 1_000_000_300,
                 2,
             ),
-            // A line whose end was before the last reading: read again
-            // rather than counted backwards past it.
+            // A line whose end was before the last reading (formatted
+            // after it): counted back from it.
+            (6_000_000_200, (0, 0), stepped + 1_000_000_200, 2),
+            // A second before the reading: read again.
             (
-                6_000_000_200,
+                5_000_000_400,
                 (6_000_000_500, stepped + 1_000_000_500),
-                stepped + 1_000_000_200,
+                stepped + 400,
                 3,
             ),
         ];
@@ -820,7 +943,7 @@ mod tests {
 
     #[test]
     fn an_access_line_starts_with_the_time_now() {
-        let mut scratch = Scratch::default();
+        let (mut time, mut labels) = (Time::default(), Labels::default());
         // Before the line's end is read: its time is that end.
         let before = jiff::Timestamp::now();
         let line = Access {
@@ -833,15 +956,10 @@ mod tests {
             error: None,
             at: Tick::now(),
         };
-        text_line(
-            &mut scratch.line,
-            &mut scratch.time,
-            &mut scratch.labels,
-            &line,
-            false,
-        );
+        let mut text = Vec::new();
+        text_line(&mut text, &mut time, &mut labels, &line, false);
         let after = jiff::Timestamp::now();
-        let text = String::from_utf8(scratch.line).expect("utf8");
+        let text = String::from_utf8(text).expect("utf8");
         let (time, _) = text.split_once(' ').expect("a time, then the rest");
         let time: jiff::Timestamp = time.parse().expect("an RFC 3339 time");
         // Written to the microsecond, so up to one before `before`.
@@ -901,7 +1019,7 @@ mod tests {
             1_234_567_890_123_456_789,
             u64::MAX,
         ];
-        let lines: Vec<Access<'_>> = lines
+        let lines: Vec<Access> = lines
             .into_iter()
             .chain(latencies.iter().map(|&us| Access {
                 route: "r",
@@ -916,7 +1034,7 @@ mod tests {
             .collect();
         // The same route, tier and code with another code in between, so
         // the labels formatted once are reused, and not reused wrongly.
-        let lines: Vec<Access<'_>> = lines
+        let lines: Vec<Access> = lines
             .into_iter()
             .flat_map(|line| {
                 let other = Access {
@@ -927,19 +1045,13 @@ mod tests {
                 [line, other, line]
             })
             .collect();
-        let mut scratch = Scratch::default();
+        let (mut time, mut labels) = (Time::default(), Labels::default());
         for line in &lines {
             for ansi in [false, true] {
                 let theirs = from_subscriber(false, ansi, line);
                 for _ in 0..2 {
                     let mut ours = Vec::new();
-                    text_line(
-                        &mut ours,
-                        &mut scratch.time,
-                        &mut scratch.labels,
-                        line,
-                        ansi,
-                    );
+                    text_line(&mut ours, &mut time, &mut labels, line, ansi);
                     let ours = String::from_utf8(ours).expect("utf8");
                     assert_eq!(after_time(&ours), after_time(&theirs), "ansi {ansi}");
                 }
@@ -947,7 +1059,7 @@ mod tests {
             let theirs: serde_json::Value =
                 serde_json::from_str(&from_subscriber(true, false, line)).expect("json");
             let mut ours = Vec::new();
-            json_line(&mut ours, &mut scratch.time, line);
+            json_line(&mut ours, &mut time, line);
             let ours = String::from_utf8(ours).expect("utf8");
             assert!(ours.ends_with('\n'));
             let mut ours: serde_json::Value = serde_json::from_str(&ours).expect("our json");

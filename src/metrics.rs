@@ -44,6 +44,24 @@ pub const NONE: &str = "none";
 /// The `route` label of the customer usage endpoint (`usage.path`).
 pub const USAGE: &str = "usage";
 
+/// `name` as a `&'static str`: the same one for equal names. Route and
+/// tier names are interned so that what a request leaves behind (its
+/// access line, formatted after it: `log::Access`) can name them after
+/// its config is gone. A name is kept for the process's life once seen:
+/// names come from config files, so there are as many as the configs
+/// loaded ever named, not more.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<parking_lot::Mutex<std::collections::HashSet<&'static str>>> =
+        OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    if let Some(known) = names.get(name) {
+        return known;
+    }
+    let name: &'static str = Box::leak(name.into());
+    names.insert(name);
+    name
+}
+
 /// Which `route` label a request counts under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteLabel {
@@ -367,18 +385,21 @@ pub struct Handles {
     /// each pool it meters.
     pools: Vec<Vec<(Arc<str>, IntCounter)>>,
     meters: Vec<Vec<IntCounter>>,
-    route_names: Vec<String>,
-    tier_names: Vec<String>,
+    /// Each route label's name, then `usage` and `none` (interned).
+    route_names: Vec<&'static str>,
+    /// Each tier's name, then `none` (interned).
+    tier_names: Vec<&'static str>,
 }
 
 impl Handles {
     /// The handles of `config`'s series; creates them at zero first.
     pub fn new(metrics: &Metrics, config: &Config) -> Handles {
         metrics.prepare(config);
-        let mut route_names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
-        route_names.extend([USAGE.to_string(), NONE.to_string()]);
-        let mut tier_names: Vec<String> = config.tiers.keys().cloned().collect();
-        tier_names.push(NONE.to_string());
+        let mut route_names: Vec<&'static str> =
+            config.routes.iter().map(|r| intern(&r.name)).collect();
+        route_names.extend([USAGE, NONE]);
+        let mut tier_names: Vec<&'static str> = config.tiers.keys().map(|t| intern(t)).collect();
+        tier_names.push(NONE);
         let per_tier = |vec: &IntCounterVec| -> Vec<IntCounter> {
             tier_names
                 .iter()
@@ -436,6 +457,14 @@ impl Handles {
             .unwrap_or(self.tiers - 1)
     }
 
+    /// The names of the route and tier labels a request counts under.
+    pub fn names(&self, route: RouteLabel, tier: Option<usize>) -> (&'static str, &'static str) {
+        (
+            self.route_names[self.route(route)],
+            self.tier_names[self.tier(tier)],
+        )
+    }
+
     /// Counts a finished request and its duration.
     pub fn request(&self, route: RouteLabel, tier: Option<usize>, code: &str, seconds: f64) {
         let (r, t) = (self.route(route), self.tier(tier));
@@ -443,8 +472,8 @@ impl Handles {
         let c = CODES.iter().position(|c| *c == code).unwrap_or(0);
         let counter = self.requests[(r * self.tiers + t) * CODES.len() + c].get_or_init(|| {
             self.requests_vec.with_label_values(&[
-                &self.route_names[r],
-                &self.tier_names[t],
+                self.route_names[r],
+                self.tier_names[t],
                 CODES[c],
             ])
         });

@@ -27,7 +27,7 @@ use crate::clock::Tick;
 use crate::config::{Config, OnStoreError, Route};
 use crate::gate::{self, Admission, Demand};
 use crate::gateway::{charged, presented_key, Gateway, Generation, InFlightGuard, KeySource};
-use crate::metrics::{RouteLabel, NONE, USAGE};
+use crate::metrics::{RouteLabel, NONE};
 use crate::path::{normalise, PathError};
 use crate::reject::Rejection;
 use crate::store::Key;
@@ -607,7 +607,7 @@ impl ProxyHttp for Proxy {
             .config()
             .handles
             .request(RouteLabel::None, None, code, 0.0);
-        crate::log::access(&crate::log::Access {
+        crate::log::access(crate::log::Access {
             route: NONE,
             tier: NONE,
             code,
@@ -902,14 +902,8 @@ impl ProxyHttp for Proxy {
             (Some(r), false) => RouteLabel::Route(r),
             (None, false) => RouteLabel::None,
         };
-        let route = match label {
-            RouteLabel::Usage => USAGE,
-            _ => ctx.route().map_or(NONE, |r| r.name.as_str()),
-        };
         let tier_index = ctx.tier();
-        let tier = tier_index
-            .and_then(|t| config.tiers.get_index(t))
-            .map_or(NONE, |(name, _)| name.as_str());
+        let (route, tier) = config.handles.names(label, tier_index);
         config
             .handles
             .request(label, tier_index, ctx.code, seconds(took));
@@ -924,7 +918,7 @@ impl ProxyHttp for Proxy {
                 .pools(&self.gateway.metrics, ctx.route, &admission.charge);
             self.gateway.metrics.record_shadowed(admission);
         }
-        crate::log::access(&crate::log::Access {
+        crate::log::access(crate::log::Access {
             route,
             tier,
             code: ctx.code,
