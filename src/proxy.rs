@@ -189,12 +189,12 @@ fn beyond_caps(req: &RequestHeader) -> Option<Rejection> {
     }
     let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target > MAX_TARGET {
-        return Some(Rejection::bad_request(format!(
+        return Some(too_large(format_args!(
             "the request target (path and query) is {target} bytes; the most is {MAX_TARGET}"
         )));
     }
     if req.headers.len() > MAX_HEADERS {
-        return Some(Rejection::bad_request(format!(
+        return Some(too_large(format_args!(
             "{} request headers; the most is {MAX_HEADERS}",
             req.headers.len()
         )));
@@ -205,11 +205,17 @@ fn beyond_caps(req: &RequestHeader) -> Option<Rejection> {
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if bytes > MAX_HEADER_BYTES {
-        return Some(Rejection::bad_request(format!(
+        return Some(too_large(format_args!(
             "{bytes} bytes of request headers; the most is {MAX_HEADER_BYTES}"
         )));
     }
     None
+}
+
+/// A request past one of tollgate's caps, refused with `message`.
+#[cold]
+fn too_large(message: std::fmt::Arguments<'_>) -> Rejection {
+    Rejection::bad_request(message.to_string())
 }
 
 /// The method a CORS preflight announces: an `OPTIONS` with `Origin` and
@@ -224,6 +230,56 @@ fn preflight_method(req: &RequestHeader) -> Option<Method> {
         .to_str()
         .ok()?;
     Method::from_bytes(announced.trim().as_bytes()).ok()
+}
+
+/// Whether a header's name is one tollgate sends upstream itself.
+fn ours(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-tollgate-")
+}
+
+/// Removes a client's `X-Tollgate-*` fields: upstream, those come from
+/// tollgate alone.
+#[cold]
+fn strip_ours(req: &mut RequestHeader) {
+    let spoofed: Vec<HeaderName> = req.headers.keys().filter(|n| ours(n)).cloned().collect();
+    for name in spoofed {
+        req.remove_header(&name);
+    }
+}
+
+/// What `request_filter` does with a request ([`Proxy::steer`]).
+enum Steer {
+    /// Forward it as it is: a public route's, or a CORS preflight.
+    Forward,
+    /// A keyed route's (by index): authenticate, decide, charge.
+    Admit(usize),
+    /// The customer usage endpoint's.
+    Usage,
+    /// Refuse it, and whether the connection can then be kept.
+    Refuse(Rejection, Keepalive),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keepalive {
+    Keep,
+    Close,
+}
+
+/// The refusal of a path no route takes with the request's method: 405
+/// with the methods some route takes, or 404 when none has the path.
+#[cold]
+fn not_routed(config: &Config, path: &str) -> Rejection {
+    let allow = config.allowed_methods(path);
+    if allow.is_empty() {
+        return Rejection::RouteNotFound;
+    }
+    Rejection::MethodNotAllowed {
+        allow: allow
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 /// The answer to an HTTP/1 client is HTTP/1.1 whatever the upstream spoke
@@ -318,21 +374,73 @@ impl Proxy {
         method: &Method,
         raw: &'a str,
     ) -> Result<(Cow<'a, str>, Option<usize>), Rejection> {
-        let index = |path: &str| config.route_index(method, path);
         match normalise(raw, false) {
             Ok(path) => {
-                let i = index(&path);
+                let i = config.route_index(method, &path);
                 Ok((path, i))
             }
-            Err(PathError::EncodedSlash) => {
-                let path =
-                    normalise(raw, true).map_err(|e| Rejection::bad_request(e.to_string()))?;
-                match index(&path) {
-                    Some(i) if config.routes[i].allow_encoded_slashes => Ok((path, Some(i))),
-                    _ => Err(Rejection::bad_request(PathError::EncodedSlash.to_string())),
-                }
-            }
-            Err(e) => Err(Rejection::bad_request(e.to_string())),
+            Err(e) => Self::encoded_slash(config, method, raw, e),
+        }
+    }
+
+    /// A path [`normalise`] refused: still routed if its fault is an
+    /// encoded slash and the route it then matches allows one.
+    #[cold]
+    fn encoded_slash<'a>(
+        config: &Config,
+        method: &Method,
+        raw: &'a str,
+        error: PathError,
+    ) -> Result<(Cow<'a, str>, Option<usize>), Rejection> {
+        if error != PathError::EncodedSlash {
+            return Err(Rejection::bad_request(error.to_string()));
+        }
+        let path = normalise(raw, true).map_err(|e| Rejection::bad_request(e.to_string()))?;
+        match config.route_index(method, &path) {
+            Some(i) if config.routes[i].allow_encoded_slashes => Ok((path, Some(i))),
+            _ => Err(Rejection::bad_request(error.to_string())),
+        }
+    }
+
+    /// Where a request goes, decided without waiting on anything: the
+    /// route matched (noted in `ctx`), the usage endpoint, or a refusal.
+    /// Kept apart from the answers it leads to, which wait (writing a
+    /// refusal, a key's decision), so that the path of a request that is
+    /// simply forwarded is short and its code compact.
+    fn steer(&self, req: &RequestHeader, ctx: &mut Ctx, config: &Generation) -> Steer {
+        if let Some(refusal) = beyond_caps(req) {
+            // What follows on this connection cannot be trusted to be framed
+            // as expected (a CONNECT's tunnel, say): close it after the answer.
+            return Steer::Refuse(refusal, Keepalive::Close);
+        }
+        let preflight = preflight_method(req);
+        ctx.preflight = preflight.is_some();
+        let method = preflight.as_ref().unwrap_or(&req.method);
+        let (path, route) = match self.route(config, method, req.uri.path()) {
+            Ok(found) => found,
+            Err(rejection) => return Steer::Refuse(rejection, Keepalive::Keep),
+        };
+        if path == config.usage_path && req.method == Method::GET {
+            return Steer::Usage;
+        }
+        let Some(index) = route else {
+            return Steer::Refuse(not_routed(config, &path), Keepalive::Keep);
+        };
+        ctx.route = Some(index);
+        // Forwarded as received unless normalising changed it.
+        if let Cow::Owned(path) = path {
+            ctx.target = Some(match req.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            });
+        }
+        let route = &config.routes[index];
+        // A CORS preflight carries no key (browsers never send one) and is
+        // the upstream's to answer: forwarded, uncharged.
+        if !route.auth || ctx.preflight {
+            Steer::Forward
+        } else {
+            Steer::Admit(index)
         }
     }
 
@@ -343,64 +451,28 @@ impl Proxy {
         ctx: &mut Ctx,
         config: &Generation,
     ) -> Result<bool> {
-        if let Some(refusal) = beyond_caps(session.req_header()) {
-            // What follows on this connection cannot be trusted to be framed
-            // as expected (a CONNECT's tunnel, say): close it after the answer.
-            session.set_keepalive(None);
-            return reject(session, ctx, refusal).await;
-        }
-        let preflight = preflight_method(session.req_header());
-        ctx.preflight = preflight.is_some();
-        let found = {
-            let req = session.req_header();
-            let method = preflight.as_ref().unwrap_or(&req.method);
-            self.route(config, method, req.uri.path())
-                .map(|(path, route)| {
-                    // No route takes this method: is the path known at all?
-                    let route = route.ok_or_else(|| {
-                        let allow = config.allowed_methods(&path);
-                        (!allow.is_empty()).then(|| {
-                            allow
-                                .iter()
-                                .map(|m| m.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                    });
-                    let usage = path == config.usage_path && req.method == Method::GET;
-                    // Forwarded as received unless normalising changed it.
-                    let target = match path {
-                        Cow::Borrowed(_) => None,
-                        Cow::Owned(path) => Some(match req.uri.query() {
-                            Some(q) => format!("{path}?{q}"),
-                            None => path,
-                        }),
-                    };
-                    (route, target, usage)
-                })
-        };
-        let (route, target, usage) = match found {
-            Ok(found) => found,
-            Err(rejection) => return reject(session, ctx, rejection).await,
-        };
-        if usage {
-            return self.usage(session, ctx, config).await;
-        }
-        let index = match route {
-            Ok(index) => index,
-            Err(Some(allow)) => {
-                return reject(session, ctx, Rejection::MethodNotAllowed { allow }).await
+        match self.steer(session.req_header(), ctx, config) {
+            Steer::Forward => Ok(false),
+            Steer::Admit(index) => self.keyed(session, ctx, config, index).await,
+            Steer::Usage => self.usage(session, ctx, config).await,
+            Steer::Refuse(rejection, keepalive) => {
+                if keepalive == Keepalive::Close {
+                    session.set_keepalive(None);
+                }
+                reject(session, ctx, rejection).await
             }
-            Err(None) => return reject(session, ctx, Rejection::RouteNotFound).await,
-        };
-        ctx.route = Some(index);
-        ctx.target = target;
-        let route = &config.routes[index];
-        // A CORS preflight carries no key (browsers never send one) and is
-        // the upstream's to answer: forwarded, uncharged.
-        if !route.auth || ctx.preflight {
-            return Ok(false);
         }
+    }
+
+    /// A keyed route's request: admitted (and forwarded) or refused.
+    async fn keyed(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        config: &Generation,
+        index: usize,
+    ) -> Result<bool> {
+        let route = &config.routes[index];
         match self.admit(session, ctx, config, route).await {
             Ok(admission) => {
                 ctx.keyed().admission = Some(admission);
@@ -664,14 +736,8 @@ impl ProxyHttp for Proxy {
             upstream_request.set_uri(uri);
         }
         ctx.upstream_started = Some(Tick::now());
-        let spoofed: Vec<_> = upstream_request
-            .headers
-            .keys()
-            .filter(|name| name.as_str().starts_with("x-tollgate-"))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            upstream_request.remove_header(&name);
+        if upstream_request.headers.keys().any(ours) {
+            strip_ours(upstream_request);
         }
         let Some(route) = ctx.route() else {
             return Ok(());
