@@ -564,33 +564,17 @@ fn text_line(out: &mut Vec<u8>, time: &mut Time, labels: &mut Labels, line: &Acc
 /// work, become three comparisons and one copy).
 #[derive(Default)]
 struct Labels {
-    /// Whether `text` holds anything yet.
-    filled: bool,
-    route: String,
-    tier: String,
-    code: String,
-    ansi: bool,
+    /// The route, tier and code `text` was formatted for, and whether in
+    /// colour; `None` before the first line.
+    of: Option<(&'static str, &'static str, &'static str, bool)>,
     text: Vec<u8>,
 }
 
 impl Labels {
     fn text(&mut self, line: &Access, ansi: bool) -> &[u8] {
-        let same = self.filled
-            && self.ansi == ansi
-            && self.route == line.route
-            && self.tier == line.tier
-            && self.code == line.code;
-        if !same {
-            self.filled = true;
-            for (kept, now) in [
-                (&mut self.route, line.route),
-                (&mut self.tier, line.tier),
-                (&mut self.code, line.code),
-            ] {
-                kept.clear();
-                kept.push_str(now);
-            }
-            self.ansi = ansi;
+        let of = (line.route, line.tier, line.code, ansi);
+        if self.of != Some(of) {
+            self.of = Some(of);
             let out = &mut self.text;
             out.clear();
             out.extend_from_slice(if ansi {
@@ -696,6 +680,13 @@ mod tests {
         }
     }
 
+    /// A buffer in front of a recorder, its access lines in `format`.
+    fn buffered(format: Format) -> (Recorder, Buffered<Recorder>) {
+        let out = Recorder::default();
+        let writer = Buffered::new(out.clone(), format, false);
+        (out, writer)
+    }
+
     fn write_line(writer: &Buffered<Recorder>, level: Level, line: &str) {
         let meta_writer = match level {
             Level::WARN | Level::ERROR => Line {
@@ -710,8 +701,7 @@ mod tests {
 
     #[test]
     fn lines_wait_in_memory_and_go_out_in_order_in_one_write() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Text, false);
+        let (out, writer) = buffered(Format::Text);
         for n in 0..100 {
             write_line(&writer, Level::INFO, &format!("line {n}\n"));
         }
@@ -724,8 +714,7 @@ mod tests {
 
     #[test]
     fn a_warning_goes_out_at_once_behind_what_came_before() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Text, false);
+        let (out, writer) = buffered(Format::Text);
         write_line(&writer, Level::INFO, "access\n");
         write_line(&writer, Level::WARN, "warning\n");
         assert_eq!(out.0.lock().0, b"access\nwarning\n");
@@ -733,8 +722,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_is_written_by_the_writer_and_nothing_is_lost() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Text, false);
+        let (out, writer) = buffered(Format::Text);
         let flush = writer.guard();
         let line = "x".repeat(999) + "\n";
         let lines = 2 * FLUSH_AT / line.len() + 7;
@@ -776,8 +764,7 @@ mod tests {
 
     #[test]
     fn access_lines_keep_their_place_among_the_other_lines() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Text, false);
+        let (out, writer) = buffered(Format::Text);
         writer.access(request(1000));
         write_line(&writer, Level::INFO, "event\n");
         writer.access(request(2000));
@@ -793,8 +780,7 @@ mod tests {
 
     #[test]
     fn a_warning_goes_out_at_once_behind_the_access_lines_before_it() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Text, false);
+        let (out, writer) = buffered(Format::Text);
         writer.access(request(1000));
         write_line(&writer, Level::WARN, "warning\n");
         assert_eq!(lines_of(&out), ["access 1.0", "warning"]);
@@ -802,8 +788,7 @@ mod tests {
 
     #[test]
     fn a_full_batch_of_access_lines_is_written_by_the_request_that_fills_it() {
-        let out = Recorder::default();
-        let writer = Buffered::new(out.clone(), Format::Json, false);
+        let (out, writer) = buffered(Format::Json);
         let flush = writer.guard();
         for n in 0..ACCESS_BATCH as u64 - 1 {
             writer.access(request(n));
