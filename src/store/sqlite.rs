@@ -136,24 +136,42 @@ CREATE TABLE IF NOT EXISTS usage_log (
 /// [`fold_start`] sets the log aside as `usage_log_folding` (unless a
 /// fold that did not finish left one: that one is folded first) and
 /// starts a new one for the passes to come. [`FOLD_LIST`] then reads the
-/// set-aside log [`FOLD_ROWS`] rows at a time into a list of each key's
-/// newest row by the key's row in `keys`, so each [`FOLD_STEP`] of
+/// set-aside log [`FOLD_ROWS`] rows at a time into a list of each logged
+/// key's newest row by key id, and [`FOLD_FIND`] looks each listed key up
+/// in `keys` once, in key id order, [`FOLD_ROWS`] keys at a time, into a
+/// list by the key's row in `keys`, so each [`FOLD_STEP`] of
 /// [`FOLD_BATCH`] keys, taken in that order, rewrites a run of
 /// neighbouring pages rather than pages all over the table. The last step
 /// drops the folded log whole ([`FOLD_END`]; deleting its rows one by one
 /// took longer than the fold's writes). A logged key since deleted is not
-/// listed (its rows go with the log).
+/// found (its rows go with the log).
 const FOLD_LISTING: &str = "
+DROP TABLE IF EXISTS temp.fold_logged;
+CREATE TEMP TABLE fold_logged (key_id TEXT PRIMARY KEY, newest INTEGER NOT NULL) WITHOUT ROWID;
 DROP TABLE IF EXISTS temp.fold_newest;
 CREATE TEMP TABLE fold_newest (krow INTEGER PRIMARY KEY, newest INTEGER NOT NULL);
 ";
 
-/// Log rows `?1` (exclusive) to `?2` (inclusive) into the list.
+/// Log rows `?1` (exclusive) to `?2` (inclusive) into the list by key id.
+/// A busy key is logged every few passes, so a fold's log holds it many
+/// times over: looking it up in `keys` once per key, after the listing,
+/// rather than once per [`FOLD_ROWS`] rows that hold it, took a fold of
+/// 10,000 keys spread over 1,000,000 (25 rows each) from 0.36 s to 0.19 s
+/// of listing (BENCHMARKS.md). Grouping the rows first (a sort) cost more
+/// than it saved.
 const FOLD_LIST: &str = "
+INSERT INTO temp.fold_logged (key_id, newest)
+    SELECT key_id, rowid FROM usage_log_folding WHERE rowid > ?1 AND rowid <= ?2
+    ON CONFLICT (key_id) DO UPDATE SET newest = max(newest, excluded.newest)
+";
+
+/// Up to `?2` listed keys after key id `?1`, found in `keys`, into the
+/// list by the key's row.
+const FOLD_FIND: &str = "
 INSERT INTO temp.fold_newest (krow, newest)
     SELECT k.rowid, n.newest
-    FROM (SELECT key_id, max(rowid) AS newest FROM usage_log_folding
-          WHERE rowid > ?1 AND rowid <= ?2 GROUP BY key_id) AS n
+    FROM (SELECT key_id, newest FROM temp.fold_logged WHERE key_id > ?1
+          ORDER BY key_id LIMIT ?2) AS n
         JOIN keys AS k ON k.key_id = n.key_id
     WHERE true
     ON CONFLICT (krow) DO UPDATE SET newest = max(newest, excluded.newest)
@@ -184,10 +202,12 @@ WHERE keys.rowid IN (SELECT krow FROM temp.fold_newest WHERE krow > ?1 AND krow 
 /// The folded log is all in `keys`.
 const FOLD_END: &str = "
 DROP TABLE usage_log_folding;
+DROP TABLE temp.fold_logged;
 DROP TABLE temp.fold_newest;
 ";
 
-/// Keys a fold writes in one transaction, and log rows it lists in one.
+/// Keys a fold writes in one transaction, and log rows it lists (or
+/// listed keys it finds) in one.
 /// With many keys in use a whole fold is long (in one transaction, 10,000
 /// keys took ~0.15 s and 40,000 ~0.6 s on the machine of BENCHMARKS.md);
 /// in steps, the writes queued meanwhile (a write-behind pass, an admin
@@ -744,11 +764,13 @@ struct Fold {
 }
 
 /// Where a fold is: listing the set-aside log's rows after `after` up to
-/// `upto`, its last; or writing the listed keys whose rows in `keys` come
-/// after `after`, up to `last`, the last listed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `upto`, its last; finding the listed keys whose ids come after `after`;
+/// or writing the found keys whose rows in `keys` come after `after`, up
+/// to `last`, the last found.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum FoldAt {
     Listing { after: i64, upto: i64 },
+    Finding { after: String },
     Writing { after: i64, last: i64 },
 }
 
@@ -791,7 +813,7 @@ impl Writer {
             let waiting = std::mem::take(&mut self.next);
             self.start_fold(waiting, fail, healthy);
         }
-        let Some(at) = self.fold.as_ref().map(|fold| fold.at) else {
+        let Some(at) = self.fold.as_ref().map(|fold| fold.at.clone()) else {
             return;
         };
         let (batch, rows) = (self.batch, self.rows);
@@ -897,8 +919,9 @@ fn fold_start(conn: &Connection) -> rusqlite::Result<Option<(FoldAt, bool)>> {
     Ok(Some((FoldAt::Listing { after: 0, upto }, leftover)))
 }
 
-/// One step of a fold: lists up to `rows` log rows, or writes up to
-/// `batch` listed keys (the last such step drops the folded log).
+/// One step of a fold: lists up to `rows` log rows, finds up to `rows`
+/// listed keys, or writes up to `batch` found keys (the last such step
+/// drops the folded log).
 /// Returns where the fold is then, or `None` once it is done.
 fn fold_advance(
     conn: &Connection,
@@ -913,6 +936,24 @@ fn fold_advance(
                 .execute(params![after, to])?;
             if to < upto {
                 return Ok(Some(FoldAt::Listing { after: to, upto }));
+            }
+            Ok(Some(FoldAt::Finding {
+                after: String::new(),
+            }))
+        }
+        FoldAt::Finding { after } => {
+            // The `rows`-th listed key after `after`, if there are that many.
+            let to: Option<String> = conn
+                .prepare_cached(
+                    "SELECT key_id FROM temp.fold_logged WHERE key_id > ?1 \
+                     ORDER BY key_id LIMIT 1 OFFSET ?2",
+                )?
+                .query_row(params![after, rows.saturating_sub(1).max(0)], |r| r.get(0))
+                .optional()?;
+            conn.prepare_cached(FOLD_FIND)?
+                .execute(params![after, rows.max(1)])?;
+            if let Some(after) = to {
+                return Ok(Some(FoldAt::Finding { after }));
             }
             let last = conn.query_row(
                 "SELECT coalesce(max(krow), 0) FROM temp.fold_newest",
@@ -1328,9 +1369,10 @@ mod tests {
         );
         assert!(answered(&mut folded).is_none());
 
-        // Two more listing steps, then a key a step.
+        // The last listing step, two finding the three keys, then a key a
+        // step.
         let steps = until_answered(&mut writer, &mut folded, &fail, &healthy, 10).expect("fold");
-        assert_eq!(steps, 4);
+        assert_eq!(steps, 6);
         assert!(
             answered(&mut refolded).is_none(),
             "the second fold starts after the first"
@@ -1442,14 +1484,25 @@ mod tests {
         let (mut writer, fail, healthy) = writer_with_log(dir.path());
         let (fold, mut folded) = job(Write::Fold);
         writer.step(vec![fold], &fail, &healthy);
-        writer.step(Vec::new(), &fail, &healthy);
-        writer.step(Vec::new(), &fail, &healthy);
-        assert!(
-            matches!(
-                writer.fold.as_ref().map(|f| f.at),
-                Some(FoldAt::Writing { after: 0, last: 3 })
-            ),
-            "the six log rows are listed, no key written yet"
+        let mut at = Vec::new();
+        for _ in 0..4 {
+            writer.step(Vec::new(), &fail, &healthy);
+            at.push(writer.fold.as_ref().map(|f| f.at.clone()));
+        }
+        let finding = |after: &str| {
+            Some(FoldAt::Finding {
+                after: after.into(),
+            })
+        };
+        assert_eq!(
+            at,
+            [
+                Some(FoldAt::Listing { after: 4, upto: 6 }),
+                finding(""),
+                finding("k2"),
+                Some(FoldAt::Writing { after: 0, last: 3 }),
+            ],
+            "the six log rows are listed, their three keys found two a step, no key written yet"
         );
 
         let (delete, _) = job(Write::Delete {
@@ -1552,6 +1605,38 @@ mod tests {
             .expect("step")
             .get_status(rusqlite::StatementStatus::VmStep);
         assert!(steps < 500, "the fold's step took {steps} VM steps");
+    }
+
+    /// A key logged many times over is looked up in `keys` once a fold,
+    /// not once for every few log rows that hold it: two keys logged 100
+    /// times each, listed 10 rows a step, are found in under 200 of
+    /// SQLite's steps (67 when written; looked up at each of the 20
+    /// listing steps, they were looked up 20 times), and the newest row of
+    /// each is what the fold writes.
+    #[test]
+    fn a_fold_looks_each_logged_key_up_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut writer = Writer::new(writer_connection(&dir.path().join(FILE)).expect("open"));
+        (writer.batch, writer.rows) = (1, 10);
+        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
+        let mut jobs = vec![job(create(1, 1)).0, job(create(2, 2)).0];
+        for pass in 0..100u64 {
+            let (a, b) = (format!("k1 {pass}"), format!("k2 {pass}"));
+            jobs.push(job(logged(&[(1, &a, 10 + 2 * pass), (2, &b, 11 + 2 * pass)])).0);
+        }
+        let (fold, mut folded) = job(Write::Fold);
+        jobs.push(fold);
+        writer.step(jobs, &fail, &healthy);
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 40).expect("fold");
+        assert_eq!(usage_of(&writer, 1).0, "k1 99");
+        assert_eq!(usage_of(&writer, 2).0, "k2 99");
+        assert_eq!(log_len(&writer), 0);
+        let steps = writer
+            .conn
+            .prepare_cached(FOLD_FIND)
+            .expect("find")
+            .get_status(rusqlite::StatementStatus::VmStep);
+        assert!(steps < 200, "finding the keys took {steps} VM steps");
     }
 
     /// Each write that uses a `seq` raises the one `meta` keeps, in its
