@@ -41,15 +41,22 @@ const KEY_IDLE: Duration = Duration::from_secs(600);
 /// ... checked this often.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
-/// How often the write-behind's usage log is folded into the keys' rows
-/// (see `store::sqlite`'s "Usage log"). A fold writes each key logged
-/// since the last one once, however often it was logged, and with the
-/// keys in use spread over a large store that is a page of the database
+/// How often the write-behind's usage log is set aside to be folded into
+/// the keys' rows (see `store::sqlite`'s "Usage log"). A fold writes each
+/// key logged since the last one once, however often it was logged, and
+/// with the keys spread over a large store that is a page of the database
 /// for nearly every key: the rarer the folds, the fewer such pages. At
 /// 5 s, 10,000 keys in use spread over 1,000,000 cost the writer 1.2-1.3
 /// us a request, at 15 s 0.9-1.0 (BENCHMARKS.md). The log then holds up to
 /// 15 s of passes, which a start after a crash folds first.
 const FOLD_EVERY: Duration = Duration::from_secs(15);
+
+/// How long after the log is set aside it is folded: long enough for
+/// every key still in use to be logged again in the new log (within
+/// `store::local::REWRITE_AFTER_MS` and a pass of being charged), which
+/// the fold then leaves to that log's own fold rather than write a state
+/// of it that is already old.
+const FOLD_SETTLE: Duration = Duration::from_secs(1);
 
 /// How long the drain lets the tasks of connections accepted just before
 /// the stop start being served (and so be counted) before it looks.
@@ -620,6 +627,8 @@ impl BackgroundService for Flusher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_eviction = tokio::time::Instant::now();
         let mut last_fold = tokio::time::Instant::now();
+        // When the log was set aside, until it is folded.
+        let mut set_aside: Option<tokio::time::Instant> = None;
         // A fold runs beside the passes, not between them: the writer
         // commits each pass between the fold's steps, so a charge reaches
         // the disk on time however many keys the fold has to write.
@@ -638,14 +647,27 @@ impl BackgroundService for Flusher {
             // idle for KEY_IDLE, once a minute.
             let over_cap = store.cached() > MAX_CACHED_KEYS;
             let idle = folding.as_ref().is_none_or(|fold| fold.is_finished());
-            if idle && (over_cap || last_fold.elapsed() >= FOLD_EVERY) {
-                last_fold = tokio::time::Instant::now();
-                let gateway = self.gateway.clone();
-                folding = Some(tokio::spawn(async move {
-                    if let Err(e) = gateway.store.fold().await {
-                        tracing::error!(error = %e, "folding the usage log failed; charges fail closed until the store writes again");
-                    }
-                }));
+            match set_aside {
+                Some(at) if idle && (over_cap || at.elapsed() >= FOLD_SETTLE) => {
+                    set_aside = None;
+                    let gateway = self.gateway.clone();
+                    folding = Some(tokio::spawn(async move {
+                        if let Err(e) = gateway.store.fold_aside().await {
+                            tracing::error!(error = %e, "folding the usage log failed; charges fail closed until the store writes again");
+                        }
+                    }));
+                }
+                None if idle && (over_cap || last_fold.elapsed() >= FOLD_EVERY) => {
+                    last_fold = tokio::time::Instant::now();
+                    set_aside = Some(last_fold);
+                    let gateway = self.gateway.clone();
+                    folding = Some(tokio::spawn(async move {
+                        if let Err(e) = gateway.store.set_aside().await {
+                            tracing::error!(error = %e, "setting the usage log aside failed; charges fail closed until the store writes again");
+                        }
+                    }));
+                }
+                _ => {}
             }
             if over_cap {
                 let dropped = store.evict_idle(Duration::ZERO);

@@ -188,6 +188,10 @@ pub struct Local {
     seq: AtomicU64,
     /// Rows logged with a `seq` up to this are folded into `keys`.
     folded: AtomicU64,
+    /// The `seq` handed out as the log now set aside was set aside (every
+    /// row in it has a lower one), or 0 when none is: what `folded`
+    /// becomes once it is folded.
+    aside: AtomicU64,
     /// Counts revocations, so a lookup can tell one raced its read.
     revocations: AtomicU64,
     /// The epoch of `Entry::last_used`.
@@ -276,6 +280,7 @@ impl Local {
             keys: AtomicUsize::new(keys),
             seq: AtomicU64::new(max_seq + 1),
             folded: AtomicU64::new(max_seq),
+            aside: AtomicU64::new(0),
             revocations: AtomicU64::new(0),
             opened: std::time::Instant::now(),
             flush_pass: tokio::sync::Mutex::new(()),
@@ -877,7 +882,8 @@ impl Local {
     }
 
     /// Folds the usage log into the keys' rows (see [`sqlite`]'s "Usage
-    /// log"). Keys written before it may then leave memory.
+    /// log"), a log set aside first. Keys written before it may then leave
+    /// memory.
     pub async fn fold(&self) -> Result<(), StoreError> {
         // Every row logged so far came from a pass that has finished (they
         // take the same lock), with a `seq` handed out before this one, and
@@ -888,6 +894,34 @@ impl Local {
             (self.next_seq(), self.disk.queue(Write::Fold)?)
         };
         folded.await?;
+        self.folded.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Sets the usage log aside for [`Local::fold_aside`]; the passes go
+    /// on in a new one. A log still aside (its fold failed) stays, with
+    /// the mark it was set aside with.
+    pub async fn set_aside(&self) -> Result<(), StoreError> {
+        // As in `fold`: every row logged so far has a lower `seq` and is
+        // in the log set aside (or one before it).
+        let (upto, done) = {
+            let _pass = self.flush_pass.lock().await;
+            (self.next_seq(), self.disk.queue(Write::SetAside)?)
+        };
+        done.await?;
+        let _ = self
+            .aside
+            .compare_exchange(0, upto, Ordering::AcqRel, Ordering::Acquire);
+        Ok(())
+    }
+
+    /// Folds the log [`Local::set_aside`] set aside into the keys' rows,
+    /// but for keys the passes have logged again since (see [`sqlite`]'s
+    /// "Usage log"). Keys last written before it was set aside may then
+    /// leave memory: a key left out was logged again, with a later `seq`.
+    pub async fn fold_aside(&self) -> Result<(), StoreError> {
+        self.disk.write(Write::FoldAside).await?;
+        let upto = self.aside.swap(0, Ordering::AcqRel);
         self.folded.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
@@ -1105,6 +1139,72 @@ mod tests {
         let again = store.lookup(&a.hash).expect("read").expect("found");
         assert_eq!(again.lock().expect("live").usage.used, 42);
         drop(held);
+    }
+
+    /// The fold of a log set aside leaves out a key logged again since
+    /// (the new log holds a newer state): its row keeps what it held, and
+    /// the key stays in memory until a fold has its newest state in its
+    /// row. A key not logged again is folded and may leave memory.
+    #[tokio::test]
+    async fn a_key_logged_again_after_its_log_was_set_aside_waits_for_the_next_fold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Local::open(dir.path()).expect("open");
+        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
+        for k in [&a, &b] {
+            store
+                .create(k.hash, &record(&k.hash, None), &Usage::default())
+                .await
+                .expect("create");
+        }
+        let charge = |hash: &KeyHash, used: u64| {
+            let entry = store.lookup(hash).expect("read").expect("found");
+            entry.lock().expect("live").usage.used = used;
+            store.touch(&entry);
+        };
+        let log = || async {
+            store.flush_dirty().await.expect("flush");
+            store.report(&|_, _, _| Vec::new()).await.expect("report");
+        };
+        let in_row = |hash: &KeyHash| -> u64 {
+            let row = store.disk.by_hash(&hash.0).expect("read").expect("row");
+            from_json::<Usage>(&row.key_id, &row.usage)
+                .expect("usage")
+                .used
+        };
+        charge(&a.hash, 1);
+        charge(&b.hash, 1);
+        log().await;
+        store.set_aside().await.expect("set aside");
+        charge(&a.hash, 2);
+        log().await;
+
+        store.fold_aside().await.expect("fold aside");
+        assert_eq!((in_row(&a.hash), in_row(&b.hash)), (0, 1));
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1, "b leaves");
+        assert_eq!(
+            store.cached(),
+            1,
+            "a stays: its newest state is only logged"
+        );
+        assert_eq!(
+            store
+                .lookup(&a.hash)
+                .expect("read")
+                .expect("found")
+                .lock()
+                .expect("live")
+                .usage
+                .used,
+            2
+        );
+
+        store.fold().await.expect("fold");
+        assert_eq!(in_row(&a.hash), 2);
+        assert_eq!(store.evict_idle(std::time::Duration::ZERO), 1, "a leaves");
+        for (k, used) in [(&a, 2), (&b, 1)] {
+            let entry = store.lookup(&k.hash).expect("read").expect("found");
+            assert_eq!(entry.lock().expect("live").usage.used, used);
+        }
     }
 
     /// A store in `dir` with one key in it.

@@ -359,6 +359,24 @@ impl Store {
         }
     }
 
+    /// Sets what the write-behind logged aside for [`Store::fold_aside`]
+    /// (see [`local::Local::set_aside`]).
+    pub async fn set_aside(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.set_aside().await,
+            Backend::Redis(_) => Ok(()),
+        }
+    }
+
+    /// Folds what [`Store::set_aside`] set aside into the keys' rows, but
+    /// for keys logged again since (see [`local::Local::fold_aside`]).
+    pub async fn fold_aside(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(s) => s.fold_aside().await,
+            Backend::Redis(_) => Ok(()),
+        }
+    }
+
     /// Writes everything charged so far (at shutdown).
     pub async fn flush_dirty(&self) -> Result<usize, StoreError> {
         match &self.backend {
