@@ -1112,14 +1112,7 @@ mod tests {
     #[tokio::test]
     async fn idle_clean_unheld_keys_leave_memory_and_come_back_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Local::open(dir.path()).expect("open");
-        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
-        for k in [&a, &b] {
-            store
-                .create(k.hash, &record(&k.hash, None), &Usage::default())
-                .await
-                .expect("create");
-        }
+        let (store, a, b) = two_keys(dir.path()).await;
         let entry = store.lookup(&a.hash).expect("read").expect("found");
         entry.lock().expect("live").usage.used = 42;
         store.touch(&entry);
@@ -1148,14 +1141,7 @@ mod tests {
     #[tokio::test]
     async fn a_key_logged_again_after_its_log_was_set_aside_waits_for_the_next_fold() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Local::open(dir.path()).expect("open");
-        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
-        for k in [&a, &b] {
-            store
-                .create(k.hash, &record(&k.hash, None), &Usage::default())
-                .await
-                .expect("create");
-        }
+        let (store, a, b) = two_keys(dir.path()).await;
         let charge = |hash: &KeyHash, used: u64| {
             let entry = store.lookup(hash).expect("read").expect("found");
             entry.lock().expect("live").usage.used = used;
@@ -1205,6 +1191,19 @@ mod tests {
             let entry = store.lookup(&k.hash).expect("read").expect("found");
             assert_eq!(entry.lock().expect("live").usage.used, used);
         }
+    }
+
+    /// A store in `dir` with two keys in it.
+    async fn two_keys(dir: &Path) -> (Local, keys::NewKey, keys::NewKey) {
+        let store = Local::open(dir).expect("open");
+        let (a, b) = (keys::generate("sk_t"), keys::generate("sk_t"));
+        for k in [&a, &b] {
+            store
+                .create(k.hash, &record(&k.hash, None), &Usage::default())
+                .await
+                .expect("create");
+        }
+        (store, a, b)
     }
 
     /// A store in `dir` with one key in it.

@@ -1032,7 +1032,8 @@ fn fold_advance(
 }
 
 /// A whole fold in the transaction `conn` is in, and another if it
-/// folded a log a fold left: after it, every logged usage is in `keys`.
+/// folded a log set aside before: after it, every logged usage is in
+/// `keys`.
 fn fold_all(conn: &Connection) -> rusqlite::Result<()> {
     loop {
         let Some((mut at, leftover)) = fold_start(conn, true)? else {
