@@ -885,30 +885,31 @@ impl Local {
     /// log"), a log set aside first. Keys written before it may then leave
     /// memory.
     pub async fn fold(&self) -> Result<(), StoreError> {
-        // Every row logged so far came from a pass that has finished (they
-        // take the same lock), with a `seq` handed out before this one, and
-        // is on disk ahead of the fold. The lock is not held while the
-        // writer folds: passes go on, committed between its steps.
-        let (upto, folded) = {
-            let _pass = self.flush_pass.lock().await;
-            (self.next_seq(), self.disk.queue(Write::Fold)?)
-        };
-        folded.await?;
+        let upto = self.behind_the_passes(Write::Fold).await?;
         self.folded.fetch_max(upto, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Queues `write` (a fold, or setting the log aside) behind every row
+    /// logged so far and waits for it; returns a `seq` higher than all of
+    /// theirs. Every such row came from a pass that has finished (they
+    /// take the same lock), with a `seq` handed out before this one, and
+    /// is on disk ahead of `write`. The lock is not held while the writer
+    /// works: passes go on, committed between a fold's steps.
+    async fn behind_the_passes(&self, write: Write) -> Result<u64, StoreError> {
+        let (upto, done) = {
+            let _pass = self.flush_pass.lock().await;
+            (self.next_seq(), self.disk.queue(write)?)
+        };
+        done.await?;
+        Ok(upto)
     }
 
     /// Sets the usage log aside for [`Local::fold_aside`]; the passes go
     /// on in a new one. A log still aside (its fold failed) stays, with
     /// the mark it was set aside with.
     pub async fn set_aside(&self) -> Result<(), StoreError> {
-        // As in `fold`: every row logged so far has a lower `seq` and is
-        // in the log set aside (or one before it).
-        let (upto, done) = {
-            let _pass = self.flush_pass.lock().await;
-            (self.next_seq(), self.disk.queue(Write::SetAside)?)
-        };
-        done.await?;
+        let upto = self.behind_the_passes(Write::SetAside).await?;
         let _ = self
             .aside
             .compare_exchange(0, upto, Ordering::AcqRel, Ordering::Acquire);

@@ -1306,14 +1306,16 @@ mod tests {
     }
 
     /// Rows in the log, and in a log a fold set aside.
+    /// Rows in `table`; none if there is no such table.
+    fn table_len(writer: &Writer, table: &str) -> i64 {
+        writer
+            .conn
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
     fn log_len(writer: &Writer) -> i64 {
-        let count = |table: &str| {
-            writer
-                .conn
-                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
-                .unwrap_or(0)
-        };
-        count("usage_log") + count("usage_log_folding")
+        table_len(writer, "usage_log") + table_len(writer, "usage_log_folding")
     }
 
     /// A writer on a fresh store, folding one key or listing two log rows
@@ -1678,16 +1680,10 @@ mod tests {
         writer.step(vec![aside, pass, again], &fail, &healthy);
         assert!(matches!(answered(&mut set), Some(Ok(()))));
         assert!(matches!(answered(&mut set_again), Some(Ok(()))));
-        let rows = |writer: &Writer, table: &str| -> i64 {
-            writer
-                .conn
-                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
-                .expect("count")
-        };
         assert_eq!(
             (
-                rows(&writer, "usage_log_folding"),
-                rows(&writer, "usage_log")
+                table_len(&writer, "usage_log_folding"),
+                table_len(&writer, "usage_log")
             ),
             (6, 1)
         );
@@ -1699,13 +1695,13 @@ mod tests {
         assert_eq!(usage_of(&writer, 2).0, "created");
         assert_eq!(usage_of(&writer, 3).0, "k3 new");
         assert!(!folding_log_left(&writer.conn).expect("schema"));
-        assert_eq!(rows(&writer, "usage_log"), 1);
+        assert_eq!(table_len(&writer, "usage_log"), 1);
 
         let (fold, mut folded) = job(Write::FoldAside);
         writer.step(vec![fold], &fail, &healthy);
         assert!(matches!(answered(&mut folded), Some(Ok(()))));
         assert_eq!(
-            rows(&writer, "usage_log"),
+            table_len(&writer, "usage_log"),
             1,
             "nothing aside, nothing folded"
         );
