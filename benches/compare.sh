@@ -27,11 +27,12 @@
 #
 # Usage: benches/compare.sh [duration]     (default 10s)
 #   ROUNDS=3 (interleaved; medians reported)  CONNS=64
-#   PAIRS=5 (each judged ratio's two cases again, back to back, that many
-#     times; the targets are judged on the median of those pairs' ratios;
-#     0: on the rounds)  PAIR_DURATION=(the duration)
+#   SLICES=20 SLICE=1s (each judged ratio's two cases again, interleaved
+#     in that many slices of each, that long; the targets are judged on
+#     these; 0: on the rounds)
 #   SIDE=5 (the judged ratios between two processes read that many times
 #     more with both cases at once, a second reading; 0: not)
+#     SIDE_DURATION=(the duration)
 #   SCALE=0 (skip the 1M-key and 500-route cases)  MANY_KEYS=1000000
 #   REDIS=0 (skip the shared-store cases)
 #   BASELINE=dir (a directory holding an earlier build's `tollgate` and
@@ -168,6 +169,7 @@ load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" "$PEER_UPSTREAM
 on_proxy target/release/examples/bare_pingora 127.0.0.1:3953 "$UP" 1 defaults 2>/dev/null & PINGORA=$!; PIDS+=($PINGORA)
 # The same with the settings tollgate runs with (see bare_pingora.rs).
 on_proxy target/release/examples/bare_pingora 127.0.0.1:3957 "$UP" 1 tuned 2>/dev/null & PINGORA_TUNED=$!; PIDS+=($PINGORA_TUNED)
+on_proxy target/release/examples/bare_pingora 127.0.0.1:3959 "$UP" 1 tuned 2>/dev/null & PINGORA_TWIN=$!; PIDS+=($PINGORA_TWIN)
 if [ -n "$BASELINE" ]; then
   on_proxy "$BASELINE/bare_pingora" 127.0.0.1:3958 "$UP" 1 tuned 2>/dev/null & PINGORA_BASE=$!; PIDS+=($PINGORA_BASE)
 fi
@@ -264,7 +266,7 @@ if [ "$SCALE" = 1 ]; then
   (on_proxy target/release/examples/seed_keys "$WORK/routes500-store" bench sk_bench 1 "$WORK/keys-r500.txt")
   start_tollgate routes500 3974; TG_R500=$TG
 fi
-for port in 3950 3951 3953 3957 ${BASELINE:+3958}; do
+for port in 3950 3951 3953 3957 3959 ${BASELINE:+3958}; do
   for _ in $(seq 500); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.01; done
 done
 for _ in $(seq 500); do
@@ -387,13 +389,13 @@ sample_ratios() { # case, case it is compared with
 # A ratio two ways: of the two cases' median req/s, and the median of the
 # ratios taken round by round (the two cases of a round ran minutes apart
 # at most, so a slow spell of the machine falls on both). The target is
-# judged on the second, unless it is judged in pairs (see "pairs").
-ratio() { # label, case, case it is compared with, target, [paired: judged in pairs]
-  local paired
-  paired=$(sample_ratios "$2" "$3" | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)] + 0}')
-  awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v p="$paired" -v l="$1" -v t="$4" \
-    -v judged="$( [ "${5:-}" = paired ] && echo "$PAIRS" || echo 0)" \
-    'BEGIN {r = a / b; printf "  %-34s %5.2f   by round %5.2f   (target >= %s) %s\n", l, r, p, t, (t == "-" ? "" : (judged > 0 ? "judged in pairs" : (p >= t ? "met" : "NOT MET")))}'; }
+# judged on the second, unless it is judged interleaved (see "interleaved").
+ratio() { # label, case, case it is compared with, target, [judged: judged interleaved]
+  local by_round
+  by_round=$(sample_ratios "$2" "$3" | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)] + 0}')
+  awk -v a="${RPS[$2]}" -v b="${RPS[$3]}" -v p="$by_round" -v l="$1" -v t="$4" \
+    -v judged="$( [ "${5:-}" = judged ] && echo "$SLICES" || echo 0)" \
+    'BEGIN {r = a / b; printf "  %-34s %5.2f   by round %5.2f   (target >= %s) %s\n", l, r, p, t, (t == "-" ? "" : (judged > 0 ? "judged interleaved" : (p >= t ? "met" : "NOT MET")))}'; }
 
 CASES=(
   "upstream directly|$(cat "$WORK/nginx/upstream.pid")||http://$UP/api/data"
@@ -446,57 +448,100 @@ for round in $(seq "$ROUNDS"); do
     run "$label" "$pid" "$keys" "$url"
   done
 done
-# ---------------------------------------------------------------- pairs
+# ---------------------------------------------------------------- interleaved
 # The targets are ratios of two cases, judged to a few percent, and this
-# machine's speed swings by more than that within a minute (one case's
-# rounds ranged 37k-49k req/s in one run), so a ratio of two cases run
-# half a minute apart, even round by round, moves by +-0.05 from run to
-# run. Each judged ratio is therefore measured again in PAIRS pairs: its
-# two cases back to back (PAIR_DURATION each, after the same settling),
-# the order alternating pair by pair so neither always runs first, and
-# judged on the median of the pairs' own ratios. Before the cases over
-# all 1M keys, which evict the 10k-key working set.
-PAIRS=${PAIRS:-5}
-PAIR_DURATION=${PAIR_DURATION:-$DURATION}
-declare -A CASE PAIRED
+# machine's speed swings by more than that within seconds: one proxy's
+# req/s, read each second for a minute, held 48k for four seconds, 53k
+# for ten, 63k for fifteen. Two cases run back to back, even 5 s each and
+# five times over, judged one binary against itself anywhere in 0.94-1.03
+# (2026-12-07). Each judged ratio is therefore read with its two cases
+# interleaved: SLICES slices of each, SLICE long, in the order A B B A
+# A B ..., so a spell of the machine longer than a slice or two falls on
+# both alike (one binary against itself this way, 20 s a case in 1 s
+# slices: 0.98-1.01). The targets are work per core, judged on requests
+# per CPU second of each case's proxy (read from the kernel's counters):
+# a process's CPU from before its first slice until every proxy is idle
+# after the last, so what a case leaves to do (tollgate's write-behind)
+# is its own even when it ran in the other case's slices; where both
+# cases are one process, its CPU slice by slice, its write-behind threads'
+# CPU over the whole window charged to the first case (the keyed one, or
+# the one with more keys). The ratio of req/s over the same slices is
+# printed beside it. Before the cases over all 1M keys, which evict the
+# 10k-key working set.
+SLICES=${SLICES:-20}
+SLICE=${SLICE:-1s}
+declare -A CASE JUDGED
 for c in "${CASES[@]}"; do CASE[${c%%|*}]=${c#*|}; done
-pair() { # label, case, case it is compared with
-  local i l pid keys url order
-  for i in $(seq "$PAIRS"); do
+# A second bare Pingora, tuned: the two read against each other show the
+# method's own error in every run.
+CASE["bare Pingora, tuned (a second process)"]="$PINGORA_TWIN||http://127.0.0.1:3959/api/data"
+interleave() { # label, case, case it is compared with
+  local i l pid keys url out n c0 c1 w0 w1 wb
+  local -a order
+  local -A reqs path start wb_start charged
+  for l in "$2" "$3"; do reqs[$l]=0; path[$l]=0; done
+  settle
+  for l in "$2" "$3"; do
+    IFS='|' read -r pid keys url <<<"${CASE[$l]}"
+    start[$l]=$(cpu "$pid"); wb_start[$l]=$(store_cpu "$pid")
+  done
+  for i in $(seq "$SLICES"); do
     if ((i % 2)); then order=("$2" "$3"); else order=("$3" "$2"); fi
     for l in "${order[@]}"; do
       IFS='|' read -r pid keys url <<<"${CASE[$l]}"
+      c0=$(cpu "$pid"); w0=$(store_cpu "$pid")
+      out=$(load "$keys" "$CONNS" "$SLICE" "$url")
+      c1=$(cpu "$pid"); w1=$(store_cpu "$pid")
+      n=$(awk '/requests in/ {print $1}' <<<"$out")
+      if grep -q Non-2xx <<<"$out"; then echo "  interleaved, $l: some answers were not 2xx" >&2; fi
+      reqs[$l]=$(( ${reqs[$l]} + n ))
+      path[$l]=$(awk -v p="${path[$l]}" -v a="$c0" -v b="$c1" -v x="$w0" -v y="$w1" 'BEGIN {printf "%.3f", p + (b - a) - (y - x)}')
       # Requests served count toward the case's own (the exactness check).
-      SERVED_AS=$l DURATION=$PAIR_DURATION run "pair $1: $l" "$pid" "$keys" "$url" >/dev/null
+      SERVED[$l]=$(( ${SERVED[$l]:-0} + n ))
+      RUNS[$l]=$(( ${RUNS[$l]:-0} + 1 ))
     done
   done
-  PAIRED[$1]=$(sample_ratios "pair $1: $2" "pair $1: $3" | tr '\n' ' ')
+  settle
+  IFS='|' read -r pid keys url <<<"${CASE[$2]}"
+  if [ "${CASE[$2]%%|*}" != "${CASE[$3]%%|*}" ]; then
+    for l in "$2" "$3"; do
+      IFS='|' read -r pid keys url <<<"${CASE[$l]}"
+      charged[$l]=$(awk -v a="$(cpu "$pid")" -v b="${start[$l]}" 'BEGIN {printf "%.3f", a - b}')
+    done
+  else
+    wb=$(awk -v a="$(store_cpu "$pid")" -v b="${wb_start[$2]}" 'BEGIN {printf "%.3f", a - b}')
+    charged[$2]=$(awk -v p="${path[$2]}" -v w="$wb" 'BEGIN {printf "%.3f", p + w}')
+    charged[$3]=${path[$3]}
+  fi
+  JUDGED[$1]="${reqs[$2]} ${charged[$2]} ${reqs[$3]} ${charged[$3]}"
 }
-paired() { # label, target
-  awk -v l="$1" -v t="$2" -v r="${PAIRED[$1]}" 'BEGIN {
-    n = split(r, a, " "); m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    printf "  %-34s %6.3f   (pairs %.2f .. %.2f)   (target >= %s) %s\n", l, m, a[1], a[n], t, (m >= t ? "met" : "NOT MET") }'
+judged() { # label, target
+  awk -v l="$1" -v t="$2" -v j="${JUDGED[$1]}" 'BEGIN {
+    split(j, a, " "); r = (a[1] / a[2]) / (a[3] / a[4])
+    printf "  %-34s %6.3f   (CPU %.1f / %.1f us a request; req/s %.3f)   (target >= %s) %s\n",
+      l, r, a[2] * 1e6 / a[1], a[4] * 1e6 / a[3], a[1] / a[3], t, (t == "-" ? "" : (r >= t ? "met" : "NOT MET")) }'
 }
-if [ "$PAIRS" -gt 0 ]; then
-  echo "pairs ($PAIRS of each judged ratio, $PAIR_DURATION a case, back to back)..."
-  pair "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key"
-  pair "keyed / public" "tollgate keyed, 1 key" "tollgate public route"
-  pair "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned"
-  pair "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults"
-  pair "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key"
+if [ "$SLICES" -gt 0 ]; then
+  echo "interleaved ($SLICES slices of $SLICE of each case of each judged ratio)..."
+  interleave "bare Pingora tuned / itself" "bare Pingora, tuned" "bare Pingora, tuned (a second process)"
+  interleave "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key"
+  interleave "keyed / public" "tollgate keyed, 1 key" "tollgate public route"
+  interleave "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned"
+  interleave "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults"
+  interleave "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key"
   if [ "$SCALE" = 1 ]; then
-    pair "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key"
-    pair "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key"
+    interleave "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key"
+    interleave "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key"
   fi
 fi
 
 # ---------------------------------------------------------------- side by side
-# Pairs still leave a ratio to the machine: two processes of one binary,
-# run back to back 12 times, read 0.76-1.20 pair by pair (0.95 by the
-# median). So each judged ratio whose two cases are two processes is also
+# A second reading of each judged ratio whose two cases are two processes
+# (until 2026-12-07, when its cases ran back to back in pairs and one
+# binary read against itself 0.76-1.20 pair by pair, the steadier one),
 # measured with both running at once, SIDE times: both proxies on the
 # proxy core, a wrk each (CONNS/2 connections) on the load core, for the
-# same PAIR_DURATION. A slow spell of the machine then falls on both
+# same SIDE_DURATION. A slow spell of the machine then falls on both
 # alike, and each proxy's CPU time per request, read from its own
 # counters, gives the ratio of work per core (one binary against itself
 # this way: 0.97-1.03 run by run). It is a second reading, not the one
@@ -508,8 +553,9 @@ fi
 # core, so 10k of 1M keys / 1 key reads lower this way for both reasons
 # (0.87 at once where its pairs gave 0.975). The two ratios whose cases are one
 # process (keyed / public, 10k keys / 1 key) cannot be read this way.
-# Before the cases over all 1M keys, as the pairs are.
+# Before the cases over all 1M keys, as the interleaved ones are.
 SIDE=${SIDE:-5}
+SIDE_DURATION=${SIDE_DURATION:-$DURATION}
 declare -A SIDE_BY_SIDE
 together() { # label, case, case it is compared with
   local i idx l pid keys url total ratios="" speeds=""
@@ -521,7 +567,7 @@ together() { # label, case, case it is compared with
     for l in "${labels[@]}"; do IFS='|' read -r pid keys url <<<"${CASE[$l]}"; before[$l]=$(cpu "$pid"); done
     for idx in 0 1; do
       IFS='|' read -r pid keys url <<<"${CASE[${labels[$idx]}]}"
-      load "$keys" $((CONNS / 2)) "$PAIR_DURATION" "$url" > "$WORK/side-$idx.txt" & wrks+=($!)
+      load "$keys" $((CONNS / 2)) "$SIDE_DURATION" "$url" > "$WORK/side-$idx.txt" & wrks+=($!)
     done
     wait "${wrks[@]}"
     for idx in 0 1; do
@@ -549,7 +595,7 @@ side() { # label, target
     printf "  %-34s %6.3f   (runs %.2f .. %.2f; req/s %s)   (target >= %s)\n", l, m, a[1], a[n], s, t }'
 }
 if [ "$SIDE" -gt 0 ]; then
-  echo "side by side ($SIDE runs of each ratio between two processes, $PAIR_DURATION, both at once)..."
+  echo "side by side ($SIDE runs of each ratio between two processes, $SIDE_DURATION, both at once)..."
   together "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key"
   together "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned"
   together "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults"
@@ -573,13 +619,13 @@ echo "medians of $ROUNDS rounds:"
 for c in "${CASES[@]}"; do report "${c%%|*}"; done
 echo
 echo "ratios (of median req/s; by round: the median of each round's own ratio):"
-ratio "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key" 1.0 paired
-ratio "keyed / public" "tollgate keyed, 1 key" "tollgate public route" 0.9 paired
-ratio "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned" 0.95 paired
-ratio "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults" 0.95 paired
+ratio "keyed / nginx+Lua" "tollgate keyed, 1 key" "nginx + Lua (Kong-style), 1 key" 1.0 judged
+ratio "keyed / public" "tollgate keyed, 1 key" "tollgate public route" 0.9 judged
+ratio "public / bare Pingora (tuned)" "tollgate public route" "bare Pingora, tuned" 0.95 judged
+ratio "public / bare Pingora (defaults)" "tollgate public route" "bare Pingora, defaults" 0.95 judged
 ratio "bare Pingora tuned / defaults" "bare Pingora, tuned" "bare Pingora, defaults" -
 ratio "bare Pingora tuned / nginx+Lua" "bare Pingora, tuned" "nginx + Lua (Kong-style), 1 key" -
-ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9 paired
+ratio "10k keys / 1 key" "tollgate keyed, 10k keys" "tollgate keyed, 1 key" 0.9 judged
 ratio "nginx+Lua 10k keys / 1 key" "nginx + Lua, 10k keys" "nginx + Lua (Kong-style), 1 key" -
 if [ -n "$BASELINE" ]; then
   ratio "bare Pingora tuned / baseline" "bare Pingora, tuned" "baseline: bare Pingora, tuned" -
@@ -588,9 +634,9 @@ if [ -n "$BASELINE" ]; then
   ratio "keyed, 10k keys / baseline" "tollgate keyed, 10k keys" "baseline: tollgate keyed, 10k keys" -
 fi
 if [ "$SCALE" = 1 ]; then
-  ratio "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9 paired
+  ratio "10k of $MANY_KEYS keys / 1 key" "tollgate keyed, 10k of $MANY_KEYS keys" "tollgate keyed, 1 key" 0.9 judged
   ratio "all $MANY_KEYS keys / 1 key" "tollgate keyed, all $MANY_KEYS keys" "tollgate keyed, 1 key" -
-  ratio "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key" 0.95 paired
+  ratio "500 routes / 8 routes" "tollgate keyed, 500 routes" "tollgate keyed, 1 key" 0.95 judged
   echo "  start-up with $MANY_KEYS keys in the store: ${MANY_STARTUP} ms (target <= 1000);" \
     "RSS with 10k of them in use ${RSS_MANY_10K} kB (target <= 300 MB);" \
     "peak RSS after traffic over all of them $(awk '/VmHWM/ {print $2}' "/proc/$TG_MANY/status") kB"
@@ -603,17 +649,18 @@ if [ "$REDIS" = 1 ]; then
       'BEGIN {printf "  Redis per request, %-36s %.2f scripts, %.2f commands (those in scripts included)\n", l ":", e / n, c / n}'
   done
 fi
-if [ "$PAIRS" -gt 0 ]; then
+if [ "$SLICES" -gt 0 ]; then
   echo
-  echo "ratios in pairs (the median of $PAIRS back-to-back pairs' own ratios; the targets are judged on these):"
-  paired "keyed / nginx+Lua" 1.0
-  paired "keyed / public" 0.9
-  paired "public / bare Pingora (tuned)" 0.95
-  paired "public / bare Pingora (defaults)" 0.95
-  paired "10k keys / 1 key" 0.9
+  echo "ratios interleaved (work per core: requests per CPU second, $SLICES slices of $SLICE of each case; the targets are judged on these):"
+  judged "bare Pingora tuned / itself" -
+  judged "keyed / nginx+Lua" 1.0
+  judged "keyed / public" 0.9
+  judged "public / bare Pingora (tuned)" 0.95
+  judged "public / bare Pingora (defaults)" 0.95
+  judged "10k keys / 1 key" 0.9
   if [ "$SCALE" = 1 ]; then
-    paired "10k of $MANY_KEYS keys / 1 key" 0.9
-    paired "500 routes / 8 routes" 0.95
+    judged "10k of $MANY_KEYS keys / 1 key" 0.9
+    judged "500 routes / 8 routes" 0.95
   fi
 fi
 if [ "$SIDE" -gt 0 ]; then
