@@ -315,12 +315,14 @@ impl Style {
     }
 }
 
-/// The wall clock now, in nanoseconds since the epoch.
-fn wall_nanos() -> i128 {
+/// The wall clock now, in nanoseconds since the epoch: an `i64` holds
+/// them for 292 years either side of 1970 (a clock set beyond is held at
+/// the end), so a line's time is worked out without 128-bit division.
+fn wall_nanos() -> i64 {
     match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => i128::try_from(since.as_nanos()).unwrap_or(i128::MAX),
+        Ok(since) => i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
         // A clock set before 1970.
-        Err(before) => -i128::try_from(before.duration().as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n),
     }
 }
 
@@ -338,13 +340,13 @@ const READ_WALL_EVERY: u64 = 1_000_000_000;
 struct Wall {
     /// A monotonic reading, and the wall time then (nanoseconds since the
     /// epoch).
-    read: Option<(Tick, i128)>,
+    read: Option<(Tick, i64)>,
 }
 
 impl Wall {
     /// The wall time at `at`, in nanoseconds since the epoch; `read` reads
     /// both clocks, one just after the other.
-    fn at(&mut self, at: Tick, read: impl FnOnce() -> (Tick, i128)) -> i128 {
+    fn at(&mut self, at: Tick, read: impl FnOnce() -> (Tick, i64)) -> i64 {
         let fresh = self
             .read
             .filter(|&(tick, _)| at.nanos().abs_diff(tick.nanos()) < READ_WALL_EVERY);
@@ -352,7 +354,9 @@ impl Wall {
             Some(fresh) => fresh,
             None => *self.read.insert(read()),
         };
-        wall + (i128::from(at.nanos()) - i128::from(tick.nanos()))
+        // Within a second of each other (a line ending before a reading
+        // made for a later one included): the difference fits.
+        wall.saturating_add(at.nanos().wrapping_sub(tick.nanos()) as i64)
     }
 }
 
@@ -401,7 +405,7 @@ impl Second {
 fn timestamp(out: &mut Vec<u8>, time: &mut Time, at: Tick) {
     let nanos = time.wall.at(at, || (Tick::now(), wall_nanos()));
     // Floored, as before 1970 too: the second before, counted up.
-    let secs = i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or(i64::MAX);
+    let secs = nanos.div_euclid(1_000_000_000);
     let micros = (nanos.rem_euclid(1_000_000_000) / 1000) as u32;
     out.extend_from_slice(time.second.text(secs));
     out.extend_from_slice(&fraction(micros));
@@ -558,6 +562,9 @@ fn text_line(out: &mut Vec<u8>, time: &mut Time, labels: &mut Labels, line: &Acc
     }
 }
 
+/// A line's route, tier and code, and whether it is in colour.
+type Labelled = (&'static str, &'static str, &'static str, bool);
+
 /// A text line from its level to its `status=`, which depends only on the
 /// route, tier and code: formatted once and reused while they repeat (a
 /// dozen pieces pushed and three names scanned, a fifth of the line's
@@ -566,14 +573,20 @@ fn text_line(out: &mut Vec<u8>, time: &mut Time, labels: &mut Labels, line: &Acc
 struct Labels {
     /// The route, tier and code `text` was formatted for, and whether in
     /// colour; `None` before the first line.
-    of: Option<(&'static str, &'static str, &'static str, bool)>,
+    of: Option<Labelled>,
     text: Vec<u8>,
 }
 
 impl Labels {
     fn text(&mut self, line: &Access, ansi: bool) -> &[u8] {
         let of = (line.route, line.tier, line.code, ansi);
-        if self.of != Some(of) {
+        // Names compared by address: route and tier names are interned
+        // and codes are constants, so the same name is the same address
+        // (one equal in text but elsewhere only formats the text again).
+        let same = |(r, t, c, a): Labelled| {
+            std::ptr::eq(r, of.0) && std::ptr::eq(t, of.1) && std::ptr::eq(c, of.2) && a == of.3
+        };
+        if !self.of.is_some_and(same) {
             self.of = Some(of);
             let out = &mut self.text;
             out.clear();
@@ -880,11 +893,11 @@ mod tests {
 
     #[test]
     fn the_wall_clock_is_read_once_a_second_and_lines_counted_from_it() {
-        let epoch_2027: i128 = 1_798_761_600 * 1_000_000_000;
+        let epoch_2027: i64 = 1_798_761_600 * 1_000_000_000;
         let stepped = epoch_2027 - 3_600_000_000_000;
         // A line's end; what the two clocks read, should they be read; the
         // wall time the line gets; the readings taken so far.
-        let lines: [(u64, (u64, i128), i128, u32); 6] = [
+        let lines: [(u64, (u64, i64), i64, u32); 6] = [
             // The first line reads them (300 ns after its request ended).
             (
                 5_000_000_000,
