@@ -453,12 +453,13 @@ done
 # machine's speed swings by more than that within seconds: one proxy's
 # req/s, read each second for a minute, held 48k for four seconds, 53k
 # for ten, 63k for fifteen. Two cases run back to back, even 5 s each and
-# five times over, judged one binary against itself anywhere in 0.94-1.03
-# (2026-12-07). Each judged ratio is therefore read with its two cases
+# five times over, judged one binary against itself anywhere in
+# 0.944-1.034 by their median (six readings, 2026-12-07). Each judged ratio is therefore read with its two cases
 # interleaved: SLICES slices of each, SLICE long, in the order A B B A
 # A B ..., so a spell of the machine longer than a slice or two falls on
-# both alike (one binary against itself this way, 20 s a case in 1 s
-# slices: 0.98-1.01). The targets are work per core, judged on requests
+# both alike (one binary against itself this way, 10 s a case in 1 s
+# slices, six times: 0.997-1.033; 20 s in the script's control: 0.992,
+# 1.005). The targets are work per core, judged on requests
 # per CPU second of each case's proxy (read from the kernel's counters):
 # a process's CPU from before its first slice until every proxy is idle
 # after the last, so what a case leaves to do (tollgate's write-behind)
