@@ -454,13 +454,14 @@ done
 # req/s, read each second for a minute, held 48k for four seconds, 53k
 # for ten, 63k for fifteen. Two cases run back to back, even 5 s each and
 # five times over, judged one binary against itself anywhere in
-# 0.944-1.034 by their median (six readings, 2026-12-07). Each judged ratio is therefore read with its two cases
-# interleaved: SLICES slices of each, SLICE long, in the order A B B A
-# A B ..., so a spell of the machine longer than a slice or two falls on
-# both alike (one binary against itself this way, 10 s a case in 1 s
-# slices, six times: 0.997-1.033; 20 s in the script's control: 0.992,
-# 1.005). The targets are work per core, judged on requests
-# per CPU second of each case's proxy (read from the kernel's counters):
+# 0.944-1.034 by their median (six readings, 2026-12-07). Each judged
+# ratio is therefore read with its two cases interleaved: SLICES slices
+# of each, SLICE long, in the order A B B A A B ..., so a spell of the
+# machine longer than a slice or two falls on both alike (one binary
+# against itself this way, 10 s a case in 1 s slices, six times:
+# 0.997-1.033; 20 s in the script's control: 0.992, 1.005). The targets
+# are work per core, judged on requests per CPU second of each case's
+# proxy (read from the kernel's counters):
 # a process's CPU from before its first slice until every proxy is idle
 # after the last, so what a case leaves to do (tollgate's write-behind)
 # is its own even when it ran in the other case's slices; where both
@@ -537,10 +538,10 @@ if [ "$SLICES" -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- side by side
-# A second reading of each judged ratio whose two cases are two processes
-# (until 2026-12-07, when its cases ran back to back in pairs and one
-# binary read against itself 0.76-1.20 pair by pair, the steadier one),
-# measured with both running at once, SIDE times: both proxies on the
+# A second reading, not judged, of each judged ratio whose two cases are
+# two processes (until 2026-12-07 the steadier one: the judged reading
+# was then back-to-back pairs, one binary against itself 0.76-1.20 pair
+# by pair), measured with both running at once, SIDE times: both proxies on the
 # proxy core, a wrk each (CONNS/2 connections) on the load core, for the
 # same SIDE_DURATION. A slow spell of the machine then falls on both
 # alike, and each proxy's CPU time per request, read from its own
