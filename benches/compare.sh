@@ -306,6 +306,12 @@ store_cpu() {
   secs "$total"
 }
 declare -A SAMPLES SERVED RUNS
+# One run of a case: its requests served, and one more run whose end wrk
+# may have cut requests off from (the exactness check counts both).
+served() { # label, requests wrk counted
+  SERVED[$1]=$(( ${SERVED[$1]:-0} + $2 ))
+  RUNS[$1]=$(( ${RUNS[$1]:-0} + 1 ))
+}
 # CPU ticks of every proxy still running.
 all_ticks() {
   local p total=0
@@ -358,8 +364,7 @@ run() { # label, pid (CPU measured), keys file or "", url
   if [[ $label == *"10k of"* && -z ${RSS_MANY_10K:-} ]]; then
     RSS_MANY_10K=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
   fi
-  SERVED[${SERVED_AS:-$label}]=$(( ${SERVED[${SERVED_AS:-$label}]:-0} + total ))
-  RUNS[${SERVED_AS:-$label}]=$(( ${RUNS[${SERVED_AS:-$label}]:-0} + 1 ))
+  served "$label" "$total"
   local store_note=""
   if [ "$store_us" != "0.0" ]; then store_note=" (write-behind $store_us)"; fi
   printf '  %-36s %8s req/s  p50 %8s  p99 %8s  non-2xx %-6s  CPU %6s us/req%s\n' \
@@ -498,9 +503,7 @@ interleave() { # label, case, case it is compared with
       if grep -q Non-2xx <<<"$out"; then echo "  interleaved, $l: some answers were not 2xx" >&2; fi
       reqs[$l]=$(( ${reqs[$l]} + n ))
       path[$l]=$(awk -v p="${path[$l]}" -v a="$c0" -v b="$c1" -v x="$w0" -v y="$w1" 'BEGIN {printf "%.3f", p + (b - a) - (y - x)}')
-      # Requests served count toward the case's own (the exactness check).
-      SERVED[$l]=$(( ${SERVED[$l]:-0} + n ))
-      RUNS[$l]=$(( ${RUNS[$l]:-0} + 1 ))
+      served "$l" "$n"
     done
   done
   settle
@@ -579,9 +582,7 @@ together() { # label, case, case it is compared with
       rps_of[$l]=$(awk '/Requests\/sec/ {printf "%d", $2}' "$WORK/side-$idx.txt")
       us_of[$l]=$(awk -v a="$(cpu "$pid")" -v b="${before[$l]}" -v n="$total" 'BEGIN {printf "%.3f", (a - b) * 1e6 / n}')
       if grep -q Non-2xx "$WORK/side-$idx.txt"; then echo "  side by side, $l: some answers were not 2xx" >&2; fi
-      # Requests served count toward the case's own (the exactness check).
-      SERVED[$l]=$(( ${SERVED[$l]:-0} + total ))
-      RUNS[$l]=$(( ${RUNS[$l]:-0} + 1 ))
+      served "$l" "$total"
     done
     ratios+="$(awk -v a="${us_of[$2]}" -v b="${us_of[$3]}" 'BEGIN {print b / a}') "
     speeds+="${rps_of[$2]}/${rps_of[$3]} "

@@ -1305,7 +1305,6 @@ mod tests {
             .expect("row")
     }
 
-    /// Rows in the log, and in a log a fold set aside.
     /// Rows in `table`; none if there is no such table.
     fn table_len(writer: &Writer, table: &str) -> i64 {
         writer
@@ -1314,6 +1313,7 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// Rows in the log, and in a log a fold set aside.
     fn log_len(writer: &Writer) -> i64 {
         table_len(writer, "usage_log") + table_len(writer, "usage_log_folding")
     }
