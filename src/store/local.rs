@@ -58,7 +58,6 @@ pub const REWRITE_AFTER_MS: u64 = 590;
 /// closed before writes start failing, leaving room for the queued usage.
 pub const MIN_FREE: u64 = 1024 * 1024;
 
-/// One key's state, shared by every request on that key.
 /// What a write-behind pass took from memory.
 #[derive(Default)]
 struct Snapshot {
@@ -208,16 +207,25 @@ pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// `value` as JSON in `out`, in place of what it held, in the room it has.
+fn write_json<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) {
+    out.clear();
+    // Plain data into a Vec: cannot fail, and is UTF-8.
+    let _ = serde_json::to_writer(out, value);
+}
+
 /// A key's usage as this store keeps it: windows in their compact form.
 pub(super) fn usage_json(usage: &Usage) -> String {
-    crate::window::compact(|| {
-        // Room for a key with a minute window and a pool at once (about
-        // 500 bytes), rather than growing from serde_json's 128.
-        let mut json = Vec::with_capacity(512);
-        // Plain data into a Vec: cannot fail, and is UTF-8.
-        let _ = serde_json::to_writer(&mut json, usage);
-        String::from_utf8(json).unwrap_or_default()
-    })
+    // Room for a key with a minute window and a pool at once (about 500
+    // bytes), rather than growing from serde_json's 128.
+    let mut json = Vec::with_capacity(512);
+    write_usage_json(&mut json, usage);
+    String::from_utf8(json).unwrap_or_default()
+}
+
+/// [`usage_json`] in `out`, in place of what it held.
+fn write_usage_json(out: &mut Vec<u8>, usage: &Usage) {
+    crate::window::compact(|| write_json(out, usage))
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result<T, StoreError> {
@@ -612,8 +620,12 @@ impl Local {
             let mut seen = std::collections::HashSet::new();
             queued.retain(|e| seen.insert(Arc::as_ptr(e)));
         }
-        let mut snap = Snapshot::default();
-        snap.rows.reserve(queued.len());
+        // Rows an earlier pass wrote, to write over (see `SpareRows`).
+        let (mut spare, rows) = self.disk.spare_rows().take();
+        let mut snap = Snapshot {
+            rows,
+            ..Snapshot::default()
+        };
         // Keys left for a later pass, and whether each is still unreported.
         let mut later = Vec::new();
         for entry in queued {
@@ -669,18 +681,21 @@ impl Local {
                 // the pass needs.
                 let seq = self.next_seq();
                 entry.logged_seq.store(seq, Ordering::Release);
-                snap.rows.push(UsageRow {
-                    key_id: state.record.key_id.to_string(),
-                    usage: usage_json(&state.usage),
-                    billing: to_json(moved.as_ref().unwrap_or(&state.usage.billing)),
-                    seq,
-                });
+                let mut row = spare.pop().unwrap_or_default();
+                row.key_id.clear();
+                row.key_id.push_str(&state.record.key_id);
+                write_usage_json(&mut row.usage, &state.usage);
+                let billing = moved.as_ref().unwrap_or(&state.usage.billing);
+                write_json(&mut row.billing, billing);
+                row.seq = seq;
+                snap.rows.push(row);
             }
             drop(state);
             snap.taken.push(entry);
         }
         // Back in the queues they came from: every one is still dirty
         // (bar a key whose admin write is under way), some still unreported.
+        self.disk.spare_rows().give_back(spare);
         let unreported = later.iter().filter(|(_, u)| *u).map(|(e, _)| e.clone());
         self.unreported.lock().extend(unreported);
         self.dirty.lock().extend(later.into_iter().map(|(e, _)| e));
@@ -1216,6 +1231,64 @@ mod tests {
             .await
             .expect("create");
         (store, key.hash)
+    }
+
+    /// A pass writes its rows over those of the pass before (their
+    /// strings kept by the writer): nothing of a longer row written before
+    /// is left in a shorter one, of its usage, billing or key id.
+    #[tokio::test]
+    async fn a_pass_writes_over_the_rows_of_the_pass_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (long, short) = (keys::generate("sk_t"), keys::generate("sk_t"));
+        let (mut ids, window);
+        ids = Vec::new();
+        {
+            let store = Local::open(dir.path()).expect("open");
+            for key in [&long, &short] {
+                let rec = record(&key.hash, None);
+                ids.push(rec.key_id.clone());
+                store
+                    .create(key.hash, &rec, &Usage::default())
+                    .await
+                    .expect("create");
+            }
+            let entry = store.lookup(&long.hash).expect("read").expect("found");
+            {
+                let mut state = entry.lock().expect("live");
+                state.usage.used = 123_456_789;
+                let requests = state.usage.rate.slot("requests");
+                for t in 0..60u32 {
+                    requests.add(u64::from(t) + 1, 60_000, i64::from(t) * 1_000);
+                }
+                window = requests.clone();
+                state.usage.billing.credits = 123_456_789;
+            }
+            store.touch(&entry);
+            assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+            let (spare, list) = store.disk.spare_rows().take();
+            assert_eq!((spare.len(), list.len()), (1, 0), "kept by the writer");
+            store.disk.spare_rows().give_back(spare);
+
+            let entry = store.lookup(&short.hash).expect("read").expect("found");
+            entry.lock().expect("live").usage.used = 1;
+            store.touch(&entry);
+            assert_eq!(store.flush_dirty().await.expect("flush"), 1);
+            // Dropped without a fold: both rows are in the log only.
+        }
+        assert_eq!(logged(dir.path()), 2);
+        let store =
+            Local::open_waiting(dir.path(), std::time::Duration::from_secs(10)).expect("reopen");
+        let entry = store.lookup_id(&ids[1]).expect("read").expect("found");
+        let state = entry.lock().expect("live");
+        assert_eq!(state.usage.used, 1);
+        assert!(state.usage.rate.is_empty());
+        assert_eq!(state.usage.billing, crate::ledger::Billing::default());
+        drop(state);
+        let entry = store.lookup_id(&ids[0]).expect("read").expect("found");
+        let state = entry.lock().expect("live");
+        assert_eq!(state.usage.used, 123_456_789);
+        assert_eq!(state.usage.billing.credits, 123_456_789);
+        assert_eq!(state.usage.rate.get("requests"), Some(&window));
     }
 
     /// A reporting pass writes a key it makes events for, or whose marks

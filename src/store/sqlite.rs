@@ -66,6 +66,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -352,12 +353,73 @@ pub enum Write {
     Import(Vec<(Row, [u8; 32], Option<String>)>),
 }
 
-/// One key's usage and billing state in a write-behind pass.
+/// One key's usage and billing state in a write-behind pass: JSON, kept
+/// as the bytes `serde_json` writes (UTF-8, which it cannot fail to be)
+/// and stored as text.
+#[derive(Default)]
 pub struct UsageRow {
     pub key_id: String,
-    pub usage: String,
-    pub billing: String,
+    pub usage: Vec<u8>,
+    pub billing: Vec<u8>,
     pub seq: u64,
+}
+
+/// Most rows [`SpareRows`] keeps: a pass's worth with 25,000 keys in use
+/// (a key is written every third pass), about 6 MB of text at most.
+const SPARE_ROWS: usize = 8192;
+
+/// The rows of write-behind passes the writer is done with, their strings
+/// kept for a later pass to write over, and a list with room for a pass's
+/// rows. A pass with many keys in use otherwise allocated three strings a
+/// key and a list of them on the flusher's thread and freed them on the
+/// writer's, and the allocator gave their pages back and took them again
+/// pass after pass (BENCHMARKS.md).
+#[derive(Clone, Default)]
+pub struct SpareRows(Arc<Mutex<Spare>>);
+
+#[derive(Default)]
+struct Spare {
+    rows: Vec<UsageRow>,
+    /// Empty, with the room the last written pass's rows took.
+    list: Vec<UsageRow>,
+}
+
+impl SpareRows {
+    /// Every spare row, to write over, and an empty list for a pass's rows.
+    pub fn take(&self) -> (Vec<UsageRow>, Vec<UsageRow>) {
+        let mut spare = self.0.lock();
+        let list = std::mem::take(&mut spare.list);
+        (std::mem::take(&mut spare.rows), list)
+    }
+
+    /// Rows a pass did not write over.
+    pub fn give_back(&self, mut rows: Vec<UsageRow>) {
+        let mut spare = self.0.lock();
+        if spare.rows.is_empty() {
+            std::mem::swap(&mut spare.rows, &mut rows);
+        }
+        Self::keep(&mut spare, rows);
+    }
+
+    /// A write's rows, if it has any, once it is done: kept up to
+    /// [`SPARE_ROWS`], and their list kept empty for the next pass.
+    fn recycle(&self, write: Write) {
+        if let Write::Usage { rows, .. } = write {
+            let mut spare = self.0.lock();
+            let list = Self::keep(&mut spare, rows);
+            if list.capacity() > spare.list.capacity() {
+                spare.list = list;
+            }
+        }
+    }
+
+    /// Moves up to [`SPARE_ROWS`] of `rows` into the spare ones; returns
+    /// the list they came in, empty.
+    fn keep(spare: &mut Spare, mut rows: Vec<UsageRow>) -> Vec<UsageRow> {
+        rows.truncate(SPARE_ROWS.saturating_sub(spare.rows.len()));
+        spare.rows.append(&mut rows);
+        rows
+    }
 }
 
 struct Job {
@@ -372,6 +434,7 @@ pub struct Disk {
     readers: Mutex<Vec<Connection>>,
     /// Fault injection for tests: every group fails while set.
     fail: Arc<AtomicBool>,
+    spare: SpareRows,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -484,11 +547,14 @@ impl Disk {
         let keys: i64 = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get(0))?;
         let (tx, rx) = mpsc::channel();
         let fail = Arc::new(AtomicBool::new(false));
+        let spare = SpareRows::default();
         let writer = {
             let fail = fail.clone();
+            let mut writer = Writer::new(conn);
+            writer.spare = spare.clone();
             std::thread::Builder::new()
                 .name("tollgate-store".into())
-                .spawn(move || run_writer(Writer::new(conn), rx, &fail, &healthy))
+                .spawn(move || run_writer(writer, rx, &fail, &healthy))
                 .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?
         };
         let disk = Disk {
@@ -497,12 +563,18 @@ impl Disk {
             writer: Mutex::new(Some(writer)),
             readers: Mutex::new(Vec::new()),
             fail,
+            spare,
         };
         Ok((
             disk,
             u64::try_from(max_seq).unwrap_or(0),
             usize::try_from(keys).unwrap_or(0),
         ))
+    }
+
+    /// The rows the writer is done with (see [`SpareRows`]).
+    pub fn spare_rows(&self) -> &SpareRows {
+        &self.spare
     }
 
     pub fn inject_failure(&self, fail: bool) {
@@ -779,6 +851,8 @@ struct Writer {
     /// a whole one ([`Write::Fold`]) if any of them was.
     next: Vec<oneshot::Sender<Result<(), StoreError>>>,
     next_whole: bool,
+    /// Where the passes' rows go once written.
+    spare: SpareRows,
 }
 
 /// A fold in steps (see [`FOLD_BATCH`]).
@@ -813,6 +887,7 @@ impl Writer {
             fold: None,
             next: Vec::new(),
             next_whole: false,
+            spare: SpareRows::default(),
         }
     }
 
@@ -831,6 +906,7 @@ impl Writer {
             match commit(&mut self.conn, &writes, fail) {
                 Ok(results) => {
                     for (job, result) in writes.into_iter().zip(results) {
+                        self.spare.recycle(job.write);
                         let _ = job.done.send(result);
                     }
                 }
@@ -838,6 +914,7 @@ impl Writer {
                     healthy.store(false, Ordering::Release);
                     tracing::error!(error = %e, writes = writes.len(), "store write failed; nothing of it was applied");
                     for job in writes {
+                        self.spare.recycle(job.write);
                         let _ = job.done.send(Err(e.clone()));
                     }
                 }
@@ -1174,8 +1251,14 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             let mut append = tx.prepare_cached(
                 "INSERT INTO usage_log (key_id, usage, billing, seq) VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let text = |json| ToSqlOutput::Borrowed(ValueRef::Text(json));
             for row in rows {
-                append.execute(params![row.key_id, row.usage, row.billing, seq(row.seq)])?;
+                append.execute(params![
+                    row.key_id,
+                    text(&row.usage),
+                    text(&row.billing),
+                    seq(row.seq)
+                ])?;
             }
             let mut outbox = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -1282,12 +1365,35 @@ mod tests {
                 .map(|&(n, usage, seq)| UsageRow {
                     key_id: format!("k{n}"),
                     usage: usage.into(),
-                    billing: format!("{{\"at\":\"{usage}\"}}"),
+                    billing: format!("{{\"at\":\"{usage}\"}}").into_bytes(),
                     seq,
                 })
                 .collect(),
             events: Vec::new(),
         }
+    }
+
+    /// The writer keeps a written pass's rows for the next, up to
+    /// `SPARE_ROWS`, and the list they came in, empty, for its rows.
+    #[test]
+    fn spare_rows_are_kept_up_to_a_bound() {
+        let spare = SpareRows::default();
+        let rows = |n: usize| (0..n).map(|_| UsageRow::default()).collect::<Vec<_>>();
+        spare.recycle(Write::Usage {
+            rows: rows(SPARE_ROWS - 10),
+            events: Vec::new(),
+        });
+        spare.recycle(Write::Usage {
+            rows: rows(100),
+            events: Vec::new(),
+        });
+        let (kept, list) = spare.take();
+        assert_eq!(kept.len(), SPARE_ROWS);
+        assert!(list.is_empty() && list.capacity() >= SPARE_ROWS - 10);
+        assert_eq!(spare.take().0.len(), 0, "all taken");
+        spare.give_back(rows(5));
+        spare.give_back(kept);
+        assert_eq!(spare.take().0.len(), SPARE_ROWS);
     }
 
     fn answered(answer: &mut Answer) -> Option<Result<(), StoreError>> {
@@ -1635,7 +1741,7 @@ mod tests {
         writer.step(creates, &fail, &healthy);
         let row = |key_id: &str, seq: u64| UsageRow {
             key_id: key_id.into(),
-            usage: format!("{key_id} logged"),
+            usage: format!("{key_id} logged").into_bytes(),
             billing: "{}".into(),
             seq,
         };
