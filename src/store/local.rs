@@ -1240,8 +1240,8 @@ mod tests {
     async fn a_pass_writes_over_the_rows_of_the_pass_before() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (long, short) = (keys::generate("sk_t"), keys::generate("sk_t"));
-        let (mut ids, window);
-        ids = Vec::new();
+        let mut ids = Vec::new();
+        let window;
         {
             let store = Local::open(dir.path()).expect("open");
             for key in [&long, &short] {

@@ -365,7 +365,8 @@ pub struct UsageRow {
 }
 
 /// Most rows [`SpareRows`] keeps: a pass's worth with 25,000 keys in use
-/// (a key is written every third pass), about 6 MB of text at most.
+/// (a key is written every third pass); about 5 MB of text for keys of a
+/// minute window and a pool each (~600 bytes a row).
 const SPARE_ROWS: usize = 8192;
 
 /// The rows of write-behind passes the writer is done with, their strings
