@@ -33,7 +33,7 @@ use tollgate::ledger::{KeyRecord, Usage};
 use tollgate::metrics::Metrics;
 use tollgate::path::normalise;
 use tollgate::reject::Rejection;
-use tollgate::store::{sqlite, Store};
+use tollgate::store::{codec, sqlite, Store};
 
 const CONFIG: &str = r#"
 upstreams:
@@ -127,8 +127,8 @@ impl Bench {
     /// Adds `n` keys on `tier` straight into the store, and loads them
     /// into memory.
     fn many(&self, tier: &str, n: usize) -> Vec<KeyHash> {
-        let usage = serde_json::to_string(&Usage::default()).expect("json");
-        let billing = serde_json::to_string(&tollgate::ledger::Billing::default()).expect("json");
+        let usage = codec::usage_bytes(&Usage::default());
+        let billing = codec::billing_bytes(&tollgate::ledger::Billing::default());
         let mut hashes = Vec::with_capacity(n);
         let mut batch = Vec::with_capacity(10_000);
         for i in 0..n {

@@ -12,7 +12,7 @@ use std::io::Write;
 
 use tollgate::keys;
 use tollgate::ledger::{KeyRecord, Usage};
-use tollgate::store::{sqlite, Store};
+use tollgate::store::{codec, sqlite, Store};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,8 +22,8 @@ fn main() -> anyhow::Result<()> {
     let count: usize = count.parse()?;
     let store = Store::open(std::path::Path::new(dir))?;
     let mut secrets = std::io::BufWriter::new(std::fs::File::create(out)?);
-    let usage = serde_json::to_string(&Usage::default())?;
-    let billing = serde_json::to_string(&tollgate::ledger::Billing::default())?;
+    let usage = codec::usage_bytes(&Usage::default());
+    let billing = codec::billing_bytes(&tollgate::ledger::Billing::default());
     let now = jiff::Timestamp::now();
     let mut batch = Vec::with_capacity(10_000);
     for n in 0..count {

@@ -97,6 +97,10 @@ impl<V> Named<V> {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl<V: Serialize> Serialize for Named<V> {

@@ -10,7 +10,6 @@
 //! log would hold it. Memory is at most 61 buckets, and no more buckets than
 //! charges, per key and limit.
 
-use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 
 use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
@@ -19,14 +18,14 @@ use integer_encoding::VarInt;
 use serde::ser::{SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
+use crate::store::codec::{In, Out};
+
 /// How many buckets a window is cut into.
 const BUCKETS: i64 = 60;
 
-/// A window as JSON. `buckets` holds `[time, units]` pairs (`v` 1, or
-/// absent for bucket indexes, before 2026-12); the compact forms (see
-/// [`compact`]) hold the times, each but the first as the difference from
-/// the one before, and the units: `v` 2 as numbers in `t` and `n`, `v` 3
-/// as varints in `b` (see [`Packed`]).
+/// A window: as JSON, `[time, units]` pairs in `buckets` (and older
+/// forms, see [`Stored`]); in the embedded store, its binary form (see
+/// [`Window::encode`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "Stored")]
 pub struct Window {
@@ -69,101 +68,70 @@ impl Ends {
     }
 }
 
-thread_local! {
-    static COMPACT: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with the windows it serializes written in the compact form
-/// (`v` 3: the times and units as varints, in base64). A minute's 60
-/// buckets then take about 0.25 KB of JSON instead of 1.2 KB as pairs (or
-/// 0.4 KB as the decimal numbers of `v` 2, which 2026-12-05 replaced: 14%
-/// fewer bytes written to disk with 10,000 keys in use, BENCHMARKS.md).
-/// Only the embedded store writes it (its schema version keeps earlier
-/// builds from opening it); Redis keeps the pairs, which gateways of an
-/// earlier version on the same Redis read.
-pub fn compact<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            COMPACT.set(self.0);
-        }
-    }
-    let _restore = Restore(COMPACT.replace(true));
-    f()
-}
-
+/// Windows in JSON (the shared store's, the admin API's) are `[time,
+/// units]` pairs; the embedded store writes them in its binary form
+/// ([`Window::encode`]), and before that wrote one of the compact JSON
+/// forms, which still read (see [`Stored`]).
 impl Serialize for Window {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Bucket indexes (v 0) are written as they were read.
-        if COMPACT.get() && self.v == 1 {
-            let mut out = serializer.serialize_struct("Window", 3)?;
-            out.serialize_field("width_ms", &self.width_ms)?;
-            out.serialize_field("v", &3u8)?;
-            out.serialize_field("b", &Packed(&self.buckets))?;
-            out.end()
-        } else {
-            let mut out = serializer.serialize_struct("Window", 3)?;
-            out.serialize_field("width_ms", &self.width_ms)?;
-            out.serialize_field("buckets", &self.buckets)?;
-            out.serialize_field("v", &self.v)?;
-            out.end()
+        let mut out = serializer.serialize_struct("Window", 3)?;
+        out.serialize_field("width_ms", &self.width_ms)?;
+        out.serialize_field("buckets", &self.buckets)?;
+        out.serialize_field("v", &self.v)?;
+        out.end()
+    }
+}
+
+impl Window {
+    /// The window in the embedded store's binary form (see
+    /// [`crate::store::codec`]): its width, its format (`v`) and its
+    /// packed buckets: their number, each one's time as the difference
+    /// from the one before (the first from 0, zigzagged) and each one's
+    /// units, as LEB128 varints. A minute window's 60 buckets take about
+    /// 190 bytes.
+    pub fn encode(&self, out: &mut Out) {
+        out.var(self.width_ms);
+        out.byte(self.v);
+        // Room for every varint at its longest, written in place (a copy
+        // of each from a smaller buffer cost more than the encoding).
+        let bytes = &mut *out.0;
+        let start = bytes.len();
+        bytes.resize(start + 10 * (1 + 2 * self.buckets.len()), 0);
+        let mut len = start + (self.buckets.len() as u64).encode_var(&mut bytes[start..]);
+        let mut last = 0i64;
+        for &(at, _) in &self.buckets {
+            len += at.wrapping_sub(last).encode_var(&mut bytes[len..]);
+            last = at;
+        }
+        for &(_, units) in &self.buckets {
+            len += units.encode_var(&mut bytes[len..]);
+        }
+        bytes.truncate(len);
+    }
+
+    /// Reads what [`Window::encode`] wrote.
+    pub fn decode(input: &mut In) -> Result<Window, String> {
+        let width_ms = input.var()?;
+        let v = input.byte()?;
+        let (t, n) = unpack(&mut input.0)?;
+        match v {
+            0 | 1 => Window::from_deltas(width_ms, t, n, v),
+            v => Err(format!(
+                "a window in format {v}, written by a newer tollgate"
+            )),
         }
     }
 }
 
-/// The compact form's `b`: the number of buckets, each bucket's time as
-/// the difference from the one before (the first from 0) and each one's
-/// units, as LEB128 varints (the times zigzagged), in base64 without
-/// padding: a minute window's 60 buckets are about 190 bytes before the
-/// base64.
-struct Packed<'a>(&'a VecDeque<(i64, u64)>);
-
-thread_local! {
-    /// [`Packed`]'s varints and their base64, kept from one window to the
-    /// next: a write-behind pass packs thousands, and a fresh zeroed
-    /// buffer and string for each (with the page faults of memory the
-    /// allocator had given back) were a tenth of the flusher's time with
-    /// 10,000 keys in use.
-    static SCRATCH: RefCell<(Vec<u8>, String)> = const { RefCell::new((Vec::new(), String::new())) };
-}
-
-impl Serialize for Packed<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let buckets = self.0;
-        SCRATCH.with_borrow_mut(|(bytes, text)| {
-            // Room for every varint at its longest, written in place (a
-            // copy of each from a smaller buffer costs more than the
-            // encoding).
-            bytes.clear();
-            bytes.resize(10 * (1 + 2 * buckets.len()), 0);
-            let mut len = (buckets.len() as u64).encode_var(bytes);
-            let mut last = 0i64;
-            for &(at, _) in buckets {
-                len += at.wrapping_sub(last).encode_var(&mut bytes[len..]);
-                last = at;
-            }
-            for &(_, units) in buckets {
-                len += units.encode_var(&mut bytes[len..]);
-            }
-            text.clear();
-            BASE64.encode_string(&bytes[..len], text);
-            serializer.serialize_str(text)
-        })
-    }
-}
-
-/// Reads [`Packed`]'s bytes back into the times and units of `v` 2.
-fn unpack(text: &str) -> Result<(Vec<i64>, Vec<u64>), String> {
-    let bytes = BASE64
-        .decode(text)
-        .map_err(|e| format!("a window whose packed buckets are not base64: {e}"))?;
+/// Reads packed buckets (see [`Window::encode`]) into their times, each
+/// but the first as the difference from the one before, and units.
+fn unpack(rest: &mut &[u8]) -> Result<(Vec<i64>, Vec<u64>), String> {
     fn next<T: VarInt>(rest: &mut &[u8]) -> Result<T, String> {
         let (n, len) = T::decode_var(rest).ok_or("a window whose packed buckets end early")?;
         *rest = &rest[len..];
         Ok(n)
     }
-    let mut rest = &bytes[..];
-    let count: u64 = next(&mut rest)?;
+    let count: u64 = next(rest)?;
     // Each bucket takes at least two bytes: a count past that is damage,
     // and must not size an allocation.
     let count = usize::try_from(count)
@@ -171,17 +139,19 @@ fn unpack(text: &str) -> Result<(Vec<i64>, Vec<u64>), String> {
         .filter(|&c| c <= rest.len() / 2)
         .ok_or("a window whose packed buckets count more than they hold")?;
     let t = (0..count)
-        .map(|_| next(&mut rest))
+        .map(|_| next(rest))
         .collect::<Result<Vec<i64>, String>>()?;
     let n = (0..count)
-        .map(|_| next(&mut rest))
+        .map(|_| next(rest))
         .collect::<Result<Vec<u64>, String>>()?;
-    if !rest.is_empty() {
-        return Err("a window with bytes after its packed buckets".into());
-    }
     Ok((t, n))
 }
 
+/// A window's JSON as the embedded store wrote it before its binary form:
+/// pairs in `buckets` (`v` 1, or absent for bucket indexes, before
+/// 2026-12); the times, each but the first as the difference from the one
+/// before, and the units as numbers in `t` and `n` (`v` 2); or packed (see
+/// [`Window::encode`]) in base64 without padding in `b` (`v` 3).
 #[derive(Deserialize)]
 struct Stored {
     width_ms: i64,
@@ -210,10 +180,18 @@ impl TryFrom<Stored> for Window {
         match (v, buckets) {
             (0 | 1, Some(buckets)) => Ok(Window::with(width_ms, buckets, v)),
             (0 | 1, None) => Err("a window without its buckets".into()),
-            (2, _) => Window::from_deltas(width_ms, t, n),
+            (2, _) => Window::from_deltas(width_ms, t, n, 1),
             (3, _) => {
-                let (t, n) = unpack(&b.ok_or("a window without its packed buckets")?)?;
-                Window::from_deltas(width_ms, t, n)
+                let b = b.ok_or("a window without its packed buckets")?;
+                let bytes = BASE64
+                    .decode(b)
+                    .map_err(|e| format!("a window whose packed buckets are not base64: {e}"))?;
+                let mut rest = &bytes[..];
+                let (t, n) = unpack(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err("a window with bytes after its packed buckets".into());
+                }
+                Window::from_deltas(width_ms, t, n, 1)
             }
             (v, _) => Err(format!(
                 "a window in format {v}, written by a newer tollgate"
@@ -227,9 +205,9 @@ fn width_of(window_ms: i64) -> i64 {
 }
 
 impl Window {
-    /// A window from the compact forms' times (each but the first as the
-    /// difference from the one before) and units.
-    fn from_deltas(width_ms: i64, t: Vec<i64>, n: Vec<u64>) -> Result<Window, String> {
+    /// A window from packed times (each but the first as the difference
+    /// from the one before) and units, in format `v`.
+    fn from_deltas(width_ms: i64, t: Vec<i64>, n: Vec<u64>, v: u8) -> Result<Window, String> {
         if t.len() != n.len() {
             return Err("a window with different numbers of times and units".into());
         }
@@ -242,7 +220,7 @@ impl Window {
                 (at, units)
             })
             .collect();
-        Ok(Window::with(width_ms, buckets, 1))
+        Ok(Window::with(width_ms, buckets, v))
     }
 
     fn with(width_ms: i64, buckets: VecDeque<(i64, u64)>, v: u8) -> Window {
@@ -525,26 +503,37 @@ mod tests {
         w
     }
 
+    /// `w` in the embedded store's binary form, and read back.
+    fn binary(w: &Window) -> (Vec<u8>, Window) {
+        let mut bytes = Vec::new();
+        w.encode(&mut Out(&mut bytes));
+        let mut input = In(&bytes);
+        let back = Window::decode(&mut input).unwrap();
+        assert!(input.0.is_empty());
+        (bytes, back)
+    }
+
     #[test]
-    fn the_compact_form_reads_back_the_same_window_at_under_a_quarter_the_size() {
+    fn the_binary_form_reads_back_the_same_window_and_older_forms_still_read() {
         let w = full_minute();
         let pairs = serde_json::to_string(&w).unwrap();
-        let small = compact(|| serde_json::to_string(&w).unwrap());
         assert!(
             pairs.contains(r#""buckets":[[1773144000000,1],"#),
             "{pairs}"
         );
-        assert!(
-            small.starts_with(r#"{"width_ms":1000,"v":3,"b":""#),
-            "{small}"
+        let (bytes, back) = binary(&w);
+        assert_eq!(back, w);
+        assert!(bytes.len() < 200, "{}", bytes.len());
+        // The packed JSON of 2026-12-05's stores: the binary form after
+        // its width and format, in base64.
+        let mut input = In(&bytes);
+        let _: i64 = input.var().unwrap();
+        assert_eq!(input.byte().unwrap(), 1);
+        let packed = format!(
+            r#"{{"width_ms":1000,"v":3,"b":"{}"}}"#,
+            BASE64.encode(input.0)
         );
-        assert!(
-            small.len() * 4 < pairs.len(),
-            "{} against {}",
-            small.len(),
-            pairs.len()
-        );
-        // The numbers form of 2026-12-04's stores still reads.
+        // And the numbers of 2026-12-04's.
         let mut last = 0;
         let (mut t, mut n) = (Vec::new(), Vec::new());
         for &(at, units) in &w.buckets {
@@ -558,12 +547,26 @@ mod tests {
             n.join(",")
         );
         assert!(numbers.starts_with(r#"{"width_ms":1000,"v":2,"t":[1773144000000,1001,1001,"#));
-        for text in [&pairs, &small, &numbers] {
+        for text in [&pairs, &packed, &numbers] {
             let back: Window = serde_json::from_str(text).unwrap();
             assert_eq!(back, w);
         }
-        // Outside `compact` (Redis, the admin API) windows are pairs again.
-        assert_eq!(serde_json::to_string(&w).unwrap(), pairs);
+        // Windows of bucket indexes are written as they were read.
+        let old: Window = serde_json::from_str(r#"{"width_ms":1000,"buckets":[[5,3]]}"#).unwrap();
+        assert_eq!(binary(&old).1, old);
+    }
+
+    #[test]
+    fn binary_windows_that_do_not_add_up_are_refused() {
+        for (bad, says) in [
+            (&[0x0a, 1, 2, 2, 4, 1, 0x81][..], "end early"),
+            (&[0x0a, 1, 0x7f][..], "count more than they hold"),
+            (&[0x0a, 2, 0][..], "format 2"),
+            (&[0x0a][..], "ends early"),
+        ] {
+            let err = Window::decode(&mut In(bad)).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]
@@ -639,11 +642,12 @@ mod tests {
                 prop_assert_eq!(w.ends, Ends::of(&w.buckets));
                 prop_assert_eq!(w.wait_ms(0, u64::MAX, window_ms, at), Some(0));
             }
-            for text in [serde_json::to_string(&w).unwrap(), compact(|| serde_json::to_string(&w).unwrap())] {
-                let back: Window = serde_json::from_str(&text).unwrap();
-                prop_assert_eq!(back.units(), summed(&w));
-                prop_assert_eq!(&back, &w);
-            }
+            let back: Window = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+            prop_assert_eq!(back.units(), summed(&w));
+            prop_assert_eq!(&back, &w);
+            let back = binary(&w).1;
+            prop_assert_eq!(back.units(), summed(&w));
+            prop_assert_eq!(&back, &w);
         }
 
         /// Packed buckets that are not what tollgate wrote are an error,
@@ -660,17 +664,16 @@ mod tests {
         }
 
         #[test]
-        fn both_forms_read_back_every_window(
+        fn json_and_binary_read_back_every_window(
             steps in proptest::collection::vec((-5_000i64..120_000, 0u64..5), 0..150),
         ) {
             let mut w = Window::default();
             for (at, units) in steps {
                 w.add(units, MIN, at);
             }
-            for text in [serde_json::to_string(&w).unwrap(), compact(|| serde_json::to_string(&w).unwrap())] {
-                let back: Window = serde_json::from_str(&text).unwrap();
-                prop_assert_eq!(&back, &w);
-            }
+            let back: Window = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+            prop_assert_eq!(&back, &w);
+            prop_assert_eq!(&binary(&w).1, &w);
         }
 
         /// A client that waits what `wait_ms` says gets in then, and is

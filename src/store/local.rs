@@ -41,7 +41,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::sqlite::{self, Disk, Outgoing, UsageRow, Write};
-use super::{migrate, MakeEvents, StoreError};
+use super::{codec, migrate, MakeEvents, StoreError};
 use crate::keys::KeyHash;
 use crate::ledger::{KeyRecord, Usage};
 
@@ -207,32 +207,22 @@ pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
-/// `value` as JSON in `out`, in place of what it held, in the room it has.
-fn write_json<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) {
-    out.clear();
-    // Plain data into a Vec: cannot fail, and is UTF-8.
-    let _ = serde_json::to_writer(out, value);
-}
-
-/// A key's usage as this store keeps it: windows in their compact form.
-pub(super) fn usage_json(usage: &Usage) -> String {
-    // Room for a key with a minute window and a pool at once (about 500
-    // bytes), rather than growing from serde_json's 128.
-    let mut json = Vec::with_capacity(512);
-    write_usage_json(&mut json, usage);
-    String::from_utf8(json).unwrap_or_default()
-}
-
-/// [`usage_json`] in `out`, in place of what it held.
-fn write_usage_json(out: &mut Vec<u8>, usage: &Usage) {
-    crate::window::compact(|| write_json(out, usage))
-}
-
 fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
         key_id: key_id.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// A key's usage and billing state as stored (see [`codec`]).
+fn read_usage(row: &sqlite::Row) -> Result<Usage, StoreError> {
+    let corrupt = |what: &str, e: String| StoreError::Corrupt {
+        key_id: row.key_id.clone(),
+        reason: format!("its {what} {e}"),
+    };
+    let mut usage = codec::usage(&row.usage).map_err(|e| corrupt("usage", e))?;
+    usage.billing = codec::billing(&row.billing).map_err(|e| corrupt("billing state", e))?;
+    Ok(usage)
 }
 
 /// Takes the exclusive lock of a store directory (creating both if absent).
@@ -324,8 +314,7 @@ impl Local {
                 return Ok(None);
             };
             let record: KeyRecord = from_json(&row.key_id, &row.record)?;
-            let mut usage: Usage = from_json(&row.key_id, &row.usage)?;
-            usage.billing = from_json(&row.key_id, &row.billing)?;
+            let usage = read_usage(&row)?;
             let mut cache = self.cache.shard(hash).write();
             if let Some(entry) = cache.get(hash) {
                 return Ok(Some(entry.clone()));
@@ -390,7 +379,7 @@ impl Local {
                 hash: hash.0,
                 external_id: record.external_id.clone(),
                 record: to_json(record),
-                usage: usage_json(usage),
+                usage: codec::usage_bytes(usage),
                 seq: self.next_seq(),
             })
             .await?;
@@ -418,7 +407,7 @@ impl Local {
                 key_id: next.record.key_id.to_string(),
                 external_id: next.record.external_id.clone(),
                 record: to_json(&next.record),
-                usage: usage_json(&next.usage),
+                usage: codec::usage_bytes(&next.usage),
                 seq: self.next_seq(),
             };
             (write, next)
@@ -677,16 +666,16 @@ impl Local {
             entry.dirty.store(false, Ordering::Release);
             if !state.revoked {
                 // Written out here, under the key's lock, rather than
-                // cloned and written out later: the JSON is the only copy
+                // cloned and written out later: the bytes are the only copy
                 // the pass needs.
                 let seq = self.next_seq();
                 entry.logged_seq.store(seq, Ordering::Release);
                 let mut row = spare.pop().unwrap_or_default();
                 row.key_id.clear();
                 row.key_id.push_str(&state.record.key_id);
-                write_usage_json(&mut row.usage, &state.usage);
+                codec::write_usage(&mut row.usage, &state.usage);
                 let billing = moved.as_ref().unwrap_or(&state.usage.billing);
-                write_json(&mut row.billing, billing);
+                codec::write_billing(&mut row.billing, billing);
                 row.seq = seq;
                 snap.rows.push(row);
             }
@@ -959,6 +948,7 @@ impl Local {
 mod tests {
     use super::*;
     use crate::keys;
+    use crate::window::Window;
 
     fn record(hash: &KeyHash, external: Option<&str>) -> KeyRecord {
         KeyRecord {
@@ -1008,10 +998,72 @@ mod tests {
         let entry = store.lookup_id(&id).expect("read").expect("found");
         let state = entry.lock().expect("live");
         assert_eq!(state.usage.used, 7);
-        // Written in the compact form, read back the same.
+        // Written in the binary form, read back the same.
         assert_eq!(state.usage.rate.get("requests"), Some(&window));
         drop(state);
         assert_eq!(store.list_ids(Some("cus_1"), None, 10).expect("list"), [id]);
+    }
+
+    /// A store of schema 7 holds usage and billing as JSON text: this
+    /// build reads it, and writes the key back in the binary form.
+    #[tokio::test]
+    async fn json_usage_of_an_earlier_build_reads_and_is_written_back_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = keys::generate("sk_t");
+        let rec = record(&key.hash, None);
+        {
+            let store = Local::open(dir.path()).expect("open");
+            store
+                .create(key.hash, &rec, &Usage::default())
+                .await
+                .expect("create");
+        }
+        let db = || rusqlite::Connection::open(dir.path().join(sqlite::FILE)).expect("open");
+        db().execute(
+            "UPDATE keys SET usage = ?2, billing = ?3 WHERE key_id = ?1",
+            rusqlite::params![
+                rec.key_id.as_str(),
+                r#"{"remaining":5,"used":4,"overage":0,"rate":{"requests":{"width_ms":1000,"v":3,"b":"AQIC"}}}"#,
+                r#"{"credits":4,"reported":{"credits":3}}"#,
+            ],
+        )
+        .expect("write the row as schema 7 did");
+        db().execute_batch("PRAGMA user_version = 7")
+            .expect("version");
+        let form = || -> (String, String) {
+            db().query_row(
+                "SELECT typeof(usage), typeof(billing) FROM keys WHERE key_id = ?1",
+                [rec.key_id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row")
+        };
+        assert_eq!(form(), ("text".into(), "text".into()));
+        {
+            let store = Local::open(dir.path()).expect("open a schema 7 store");
+            let entry = store.lookup(&key.hash).expect("read").expect("found");
+            {
+                let mut state = entry.lock().expect("live");
+                assert_eq!((state.usage.remaining, state.usage.used), (Some(5), 4));
+                assert_eq!(state.usage.rate.get("requests").map(Window::units), Some(2));
+                assert_eq!(state.usage.billing.unreported("credits", 4), 1);
+                state.usage.used = 5;
+            }
+            store.touch(&entry);
+            store.flush_dirty().await.expect("flush");
+            store.fold().await.expect("fold");
+        }
+        assert_eq!(form(), ("blob".into(), "blob".into()));
+        let store = Local::open(dir.path()).expect("reopen");
+        let entry = store.lookup(&key.hash).expect("read").expect("found");
+        let state = entry.lock().expect("live");
+        assert_eq!((state.usage.remaining, state.usage.used), (Some(5), 5));
+        assert_eq!(state.usage.rate.get("requests").map(Window::units), Some(2));
+        assert_eq!(state.usage.billing.reported.get("credits"), Some(&3));
+        let version: i64 = db()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 8);
     }
 
     /// Rows in the store's usage log.
@@ -1169,9 +1221,7 @@ mod tests {
         };
         let in_row = |hash: &KeyHash| -> u64 {
             let row = store.disk.by_hash(&hash.0).expect("read").expect("row");
-            from_json::<Usage>(&row.key_id, &row.usage)
-                .expect("usage")
-                .used
+            read_usage(&row).expect("usage").used
         };
         charge(&a.hash, 1);
         charge(&b.hash, 1);

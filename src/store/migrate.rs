@@ -13,6 +13,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
+use super::codec;
 use super::local::{lock_dir, Local};
 use super::sqlite::{self, Row};
 use crate::keys::KeyHash;
@@ -69,17 +70,17 @@ pub fn from_sled(from: &Path, to: &Path) -> anyhow::Result<usize> {
             .with_context(|| format!("key {key_id}: cannot read its record"))?;
         let hash = KeyHash::from_hex(&record.hash)
             .with_context(|| format!("key {key_id}: its record holds no valid hash"))?;
-        let usage_text = match usage.get(&id)? {
-            Some(bytes) => String::from_utf8(bytes.to_vec())
-                .with_context(|| format!("key {key_id}: the usage is not UTF-8"))?,
-            None => super::local::to_json(&crate::ledger::Usage::default()),
+        let usage = match usage.get(&id)? {
+            Some(json) => codec::usage(&json)
+                .map_err(|e| anyhow::anyhow!("key {key_id}: cannot read its usage: {e}"))?,
+            None => crate::ledger::Usage::default(),
         };
         let row = Row {
             key_id,
             record: record_text,
-            usage: usage_text,
+            usage: codec::usage_bytes(&usage),
             seq: 0,
-            billing: super::local::to_json(&crate::ledger::Billing::default()),
+            billing: codec::billing_bytes(&crate::ledger::Billing::default()),
         };
         batch.push((row, hash, record.external_id));
         copied += 1;
@@ -154,14 +155,10 @@ pub fn to_redis(from: &Path, redis: &crate::config::RedisConfig) -> anyhow::Resu
         copied.keys += rows.len();
         let rows = rows
             .into_iter()
-            .map(|(mut row, hash, ext)| {
+            .map(|(row, hash, ext)| {
                 let hash = <[u8; 32]>::try_from(hash.as_slice())
                     .map(KeyHash)
                     .map_err(|_| anyhow::anyhow!("key {}: its hash is not 32 bytes", row.key_id))?;
-                // Redis keeps windows as pairs (see `window::compact`).
-                let usage: crate::ledger::Usage = serde_json::from_str(&row.usage)
-                    .with_context(|| format!("key {}: its usage is not readable", row.key_id))?;
-                row.usage = super::local::to_json(&usage);
                 Ok((row, hash, ext))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

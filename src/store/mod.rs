@@ -6,6 +6,7 @@
 //! - this file: the interface ([`Store`], a [`Key`] handle), the errors;
 //! - [`local`]: the embedded backend: usage in memory, written behind to
 //!   SQLite ([`sqlite`]) by one writer thread;
+//! - [`codec`]: the binary form the embedded backend writes usage in;
 //! - [`redis`]: the shared backend, for several gateways on one Redis;
 //! - [`migrate`]: copying a store of an earlier tollgate (sled) into this one.
 //!
@@ -19,6 +20,7 @@
 //! when another node changed the key meanwhile). Side effects (metrics,
 //! logs) belong after the call, on what it returned.
 
+pub mod codec;
 pub mod local;
 pub mod migrate;
 pub mod redis;

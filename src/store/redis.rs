@@ -1118,8 +1118,15 @@ impl Redis {
         let mut copied = 0;
         for (row, hash, _) in rows {
             let record: KeyRecord = parse(&row.key_id, "record", &row.record)?;
-            let mut usage: Usage = parse(&row.key_id, "usage", &row.usage)?;
-            usage.billing = parse(&row.key_id, "billing", &row.billing)?;
+            // The embedded store's forms (see `codec`); written here as
+            // this store keeps them.
+            let corrupt = |what: &str, reason: String| StoreError::Corrupt {
+                key_id: row.key_id.clone(),
+                reason: format!("{what}: {reason}"),
+            };
+            let mut usage = super::codec::usage(&row.usage).map_err(|e| corrupt("usage", e))?;
+            usage.billing =
+                super::codec::billing(&row.billing).map_err(|e| corrupt("billing", e))?;
             match self.create(hash, &record, &usage).await {
                 Ok(()) => copied += 1,
                 Err(StoreError::Io(e)) if e.contains("exists already") => {}

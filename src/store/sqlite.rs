@@ -23,8 +23,10 @@
 //!
 //! One table, `keys`: `key_id` (primary key), `hash` (the key's SHA-256,
 //! unique), `external_id` (indexed with `key_id`, for listing a customer's
-//! keys), `record` and `usage` (JSON of [`crate::ledger::KeyRecord`] and
-//! [`crate::ledger::Usage`]), and `seq`, the order in which the in-memory
+//! keys), `record` (JSON of [`crate::ledger::KeyRecord`]), `usage` and
+//! `billing` ([`crate::ledger::Usage`] and its billing state, in the
+//! binary form of [`super::codec`], or JSON in rows written before it),
+//! and `seq`, the order in which the in-memory
 //! states were taken: a write carrying an older `seq` than the row's never
 //! overwrites it, so writes queued in any order leave the newest state.
 //! `outbox` holds billing events until their sink has them.
@@ -66,7 +68,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -91,7 +93,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// usage may be in `usage_log_folding` (a fold under way when the process
 /// stopped), which builds that know 5 would not fold. 7: opening reads
 /// the highest `seq` from `meta`, which builds that know 6 would not keep.
-const SCHEMA_VERSION: i64 = 7;
+/// 8: usage and billing may be in the binary form ([`super::codec`]),
+/// which builds that know 7 cannot read.
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -246,12 +250,13 @@ pub type CopiedKey = (Row, Vec<u8>, Option<String>);
 pub struct Row {
     pub key_id: String,
     pub record: String,
-    pub usage: String,
+    /// See [`super::codec`].
+    pub usage: Vec<u8>,
     pub seq: u64,
     /// The key's billing state ([`crate::ledger::Billing`]): written only
     /// by write-behind passes, in order of its own `seq`, never by admin
     /// writes, so an admin write cannot roll back what events reported.
-    pub billing: String,
+    pub billing: Vec<u8>,
 }
 
 /// An event on its way to the outbox, one per sink that will send it.
@@ -294,7 +299,7 @@ pub enum Write {
         hash: [u8; 32],
         external_id: Option<String>,
         record: String,
-        usage: String,
+        usage: Vec<u8>,
         seq: u64,
     },
     /// A key's record and usage, unless the row holds a newer state.
@@ -302,7 +307,7 @@ pub enum Write {
         key_id: String,
         external_id: Option<String>,
         record: String,
-        usage: String,
+        usage: Vec<u8>,
         seq: u64,
     },
     /// Usage of many keys (write-behind), appended to the usage log (see
@@ -353,9 +358,8 @@ pub enum Write {
     Import(Vec<(Row, [u8; 32], Option<String>)>),
 }
 
-/// One key's usage and billing state in a write-behind pass: JSON, kept
-/// as the bytes `serde_json` writes (UTF-8, which it cannot fail to be)
-/// and stored as text.
+/// One key's usage and billing state in a write-behind pass, in the
+/// binary form of [`super::codec`].
 #[derive(Default)]
 pub struct UsageRow {
     pub key_id: String,
@@ -804,10 +808,23 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
         key_id: r.get(0)?,
         record: r.get(1)?,
-        usage: r.get(2)?,
+        usage: stored(r, 2)?,
         seq: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
-        billing: r.get(4)?,
+        billing: stored(r, 4)?,
     })
+}
+
+/// Usage or billing state: a blob in the binary form, or text (JSON)
+/// written before it.
+fn stored(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Vec<u8>> {
+    match r.get_ref(column)? {
+        ValueRef::Blob(bytes) | ValueRef::Text(bytes) => Ok(bytes.to_vec()),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            column,
+            "usage".into(),
+            other.data_type(),
+        )),
+    }
 }
 
 /// The writer thread: group, commit, answer, until every sender is gone
@@ -1252,14 +1269,8 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             let mut append = tx.prepare_cached(
                 "INSERT INTO usage_log (key_id, usage, billing, seq) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let text = |json| ToSqlOutput::Borrowed(ValueRef::Text(json));
             for row in rows {
-                append.execute(params![
-                    row.key_id,
-                    text(&row.usage),
-                    text(&row.billing),
-                    seq(row.seq)
-                ])?;
+                append.execute(params![row.key_id, row.usage, row.billing, seq(row.seq)])?;
             }
             let mut outbox = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -1407,9 +1418,14 @@ mod tests {
             .query_row(
                 "SELECT usage, billing, seq FROM keys WHERE key_id = ?1",
                 [format!("k{n}")],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((text(r, 0)?, text(r, 1)?, r.get(2)?)),
             )
             .expect("row")
+    }
+
+    /// A usage or billing column the test wrote as text, in either form.
+    fn text(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<String> {
+        Ok(String::from_utf8_lossy(&stored(r, column)?).into_owned())
     }
 
     /// Rows in `table`; none if there is no such table.
@@ -1757,7 +1773,7 @@ mod tests {
             writer
                 .conn
                 .query_row("SELECT usage FROM keys WHERE key_id = ?1", [key_id], |r| {
-                    r.get(0)
+                    text(r, 0)
                 })
                 .expect("row")
         };
