@@ -82,6 +82,17 @@ impl Serialize for Window {
     }
 }
 
+thread_local! {
+    /// Where [`Window::encode`] writes the varints, kept at its longest
+    /// from one window to the next. Written in place in the row's buffer
+    /// instead, room for the longest (1.2 KB for a minute window) was
+    /// zeroed there for every window: each pass of the write-behind
+    /// wrote that much into rows not in the cache, 4 of the last level's
+    /// write misses a row in callgrind's model of a 512 KB cache, and the
+    /// rows kept their room (BENCHMARKS.md).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Window {
     /// The window in the embedded store's binary form (see
     /// [`crate::store::codec`]): its width, its format (`v`) and its
@@ -92,21 +103,25 @@ impl Window {
     pub fn encode(&self, out: &mut Out) {
         out.var(self.width_ms);
         out.byte(self.v);
-        // Room for every varint at its longest, written in place (a copy
-        // of each from a smaller buffer cost more than the encoding).
-        let bytes = &mut *out.0;
-        let start = bytes.len();
-        bytes.resize(start + 10 * (1 + 2 * self.buckets.len()), 0);
-        let mut len = start + (self.buckets.len() as u64).encode_var(&mut bytes[start..]);
-        let mut last = 0i64;
-        for &(at, _) in &self.buckets {
-            len += at.wrapping_sub(last).encode_var(&mut bytes[len..]);
-            last = at;
-        }
-        for &(_, units) in &self.buckets {
-            len += units.encode_var(&mut bytes[len..]);
-        }
-        bytes.truncate(len);
+        SCRATCH.with_borrow_mut(|bytes| {
+            // Room for every varint at its longest, written in place (a
+            // copy of each from a smaller buffer cost more than the
+            // encoding), then copied out at the length they took.
+            let most = 10 * (1 + 2 * self.buckets.len());
+            if bytes.len() < most {
+                bytes.resize(most, 0);
+            }
+            let mut len = (self.buckets.len() as u64).encode_var(bytes);
+            let mut last = 0i64;
+            for &(at, _) in &self.buckets {
+                len += at.wrapping_sub(last).encode_var(&mut bytes[len..]);
+                last = at;
+            }
+            for &(_, units) in &self.buckets {
+                len += units.encode_var(&mut bytes[len..]);
+            }
+            out.0.extend_from_slice(&bytes[..len]);
+        });
     }
 
     /// Reads what [`Window::encode`] wrote.
