@@ -369,11 +369,12 @@ pub struct UsageRow {
 }
 
 /// Most rows [`SpareRows`] keeps: a pass's worth with 25,000 keys in use
-/// (a key is written every third pass); about 5 MB of text for keys of a
-/// minute window and a pool each (~600 bytes a row).
+/// (a key is written every third pass); about 2.5 MB for keys of a
+/// minute window and a pool each (~300 bytes a row: its id, usage and
+/// billing state).
 const SPARE_ROWS: usize = 8192;
 
-/// The rows of write-behind passes the writer is done with, their strings
+/// The rows of write-behind passes the writer is done with, their buffers
 /// kept for a later pass to write over, and a list with room for a pass's
 /// rows. A pass with many keys in use otherwise allocated three strings a
 /// key and a list of them on the flusher's thread and freed them on the
