@@ -24,7 +24,7 @@ use crate::store::codec::{In, Out};
 const BUCKETS: i64 = 60;
 
 /// A window: as JSON, `[time, units]` pairs in `buckets` (and older
-/// forms, see [`Stored`]); in the embedded store, its binary form (see
+/// forms, see `Stored`); in the embedded store, its binary form (see
 /// [`Window::encode`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "Stored")]
@@ -71,7 +71,7 @@ impl Ends {
 /// Windows in JSON (the shared store's, the admin API's) are `[time,
 /// units]` pairs; the embedded store writes them in its binary form
 /// ([`Window::encode`]), and before that wrote one of the compact JSON
-/// forms, which still read (see [`Stored`]).
+/// forms, which still read (see `Stored`).
 impl Serialize for Window {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut out = serializer.serialize_struct("Window", 3)?;
