@@ -87,9 +87,9 @@ thread_local! {
     /// from one window to the next. Written in place in the row's buffer
     /// instead, room for the longest (1.2 KB for a minute window) was
     /// zeroed there for every window: each pass of the write-behind
-    /// wrote that much into rows not in the cache, 4 of the last level's
-    /// write misses a row in callgrind's model of a 512 KB cache, and the
-    /// rows kept their room (BENCHMARKS.md).
+    /// wrote that much into rows not in the cache (about one of the last
+    /// level's write misses a row in callgrind's model of a 512 KB
+    /// cache), and the rows kept their room (BENCHMARKS.md).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

@@ -33,6 +33,8 @@
 use integer_encoding::VarInt;
 use jiff::Timestamp;
 
+use super::sqlite::Row;
+use super::StoreError;
 use crate::ledger::{Billing, Detected, PoolUsage, Usage};
 use crate::window::Window;
 
@@ -209,6 +211,18 @@ pub fn billing_bytes(billing: &Billing) -> Vec<u8> {
     let mut bytes = Vec::new();
     write_billing(&mut bytes, billing);
     bytes
+}
+
+/// A key's usage and billing state as a store row holds them (see
+/// [`usage`] and [`billing`]).
+pub fn row_usage(row: &Row) -> Result<Usage, StoreError> {
+    let corrupt = |what: &str, e: String| StoreError::Corrupt {
+        key_id: row.key_id.clone(),
+        reason: format!("its {what} {e}"),
+    };
+    let mut usage = usage(&row.usage).map_err(|e| corrupt("usage", e))?;
+    usage.billing = billing(&row.billing).map_err(|e| corrupt("billing state", e))?;
+    Ok(usage)
 }
 
 /// A key's usage as stored: the binary form or (written before schema 8)

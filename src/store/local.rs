@@ -214,17 +214,6 @@ fn from_json<T: serde::de::DeserializeOwned>(key_id: &str, text: &str) -> Result
     })
 }
 
-/// A key's usage and billing state as stored (see [`codec`]).
-fn read_usage(row: &sqlite::Row) -> Result<Usage, StoreError> {
-    let corrupt = |what: &str, e: String| StoreError::Corrupt {
-        key_id: row.key_id.clone(),
-        reason: format!("its {what} {e}"),
-    };
-    let mut usage = codec::usage(&row.usage).map_err(|e| corrupt("usage", e))?;
-    usage.billing = codec::billing(&row.billing).map_err(|e| corrupt("billing state", e))?;
-    Ok(usage)
-}
-
 /// Takes the exclusive lock of a store directory (creating both if absent).
 /// The lock ends with the returned file, or the process.
 pub fn lock_dir(path: &Path) -> Result<File, StoreError> {
@@ -314,7 +303,7 @@ impl Local {
                 return Ok(None);
             };
             let record: KeyRecord = from_json(&row.key_id, &row.record)?;
-            let usage = read_usage(&row)?;
+            let usage = codec::row_usage(&row)?;
             let mut cache = self.cache.shard(hash).write();
             if let Some(entry) = cache.get(hash) {
                 return Ok(Some(entry.clone()));
@@ -1221,7 +1210,7 @@ mod tests {
         };
         let in_row = |hash: &KeyHash| -> u64 {
             let row = store.disk.by_hash(&hash.0).expect("read").expect("row");
-            read_usage(&row).expect("usage").used
+            codec::row_usage(&row).expect("usage").used
         };
         charge(&a.hash, 1);
         charge(&b.hash, 1);

@@ -4,11 +4,11 @@
 //! Earlier versions kept keys in sled trees (`records`: key id → record
 //! JSON, `usage`: key id → usage JSON); the record's JSON is the same
 //! today and is copied as it is, the usage is read and written in this
-//! store's binary form ([`super::codec`]). The copy is built beside the target and moved
-//! into place whole, so a migration cut off half-way leaves nothing a
-//! gateway would start on. Into a store that already exists, keys are
-//! added and a key id already there is kept: running it twice changes
-//! nothing.
+//! store's binary form ([`super::codec`]). The copy is built beside the
+//! target and moved into place whole, so a migration cut off half-way
+//! leaves nothing a gateway would start on. Into a store that already
+//! exists, keys are added and a key id already there is kept: running it
+//! twice changes nothing.
 
 use std::path::Path;
 

@@ -1118,15 +1118,9 @@ impl Redis {
         let mut copied = 0;
         for (row, hash, _) in rows {
             let record: KeyRecord = parse(&row.key_id, "record", &row.record)?;
-            // The embedded store's forms (see `codec`); written here as
-            // this store keeps them.
-            let corrupt = |what: &str, reason: String| StoreError::Corrupt {
-                key_id: row.key_id.clone(),
-                reason: format!("{what}: {reason}"),
-            };
-            let mut usage = super::codec::usage(&row.usage).map_err(|e| corrupt("usage", e))?;
-            usage.billing =
-                super::codec::billing(&row.billing).map_err(|e| corrupt("billing", e))?;
+            // The embedded store's forms; written here as this store
+            // keeps them.
+            let usage = super::codec::row_usage(&row)?;
             match self.create(hash, &record, &usage).await {
                 Ok(()) => copied += 1,
                 Err(StoreError::Io(e)) if e.contains("exists already") => {}

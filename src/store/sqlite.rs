@@ -86,8 +86,9 @@ const MAX_GROUP: usize = 512;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema version this build writes (`PRAGMA user_version`). 3: usage
-/// may hold windows in a compact JSON form (`v` 2), which builds that know 2 cannot read. 4: the latest usage of a key may
-/// be in `usage_log` (see "Usage log"), which builds that know 3 would not
+/// may hold windows in a compact JSON form (`v` 2), which builds that
+/// know 2 cannot read. 4: the latest usage of a key may be in
+/// `usage_log` (see "Usage log"), which builds that know 3 would not
 /// fold. 5: windows may be in the packed compact form (`v` 3). 6: logged
 /// usage may be in `usage_log_folding` (a fold under way when the process
 /// stopped), which builds that know 5 would not fold. 7: opening reads
