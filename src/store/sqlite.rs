@@ -63,7 +63,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -1215,6 +1215,34 @@ impl Write {
     }
 }
 
+/// Usage log rows appended by one statement ([`APPEND_CHUNK`]); a pass's
+/// rows past the last whole chunk go in one at a time. A statement run
+/// for each row (opening the table, finding its end, finishing and
+/// resetting the statement) made the writer's work a row about half as
+/// much again (BENCHMARKS.md).
+const LOG_CHUNK: usize = 32;
+
+/// Appends [`LOG_CHUNK`] rows to the usage log, in the order bound: the
+/// last of a key's rows is still its newest (see "Usage log"). `OR FAIL`:
+/// a statement of several rows that may stop part way (`ABORT`, the
+/// default) has SQLite keep a journal of what the statement changed, to
+/// undo only that; with it, chunks saved a third of what they save
+/// without it. The log's only constraints are `NOT NULL`s every bound
+/// value meets, and an error of the disk rolls the whole group back (see
+/// "Faults"), so there is nothing for the statement alone to undo.
+static APPEND_CHUNK: LazyLock<String> = LazyLock::new(|| {
+    let rows: Vec<String> = (0..LOG_CHUNK)
+        .map(|i| {
+            let p = 4 * i;
+            format!("(?{}, ?{}, ?{}, ?{})", p + 1, p + 2, p + 3, p + 4)
+        })
+        .collect();
+    format!(
+        "INSERT OR FAIL INTO usage_log (key_id, usage, billing, seq) VALUES {}",
+        rows.join(", ")
+    )
+});
+
 fn seq(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -1267,10 +1295,23 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
             .execute(params![key_id, external_id, record, usage, seq(*s)])?;
         }
         Write::Usage { rows, events } => {
+            let mut chunks = rows.chunks_exact(LOG_CHUNK);
+            if rows.len() >= LOG_CHUNK {
+                let mut append = tx.prepare_cached(&APPEND_CHUNK)?;
+                for chunk in &mut chunks {
+                    for (i, row) in chunk.iter().enumerate() {
+                        append.raw_bind_parameter(4 * i + 1, &row.key_id)?;
+                        append.raw_bind_parameter(4 * i + 2, &row.usage)?;
+                        append.raw_bind_parameter(4 * i + 3, &row.billing)?;
+                        append.raw_bind_parameter(4 * i + 4, seq(row.seq))?;
+                    }
+                    append.raw_execute()?;
+                }
+            }
             let mut append = tx.prepare_cached(
                 "INSERT INTO usage_log (key_id, usage, billing, seq) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for row in rows {
+            for row in chunks.remainder() {
                 append.execute(params![row.key_id, row.usage, row.billing, seq(row.seq)])?;
             }
             let mut outbox = tx.prepare_cached(
@@ -1485,6 +1526,119 @@ mod tests {
             }
         }
         panic!("no answer in {max} steps");
+    }
+
+    /// A pass's rows go in [`LOG_CHUNK`] a statement and the rest one at a
+    /// time, every row logged and in the order given: a key logged twice in
+    /// one pass (older first) folds to its later row, whether the two were
+    /// in one chunk, in two, or the later one among the rest.
+    #[test]
+    fn a_pass_of_many_rows_logs_every_row_in_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = writer_connection(&dir.path().join(FILE)).expect("open");
+        let mut writer = Writer::new(conn);
+        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
+        let keys = 2 * LOG_CHUNK as u8 + 6;
+        let mut writes: Vec<_> = (1..=keys).map(|n| job(create(n, 1))).collect();
+        // Every key once (70 rows), then keys 65-70 and 1-30 again, then
+        // 29 and 30 a third time: keys 65-70 have two rows in the third
+        // chunk, key 1 one in the first and one in the third, keys 21-30
+        // their later row among the rest, keys 29 and 30 two there.
+        let again: Vec<u8> = (65..=keys).chain(1..=30).collect();
+        let old: Vec<String> = (1..=keys).map(|n| format!("k{n} old")).collect();
+        let new: Vec<String> = (1..=keys).map(|n| format!("k{n} new")).collect();
+        let last: Vec<String> = (1..=keys).map(|n| format!("k{n} last")).collect();
+        let mut rows: Vec<(u8, &str, u64)> = (1..=keys)
+            .map(|n| (n, old[usize::from(n) - 1].as_str(), 100 + u64::from(n)))
+            .collect();
+        rows.extend(
+            again
+                .iter()
+                .map(|&n| (n, new[usize::from(n) - 1].as_str(), 200 + u64::from(n))),
+        );
+        rows.extend([29u8, 30].map(|n| (n, last[usize::from(n) - 1].as_str(), 300 + u64::from(n))));
+        assert_eq!(rows.len(), 3 * LOG_CHUNK + 12, "three chunks and the rest");
+        writes.push(job(logged(&rows)));
+        let (jobs, mut answers): (Vec<Job>, Vec<Answer>) = writes.into_iter().unzip();
+        writer.step(jobs, &fail, &healthy);
+        for answer in &mut answers {
+            assert!(matches!(answered(answer), Some(Ok(()))));
+        }
+        assert_eq!(log_len(&writer), rows.len() as i64);
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 20).expect("fold");
+        for n in 1..=keys {
+            let (usage, billing, seq) = usage_of(&writer, n);
+            let (want, want_seq) = if n == 29 || n == 30 {
+                (format!("k{n} last"), 300 + i64::from(n))
+            } else if again.contains(&n) {
+                (format!("k{n} new"), 200 + i64::from(n))
+            } else {
+                (format!("k{n} old"), 100 + i64::from(n))
+            };
+            assert_eq!(usage, want, "key {n}");
+            assert_eq!(billing, format!("{{\"at\":\"{want}\"}}"));
+            assert_eq!(seq, want_seq);
+        }
+    }
+
+    /// A store that fills up part way through a chunk of a pass (SQLite's
+    /// own "database or disk is full", from a page limit) fails the whole
+    /// pass and logs none of it; once there is room, the same pass is
+    /// logged whole.
+    #[test]
+    fn a_pass_that_fills_the_store_part_way_logs_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = writer_connection(&dir.path().join(FILE)).expect("open");
+        let mut writer = Writer::new(conn);
+        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
+        let keys = 3 * LOG_CHUNK as u8;
+        let (jobs, mut answers): (Vec<Job>, Vec<Answer>) =
+            (1..=keys).map(|n| job(create(n, 1))).unzip();
+        writer.step(jobs, &fail, &healthy);
+        assert!(answers
+            .iter_mut()
+            .all(|a| matches!(answered(a), Some(Ok(())))));
+        // A row of 2 KB a key: the pass needs about 50 more pages of 4 KB,
+        // and has room for 20, so it fills up in its second chunk.
+        let usage: Vec<String> = (1..=keys)
+            .map(|n| format!("k{n} {}", "x".repeat(2000)))
+            .collect();
+        let rows: Vec<(u8, &str, u64)> = (1..=keys)
+            .map(|n| (n, usage[usize::from(n) - 1].as_str(), 10 + u64::from(n)))
+            .collect();
+        let pages: i64 = writer
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page count");
+        writer
+            .conn
+            .execute_batch(&format!("PRAGMA max_page_count = {}", pages + 20))
+            .expect("page limit");
+        let (pass, mut passed) = job(logged(&rows));
+        writer.step(vec![pass], &fail, &healthy);
+        assert!(
+            matches!(answered(&mut passed), Some(Err(_))),
+            "the pass failed"
+        );
+        assert!(!healthy.load(Ordering::Acquire));
+        assert_eq!(log_len(&writer), 0, "no row of the failed pass");
+
+        writer
+            .conn
+            .execute_batch("PRAGMA max_page_count = 1073741823")
+            .expect("room again");
+        let (pass, mut passed) = job(logged(&rows));
+        writer.step(vec![pass], &fail, &healthy);
+        assert!(matches!(answered(&mut passed), Some(Ok(()))));
+        assert_eq!(log_len(&writer), i64::from(keys));
+        let (fold, mut folded) = job(Write::Fold);
+        writer.step(vec![fold], &fail, &healthy);
+        until_answered(&mut writer, &mut folded, &fail, &healthy, 20).expect("fold");
+        for n in 1..=keys {
+            assert_eq!(usage_of(&writer, n).0, usage[usize::from(n) - 1]);
+        }
     }
 
     /// A fold with nothing logged since the last is answered at once and
