@@ -1483,14 +1483,20 @@ mod tests {
         table_len(writer, "usage_log") + table_len(writer, "usage_log_folding")
     }
 
+    /// A writer on a fresh store, its test hook `fail` off and the store
+    /// healthy.
+    fn fresh_writer(dir: &Path) -> (Writer, AtomicBool, AtomicBool) {
+        let conn = writer_connection(&dir.join(FILE)).expect("open");
+        let healthy = AtomicBool::new(true);
+        (Writer::new(conn), AtomicBool::new(false), healthy)
+    }
+
     /// A writer on a fresh store, folding one key or listing two log rows
     /// a step, with keys k1-k3
     /// logged twice each (the second row the newest).
     fn writer_with_log(dir: &Path) -> (Writer, AtomicBool, AtomicBool) {
-        let conn = writer_connection(&dir.join(FILE)).expect("open");
-        let mut writer = Writer::new(conn);
+        let (mut writer, fail, healthy) = fresh_writer(dir);
         (writer.batch, writer.rows) = (1, 2);
-        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
         let mut writes = vec![job(create(1, 1)), job(create(2, 2)), job(create(3, 3))];
         writes.push(job(logged(&[
             (1, "k1 old", 10),
@@ -1535,9 +1541,7 @@ mod tests {
     #[test]
     fn a_pass_of_many_rows_logs_every_row_in_order() {
         let dir = tempfile::tempdir().expect("dir");
-        let conn = writer_connection(&dir.path().join(FILE)).expect("open");
-        let mut writer = Writer::new(conn);
-        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
+        let (mut writer, fail, healthy) = fresh_writer(dir.path());
         let keys = 2 * LOG_CHUNK as u8 + 6;
         let mut writes: Vec<_> = (1..=keys).map(|n| job(create(n, 1))).collect();
         // Every key once (70 rows), then keys 65-70 and 1-30 again, then
@@ -1590,9 +1594,7 @@ mod tests {
     #[test]
     fn a_pass_that_fills_the_store_part_way_logs_nothing() {
         let dir = tempfile::tempdir().expect("dir");
-        let conn = writer_connection(&dir.path().join(FILE)).expect("open");
-        let mut writer = Writer::new(conn);
-        let (fail, healthy) = (AtomicBool::new(false), AtomicBool::new(true));
+        let (mut writer, fail, healthy) = fresh_writer(dir.path());
         let keys = 3 * LOG_CHUNK as u8;
         let (jobs, mut answers): (Vec<Job>, Vec<Answer>) =
             (1..=keys).map(|n| job(create(n, 1))).unzip();
