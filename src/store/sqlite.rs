@@ -1222,16 +1222,22 @@ impl Write {
 /// much again (BENCHMARKS.md).
 const LOG_CHUNK: usize = 32;
 
-/// Appends [`LOG_CHUNK`] rows to the usage log, in the order bound: the
-/// last of a key's rows is still its newest (see "Usage log"). `OR FAIL`:
-/// a statement of several rows that may stop part way (`ABORT`, the
-/// default) has SQLite keep a journal of what the statement changed, to
-/// undo only that; with it, chunks saved a third of what they save
-/// without it. The log's only constraints are `NOT NULL`s every bound
+/// Appends rows to the usage log, [`LOG_CHUNK`] a statement, in the order
+/// bound: the last of a key's rows is still its newest (see "Usage log").
+/// `OR FAIL`: a statement of several rows that may stop part way
+/// (`ABORT`, the default) has SQLite keep a journal of what the statement
+/// changed, to undo only that; with it, chunks saved a third of what they
+/// save without it. The log's only constraints are `NOT NULL`s every bound
 /// value meets, and an error of the disk rolls the whole group back (see
 /// "Faults"), so there is nothing for the statement alone to undo.
-static APPEND_CHUNK: LazyLock<String> = LazyLock::new(|| {
-    let rows: Vec<String> = (0..LOG_CHUNK)
+static APPEND_CHUNK: LazyLock<String> = LazyLock::new(|| append_sql(LOG_CHUNK));
+
+/// [`APPEND_CHUNK`] for one row: a pass's rows past its last whole chunk.
+static APPEND_ONE: LazyLock<String> = LazyLock::new(|| append_sql(1));
+
+/// The statement appending `rows` rows to the usage log.
+fn append_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
         .map(|i| {
             let p = 4 * i;
             format!("(?{}, ?{}, ?{}, ?{})", p + 1, p + 2, p + 3, p + 4)
@@ -1239,9 +1245,21 @@ static APPEND_CHUNK: LazyLock<String> = LazyLock::new(|| {
         .collect();
     format!(
         "INSERT OR FAIL INTO usage_log (key_id, usage, billing, seq) VALUES {}",
-        rows.join(", ")
+        values.join(", ")
     )
-});
+}
+
+/// Binds `rows` to `append` (made by [`append_sql`] for as many) and runs it.
+fn append(append: &mut rusqlite::Statement<'_>, rows: &[UsageRow]) -> rusqlite::Result<()> {
+    for (i, row) in rows.iter().enumerate() {
+        append.raw_bind_parameter(4 * i + 1, &row.key_id)?;
+        append.raw_bind_parameter(4 * i + 2, &row.usage)?;
+        append.raw_bind_parameter(4 * i + 3, &row.billing)?;
+        append.raw_bind_parameter(4 * i + 4, seq(row.seq))?;
+    }
+    append.raw_execute()?;
+    Ok(())
+}
 
 fn seq(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -1297,22 +1315,16 @@ fn apply(tx: &Connection, write: &Write) -> rusqlite::Result<Result<(), StoreErr
         Write::Usage { rows, events } => {
             let mut chunks = rows.chunks_exact(LOG_CHUNK);
             if rows.len() >= LOG_CHUNK {
-                let mut append = tx.prepare_cached(&APPEND_CHUNK)?;
+                let mut chunked = tx.prepare_cached(&APPEND_CHUNK)?;
                 for chunk in &mut chunks {
-                    for (i, row) in chunk.iter().enumerate() {
-                        append.raw_bind_parameter(4 * i + 1, &row.key_id)?;
-                        append.raw_bind_parameter(4 * i + 2, &row.usage)?;
-                        append.raw_bind_parameter(4 * i + 3, &row.billing)?;
-                        append.raw_bind_parameter(4 * i + 4, seq(row.seq))?;
-                    }
-                    append.raw_execute()?;
+                    append(&mut chunked, chunk)?;
                 }
             }
-            let mut append = tx.prepare_cached(
-                "INSERT INTO usage_log (key_id, usage, billing, seq) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for row in chunks.remainder() {
-                append.execute(params![row.key_id, row.usage, row.billing, seq(row.seq)])?;
+            if !chunks.remainder().is_empty() {
+                let mut one = tx.prepare_cached(&APPEND_ONE)?;
+                for row in chunks.remainder() {
+                    append(&mut one, std::slice::from_ref(row))?;
+                }
             }
             let mut outbox = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox (sink, id, event, created_ms) VALUES (?1, ?2, ?3, ?4)",
